@@ -1,0 +1,189 @@
+//! AWS clients and the classification of their errors.
+//!
+//! Owns how SDK clients are built (endpoints, region and credentials from aws-config's default
+//! chain, or explicit overrides for tests) and the one place that decides whether an SDK error
+//! is worth retrying. The SDK's own retries are turned off: every retry goes through
+//! [`crate::retry`], so each is classified the same way, counted and logged.
+//!
+//! Must not: know any table, stream or record shape.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::retry::Retryable;
+
+/// Error codes that mean "try again later" across DynamoDB and DynamoDB Streams.
+const RETRYABLE_CODES: &[&str] = &[
+    "ThrottlingException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "InternalServerError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "TransactionConflictException",
+    "TransactionInProgressException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+];
+
+/// Explicit connection settings; `None` falls back to aws-config's default chain
+/// (`AWS_ENDPOINT_URL*`, `AWS_REGION`, credentials from the environment, profile or task role).
+#[derive(Debug, Clone, Default)]
+pub struct AwsOverrides {
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    pub credentials: Option<(String, String)>,
+}
+
+/// Loads the shared SDK configuration with the worker's timeouts and without SDK retries.
+pub async fn load_sdk_config(overrides: AwsOverrides) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .build(),
+        );
+    if let Some(url) = overrides.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some(region) = overrides.region {
+        loader = loader.region(Region::new(region));
+    }
+    if let Some((key, secret)) = overrides.credentials {
+        loader = loader.credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            key, secret, None, None, "explicit",
+        ));
+    }
+    loader.load().await
+}
+
+pub fn dynamodb_client(config: &SdkConfig) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(config)
+}
+
+pub fn streams_client(config: &SdkConfig) -> aws_sdk_dynamodbstreams::Client {
+    aws_sdk_dynamodbstreams::Client::new(config)
+}
+
+/// Creates a table unless it exists, then waits until it is ACTIVE. `shape` fills in keys,
+/// indexes and stream settings; the table name is set here. Safe to run concurrently with
+/// another creator of the same table.
+pub async fn create_table_if_missing(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    shape: impl FnOnce(
+        aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder,
+    ) -> aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder,
+) -> Result<bool, AwsError> {
+    use aws_sdk_dynamodb::operation::create_table::CreateTableError;
+    use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
+    use aws_sdk_dynamodb::types::TableStatus;
+
+    let created = match shape(client.create_table().table_name(table)).send().await {
+        Ok(_) => true,
+        Err(error) if matches!(error.as_service_error(), Some(CreateTableError::ResourceInUseException(_))) => false,
+        Err(error) => return Err(AwsError::from_sdk("CreateTable", &error)),
+    };
+    // Bounded wait: DynamoDB Local is ACTIVE at once, real DynamoDB within seconds.
+    for _ in 0..600 {
+        match client.describe_table().table_name(table).send().await {
+            Ok(output) => {
+                if output.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+                    return Ok(created);
+                }
+            }
+            Err(error) if matches!(error.as_service_error(), Some(DescribeTableError::ResourceNotFoundException(_))) => {}
+            Err(error) => return Err(AwsError::from_sdk("DescribeTable", &error)),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(AwsError {
+        operation: "CreateTable",
+        code: None,
+        message: format!("table {table} did not become ACTIVE within 120 s"),
+        retryable: true,
+    })
+}
+
+/// A failed AWS call, classified.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} failed{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+pub struct AwsError {
+    pub operation: &'static str,
+    /// The service's error code, when the service answered.
+    pub code: Option<String>,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl Retryable for AwsError {
+    fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+impl AwsError {
+    /// Classifies any SDK error of either client.
+    pub fn from_sdk<E>(operation: &'static str, error: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + StdError + 'static,
+    {
+        let code = error.code().map(str::to_owned);
+        let retryable = match error {
+            SdkError::TimeoutError(_) | SdkError::ResponseError(_) => true,
+            SdkError::DispatchFailure(failure) => !failure.is_user(),
+            SdkError::ServiceError(context) => {
+                let status = context.raw().status().as_u16();
+                status >= 500
+                    || status == 429
+                    || code.as_deref().is_some_and(|c| RETRYABLE_CODES.contains(&c))
+            }
+            _ => false,
+        };
+        Self {
+            operation,
+            code,
+            message: DisplayErrorContext(error).to_string(),
+            retryable,
+        }
+    }
+
+    /// A request this program could not even build (a missing required field): a bug, never
+    /// worth retrying.
+    pub fn invalid_request(operation: &'static str, error: impl std::fmt::Display) -> Self {
+        Self {
+            operation,
+            code: None,
+            message: format!("could not build the request: {error}"),
+            retryable: false,
+        }
+    }
+
+    /// True when the service answered with this error code.
+    pub fn is_code(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_and_conflicts_are_retryable_by_code() {
+        for code in ["ThrottlingException", "TransactionConflictException", "LimitExceededException"] {
+            assert!(RETRYABLE_CODES.contains(&code));
+        }
+        assert!(!RETRYABLE_CODES.contains(&"ValidationException"));
+        assert!(!RETRYABLE_CODES.contains(&"ConditionalCheckFailedException"));
+    }
+}

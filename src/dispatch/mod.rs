@@ -1,0 +1,437 @@
+//! Fan-out of a shard's records to a handler: ordered per key, concurrent across keys,
+//! bounded in flight, with a watermark per shard for checkpoints.
+//!
+//! Owns: routing each record (the handler names its key, or why it needs no work), coalescing
+//! records of one batch with the same key into one update (the handler picks the survivor),
+//! running updates for one key strictly one after another in stream order while different keys
+//! run concurrently, and retrying failed updates through [`crate::retry`].
+//!
+//! Invariants:
+//! - Per key, an update starts only after the previous update for that key (from any batch or
+//!   shard lane) has finished.
+//! - At most `max_in_flight` updates exist at once; `submit` waits for room (backpressure, no
+//!   unbounded queue).
+//! - A record counts as handled (for the watermark) only once the update that covers it has
+//!   finished, succeeded or failed for good; ignored records are handled at once.
+//!
+//! Must not: know the records' meaning (that is the handler's) or write checkpoints (that is
+//! the stream's, which asks the lane for its watermark).
+
+mod watermark;
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::TaskTracker;
+
+pub use watermark::{Ticket, Watermark};
+
+use crate::retry::{retry, RetryPolicy, Retryable};
+use crate::stream::{lock, Consumer, Record, SequenceNumber, ShardId, ShardLane};
+use crate::telemetry::metric;
+
+/// What a record means to the handler.
+#[derive(Debug)]
+pub enum Route<E> {
+    /// Needs no work; the reason is a metric label.
+    Ignore(&'static str),
+    /// Cannot be handled, ever (it does not decode); counted under the reason and logged.
+    Reject { reason: &'static str, detail: String },
+    /// An update for `key`.
+    Apply { key: String, event: E },
+}
+
+/// The work behind the fan-out.
+pub trait Handler: Send + Sync + 'static {
+    type Event: Send + Sync + 'static;
+    type Error: Display + Retryable + Send + Sync + 'static;
+
+    fn route(&self, record: &Record) -> Route<Self::Event>;
+
+    /// Whether `candidate`, later in the stream than `current` for the same key, should be the
+    /// one update the batch makes for that key. Applying the survivor alone must leave the
+    /// same state as applying both in stream order.
+    fn supersedes(&self, candidate: &Self::Event, current: &Self::Event) -> bool;
+
+    /// Applies one update. Must be idempotent: after a crash it runs again.
+    fn handle(&self, event: &Self::Event) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// How much may run at once and how failures retry.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub max_in_flight: usize,
+    pub retry: RetryPolicy,
+}
+
+/// The consumer side of the stream: open one lane per shard.
+pub struct Dispatcher<H> {
+    shared: Arc<Shared<H>>,
+}
+
+struct Shared<H> {
+    handler: Arc<H>,
+    settings: DispatchSettings,
+    permits: Arc<Semaphore>,
+    /// Per key, the completion signal of the newest update, which the next update awaits.
+    tails: Mutex<HashMap<String, (u64, oneshot::Receiver<()>)>>,
+    next_unit: AtomicU64,
+    tracker: TaskTracker,
+}
+
+impl<H: Handler> Dispatcher<H> {
+    pub fn new(handler: Arc<H>, settings: DispatchSettings) -> Self {
+        let permits = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+        Self {
+            shared: Arc::new(Shared {
+                handler,
+                settings,
+                permits,
+                tails: Mutex::new(HashMap::new()),
+                next_unit: AtomicU64::new(0),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Waits until every update ever submitted has finished.
+    pub async fn wait_idle(&self) {
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+        self.shared.tracker.reopen();
+    }
+}
+
+impl<H: Handler> Consumer for Dispatcher<H> {
+    type Lane = DispatchLane<H>;
+
+    fn open_lane(&self, shard: &ShardId) -> DispatchLane<H> {
+        DispatchLane {
+            shard: shard.clone(),
+            shared: self.shared.clone(),
+            progress: Arc::new(LaneProgress { watermark: Mutex::new(Watermark::default()), drained: Notify::new() }),
+        }
+    }
+}
+
+/// One shard's lane.
+pub struct DispatchLane<H> {
+    shard: ShardId,
+    shared: Arc<Shared<H>>,
+    progress: Arc<LaneProgress>,
+}
+
+struct LaneProgress {
+    watermark: Mutex<Watermark>,
+    drained: Notify,
+}
+
+impl LaneProgress {
+    fn complete(&self, tickets: &[Ticket]) {
+        let mut watermark = lock(&self.watermark);
+        for ticket in tickets {
+            watermark.complete(*ticket);
+        }
+        if watermark.pending() == 0 {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+/// One update: the surviving event for a key, and every record it covers.
+struct Unit<E> {
+    key: String,
+    event: E,
+    tickets: Vec<Ticket>,
+    /// The sequence number of the surviving record, for logs.
+    sequence: SequenceNumber,
+}
+
+impl<H: Handler> DispatchLane<H> {
+    /// Routes a batch into one unit per key (in order of each key's first record) and the
+    /// tickets of records that need no update.
+    fn plan(&self, records: Vec<Record>) -> (Vec<Unit<H::Event>>, Vec<Ticket>) {
+        let handler = &self.shared.handler;
+        let mut units: Vec<Unit<H::Event>> = Vec::new();
+        let mut unit_of_key: HashMap<String, usize> = HashMap::new();
+        let mut done_now = Vec::new();
+        let mut watermark = lock(&self.progress.watermark);
+        for record in records {
+            let ticket = watermark.push(record.sequence_number.clone());
+            match handler.route(&record) {
+                Route::Ignore(reason) => {
+                    metrics::counter!(metric::RECORDS_IGNORED, "reason" => reason).increment(1);
+                    done_now.push(ticket);
+                }
+                Route::Reject { reason, detail } => {
+                    metrics::counter!(metric::RECORDS_FAILED, "reason" => reason).increment(1);
+                    tracing::error!(shard = %self.shard, sequence = %record.sequence_number, reason, detail, "record cannot be handled; skipped");
+                    done_now.push(ticket);
+                }
+                Route::Apply { key, event } => match unit_of_key.get(&key) {
+                    Some(&index) => {
+                        let unit = &mut units[index];
+                        unit.tickets.push(ticket);
+                        metrics::counter!(metric::RECORDS_COALESCED).increment(1);
+                        if handler.supersedes(&event, &unit.event) {
+                            unit.event = event;
+                            unit.sequence = record.sequence_number;
+                        }
+                    }
+                    None => {
+                        unit_of_key.insert(key.clone(), units.len());
+                        units.push(Unit { key, event, tickets: vec![ticket], sequence: record.sequence_number });
+                    }
+                },
+            }
+        }
+        (units, done_now)
+    }
+
+    /// Starts one unit after the key's previous one; holds `permit` until it finishes.
+    fn spawn(&self, unit: Unit<H::Event>, permit: Option<OwnedSemaphorePermit>) {
+        let shared = self.shared.clone();
+        let progress = self.progress.clone();
+        let shard = self.shard.clone();
+        let id = shared.next_unit.fetch_add(1, Ordering::Relaxed);
+        let (finished, finished_signal) = oneshot::channel::<()>();
+        let previous = lock(&shared.tails).insert(unit.key.clone(), (id, finished_signal)).map(|(_, signal)| signal);
+        let tracker = shared.tracker.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            metrics::gauge!(metric::IN_FLIGHT).increment(1.0);
+            if let Some(previous) = previous {
+                // Err means the previous unit's task is gone (it finished or panicked): go on.
+                let _ = previous.await;
+            }
+            let started = Instant::now();
+            let handler = &shared.handler;
+            let result = retry(&shared.settings.retry, "handle_update", || handler.handle(&unit.event)).await;
+            metrics::histogram!(metric::GROUP_UPDATE_DURATION).record(started.elapsed().as_secs_f64());
+            if let Err(error) = result {
+                metrics::counter!(metric::RECORDS_FAILED, "reason" => "handler").increment(unit.tickets.len() as u64);
+                tracing::error!(shard = %shard, sequence = %unit.sequence, key = %unit.key, error = %error, "update failed for good; records skipped");
+            }
+            progress.complete(&unit.tickets);
+            drop(finished);
+            let mut tails = lock(&shared.tails);
+            if tails.get(&unit.key).is_some_and(|(tail, _)| *tail == id) {
+                tails.remove(&unit.key);
+            }
+            drop(tails);
+            metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
+        });
+    }
+}
+
+impl<H: Handler> ShardLane for DispatchLane<H> {
+    async fn submit(&mut self, records: Vec<Record>) {
+        let (units, done_now) = self.plan(records);
+        self.progress.complete(&done_now);
+        for unit in units {
+            // The semaphore is never closed; were it, running unbounded beats losing work.
+            let permit = self.shared.permits.clone().acquire_owned().await.ok();
+            self.spawn(unit, permit);
+        }
+    }
+
+    fn handled_through(&self) -> Option<SequenceNumber> {
+        lock(&self.progress.watermark).handled_through().cloned()
+    }
+
+    async fn drain(&mut self) {
+        loop {
+            let drained = self.progress.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            if lock(&self.progress.watermark).pending() == 0 {
+                return;
+            }
+            drained.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{EventKind, Item};
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    /// Records keyed by attribute `k` with value `v`; `v` = 0 is ignored, `v` = 999 rejected.
+    struct Recorder {
+        applied: Mutex<Vec<(String, u32)>>,
+        active: Mutex<HashSet<String>>,
+        gate: Semaphore,
+        delays: HashMap<String, u64>,
+    }
+
+    impl Recorder {
+        fn new(gate_open: bool, delays: &[(&str, u64)]) -> Arc<Self> {
+            Arc::new(Self {
+                applied: Mutex::new(Vec::new()),
+                active: Mutex::new(HashSet::new()),
+                gate: Semaphore::new(if gate_open { 1_000 } else { 0 }),
+                delays: delays.iter().map(|(k, d)| ((*k).to_owned(), *d)).collect(),
+            })
+        }
+        fn applied(&self) -> Vec<(String, u32)> {
+            lock(&self.applied).clone()
+        }
+    }
+
+    #[derive(Debug)]
+    struct Never;
+    impl Display for Never {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("never")
+        }
+    }
+    impl Retryable for Never {
+        fn is_retryable(&self) -> bool {
+            false
+        }
+    }
+
+    impl Handler for Recorder {
+        type Event = (String, u32);
+        type Error = Never;
+
+        fn route(&self, record: &Record) -> Route<(String, u32)> {
+            let image = record.new_image.as_ref().expect("test records have images");
+            let (Some(AttributeValue::S(key)), Some(AttributeValue::N(value))) = (image.get("k"), image.get("v")) else {
+                panic!("test record without k and v");
+            };
+            match value.parse::<u32>().expect("number") {
+                0 => Route::Ignore("zero"),
+                999 => Route::Reject { reason: "poison", detail: "999".into() },
+                value => Route::Apply { key: key.clone(), event: (key.clone(), value) },
+            }
+        }
+
+        fn supersedes(&self, candidate: &(String, u32), current: &(String, u32)) -> bool {
+            candidate.1 >= current.1
+        }
+
+        async fn handle(&self, event: &(String, u32)) -> Result<(), Never> {
+            assert!(lock(&self.active).insert(event.0.clone()), "two updates for {} at once", event.0);
+            let permit = self.gate.acquire().await.expect("gate open");
+            permit.forget();
+            if let Some(delay) = self.delays.get(&event.0) {
+                tokio::time::sleep(Duration::from_millis(*delay)).await;
+            }
+            lock(&self.applied).push(event.clone());
+            lock(&self.active).remove(&event.0);
+            Ok(())
+        }
+    }
+
+    fn record(sequence: u32, key: &str, value: u32) -> Record {
+        let image: Item = HashMap::from([
+            ("k".to_owned(), AttributeValue::S(key.to_owned())),
+            ("v".to_owned(), AttributeValue::N(value.to_string())),
+        ]);
+        Record {
+            sequence_number: SequenceNumber::parse(&format!("{sequence:021}")).expect("digits"),
+            event: EventKind::Insert,
+            keys: Item::new(),
+            new_image: Some(image),
+            created_at: None,
+        }
+    }
+
+    fn dispatcher(handler: Arc<Recorder>, max_in_flight: usize) -> Dispatcher<Recorder> {
+        let retry = RetryPolicy {
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(1),
+            max_attempts: Some(1),
+        };
+        Dispatcher::new(handler, DispatchSettings { max_in_flight, retry })
+    }
+
+    #[tokio::test]
+    async fn a_batch_makes_one_update_per_key_with_the_survivor() {
+        let handler = Recorder::new(true, &[]);
+        let dispatcher = dispatcher(handler.clone(), 8);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let batch = vec![record(1, "a", 1), record(2, "b", 5), record(3, "a", 3), record(4, "a", 2), record(5, "c", 0), record(6, "d", 999)];
+        lane.submit(batch).await;
+        lane.drain().await;
+        let mut applied = handler.applied();
+        applied.sort();
+        assert_eq!(applied, vec![("a".to_owned(), 3), ("b".to_owned(), 5)]);
+        assert_eq!(lane.handled_through().map(|s| s.as_str().to_owned()), Some(format!("{:021}", 6)));
+    }
+
+    #[tokio::test]
+    async fn updates_for_one_key_run_in_stream_order_across_batches() {
+        // Later updates are faster: without per-key ordering they would finish first.
+        let handler = Recorder::new(true, &[("a", 5)]);
+        let dispatcher = dispatcher(handler.clone(), 8);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        for (sequence, value) in [(1, 30), (2, 10), (3, 20)] {
+            lane.submit(vec![record(sequence, "a", value)]).await;
+        }
+        lane.drain().await;
+        let values: Vec<u32> = handler.applied().into_iter().map(|(_, v)| v).collect();
+        assert_eq!(values, vec![30, 10, 20]);
+    }
+
+    #[tokio::test]
+    async fn the_watermark_waits_for_a_slow_key() {
+        let handler = Recorder::new(false, &[]);
+        let dispatcher = dispatcher(handler.clone(), 8);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        lane.submit(vec![record(1, "slow", 1), record(2, "fast", 1), record(3, "ignored", 0)]).await;
+        assert_eq!(lane.handled_through(), None, "nothing has run yet");
+        handler.gate.add_permits(1);
+        // Whichever key took the permit, the other is blocked; the watermark cannot pass record 1
+        // unless record 1 is the one that finished.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while handler.applied().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("one update finishes");
+        let finished = handler.applied()[0].0.clone();
+        let through = lane.handled_through().map(|s| s.as_str().to_owned());
+        if finished == "slow" {
+            assert_eq!(through, Some(format!("{:021}", 1)));
+        } else {
+            assert_eq!(through, None, "record 2 finished but record 1 did not");
+        }
+        handler.gate.add_permits(1);
+        lane.drain().await;
+        assert_eq!(lane.handled_through().map(|s| s.as_str().to_owned()), Some(format!("{:021}", 3)));
+    }
+
+    #[tokio::test]
+    async fn submit_waits_when_the_in_flight_bound_is_reached() {
+        let handler = Recorder::new(false, &[]);
+        let dispatcher = dispatcher(handler.clone(), 2);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let submitted = Arc::new(AtomicU64::new(0));
+        let counter = submitted.clone();
+        let task = tokio::spawn(async move {
+            lane.submit(vec![record(1, "a", 1), record(2, "b", 1), record(3, "c", 1)]).await;
+            counter.store(1, Ordering::SeqCst);
+            lane
+        });
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(submitted.load(Ordering::SeqCst), 0, "third update must wait for room");
+        handler.gate.add_permits(3);
+        let mut lane = task.await.expect("submit finishes");
+        lane.drain().await;
+        assert_eq!(handler.applied().len(), 3);
+    }
+}

@@ -1,0 +1,5 @@
+pub mod aws;
+pub mod dispatch;
+pub mod retry;
+pub mod stream;
+pub mod telemetry;

@@ -1,0 +1,109 @@
+//! Shard lineage: which shards may be read now, and where a new shard starts.
+//!
+//! Pure functions over the source's shard list and the lease rows, so the ordering rules are
+//! tested without a stream:
+//! - a shard is read only once every parent has reached its end (a merge has two parents); a
+//!   parent that is no longer listed (trimmed after 24 h) cannot be read and does not block;
+//! - `LATEST` applies only to a consumer that has never read the stream: its closed shards are
+//!   skipped and its open shards start at the tip. Every shard discovered later is a child of
+//!   something being read and starts at `TRIM_HORIZON`, or records between the parent's end
+//!   and the child's first read would be lost.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Lease, Position, ShardId, ShardInfo, StartingPosition};
+
+/// The checkpoint and shard-end marker a shard's new lease row starts with. `fresh_stream`:
+/// no shard of this stream has a lease row yet.
+pub(super) fn initial_lease(shard: &ShardInfo, fresh_stream: bool, starting: StartingPosition) -> (Position, bool) {
+    match (starting, fresh_stream) {
+        (StartingPosition::Latest, true) => (Position::Latest, shard.closed),
+        _ => (Position::TrimHorizon, false),
+    }
+}
+
+/// Shards to start reading now, in the source's order: not finished, not `busy`, and every
+/// parent finished or gone from the stream.
+pub(super) fn readable<'a>(
+    shards: &'a [ShardInfo],
+    leases: &HashMap<ShardId, Lease>,
+    busy: impl Fn(&ShardId) -> bool,
+) -> Vec<&'a ShardInfo> {
+    let listed: HashSet<&ShardId> = shards.iter().map(|shard| &shard.id).collect();
+    let finished = |id: &ShardId| leases.get(id).is_some_and(|lease| lease.shard_end);
+    shards
+        .iter()
+        .filter(|shard| !finished(&shard.id) && !busy(&shard.id))
+        .filter(|shard| shard.parents.iter().all(|parent| finished(parent) || !listed.contains(parent)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
+        ShardInfo {
+            id: ShardId(id.into()),
+            parents: parents.iter().map(|p| ShardId((*p).into())).collect(),
+            closed,
+        }
+    }
+
+    fn lease(id: &str, shard_end: bool) -> (ShardId, Lease) {
+        let lease = Lease {
+            shard: ShardId(id.into()),
+            checkpoint: Position::TrimHorizon,
+            owner: None,
+            parents: vec![],
+            shard_end,
+        };
+        (ShardId(id.into()), lease)
+    }
+
+    fn ids(shards: Vec<&ShardInfo>) -> Vec<&str> {
+        shards.into_iter().map(|s| s.id.0.as_str()).collect()
+    }
+
+    #[test]
+    fn children_wait_for_every_parent() {
+        // a splits into b and c; b and c merge into d.
+        let shards = vec![
+            shard("a", &[], true),
+            shard("b", &["a"], true),
+            shard("c", &["a"], true),
+            shard("d", &["b", "c"], false),
+        ];
+        let mut leases: HashMap<ShardId, Lease> = shards.iter().map(|s| lease(&s.id.0, false)).collect();
+        assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["a"]);
+        leases.extend([lease("a", true)]);
+        assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["b", "c"]);
+        leases.extend([lease("b", true)]);
+        assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["c"], "d needs both parents");
+        leases.extend([lease("c", true)]);
+        assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["d"]);
+    }
+
+    #[test]
+    fn busy_and_finished_shards_are_not_started_again() {
+        let shards = vec![shard("a", &[], false), shard("b", &[], true)];
+        let leases = HashMap::from([lease("b", true)]);
+        assert!(readable(&shards, &leases, |id| id.0 == "a").is_empty());
+    }
+
+    #[test]
+    fn a_trimmed_parent_does_not_block_its_child() {
+        let shards = vec![shard("child", &["gone"], false)];
+        assert_eq!(ids(readable(&shards, &HashMap::new(), |_| false)), vec!["child"]);
+    }
+
+    #[test]
+    fn latest_applies_only_to_a_stream_never_read() {
+        let open = shard("open", &["closed"], false);
+        let closed = shard("closed", &[], true);
+        assert_eq!(initial_lease(&open, true, StartingPosition::Latest), (Position::Latest, false));
+        assert_eq!(initial_lease(&closed, true, StartingPosition::Latest), (Position::Latest, true));
+        assert_eq!(initial_lease(&open, false, StartingPosition::Latest), (Position::TrimHorizon, false));
+        assert_eq!(initial_lease(&closed, true, StartingPosition::TrimHorizon), (Position::TrimHorizon, false));
+    }
+}

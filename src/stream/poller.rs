@@ -1,0 +1,222 @@
+//! One shard's reader: acquire an iterator from the lease's checkpoint, read, hand records to
+//! the consumer's lane, checkpoint what the lane reports handled.
+//!
+//! Invariants: one reader per shard (the worker starts at most one); records reach the lane in
+//! shard order; a checkpoint never names a record the lane has not reported handled; on stop,
+//! the reader drains its lane and writes a final checkpoint before it returns.
+//!
+//! Polling: after a batch with records the shard is read again at once; after an empty one the
+//! reader waits `idle_interval` (an idle shard costs at most 1/idle_interval reads a second).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::worker::{ShardReport, StreamSettings};
+use super::{lock, Batch, LeaseStore, Position, Record, ShardId, ShardLane, StreamError, StreamHealth, StreamSource};
+use crate::retry::retry;
+use crate::telemetry::metric;
+
+/// What every shard reader shares.
+pub(super) struct ShardContext<S> {
+    pub source: S,
+    pub leases: LeaseStore,
+    pub settings: StreamSettings,
+    pub health: Arc<StreamHealth>,
+    pub ages: ShardAges,
+}
+
+/// Iterator age per shard; the exported gauge is the maximum.
+#[derive(Debug, Default)]
+pub(super) struct ShardAges(Mutex<HashMap<ShardId, f64>>);
+
+impl ShardAges {
+    fn set(&self, shard: &ShardId, seconds: f64) {
+        let mut ages = lock(&self.0);
+        ages.insert(shard.clone(), seconds);
+        metrics::gauge!(metric::ITERATOR_AGE).set(ages.values().copied().fold(0.0, f64::max));
+    }
+
+    fn remove(&self, shard: &ShardId) {
+        let mut ages = lock(&self.0);
+        ages.remove(shard);
+        metrics::gauge!(metric::ITERATOR_AGE).set(ages.values().copied().fold(0.0, f64::max));
+    }
+}
+
+/// Reads `shard` until it ends, fails, or `cancel` fires.
+pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
+    context: Arc<ShardContext<S>>,
+    stream_id: String,
+    shard: ShardId,
+    lane: L,
+    cancel: CancellationToken,
+) -> Result<ShardReport, StreamError> {
+    let lease = retry(&context.settings.retry, "lease_claim", || context.leases.claim(&shard)).await?;
+    tracing::info!(shard = %shard, checkpoint = lease.checkpoint.encode(), "reading shard");
+    let mut reader = ShardReader {
+        report: ShardReport::new(shard.clone()),
+        context: &context,
+        stream_id: &stream_id,
+        shard,
+        lane,
+        written: lease.checkpoint,
+        last_write: Instant::now(),
+    };
+    let result = reader.run(&cancel).await;
+    context.ages.remove(&reader.shard);
+    match result {
+        Ok(()) => Ok(reader.report),
+        Err(error) => {
+            tracing::warn!(shard = %reader.shard, error = %error, "shard reader stopped");
+            Err(error)
+        }
+    }
+}
+
+struct ShardReader<'a, S, L> {
+    context: &'a ShardContext<S>,
+    stream_id: &'a str,
+    shard: ShardId,
+    lane: L,
+    /// The checkpoint as last written (or as claimed).
+    written: Position,
+    last_write: Instant,
+    report: ShardReport,
+}
+
+impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
+    async fn run(&mut self, cancel: &CancellationToken) -> Result<(), StreamError> {
+        let start = self.written.clone();
+        let mut iterator = self.acquire(&start).await?;
+        while !cancel.is_cancelled() {
+            // Abandoning a read on shutdown is harmless: nothing has been handed over yet.
+            let read = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                read = self.read(&iterator) => read,
+            };
+            match read {
+                Ok(batch) => {
+                    self.context.health.read_succeeded();
+                    let got_records = !batch.records.is_empty();
+                    self.observe(&batch.records);
+                    if got_records {
+                        self.lane.submit(batch.records).await;
+                    }
+                    let Some(next) = batch.next_iterator else {
+                        tracing::info!(shard = %self.shard, "shard read to its end");
+                        self.finish(true).await?;
+                        self.report.ended = true;
+                        return Ok(());
+                    };
+                    iterator = next;
+                    self.save(false, false).await?;
+                    if !got_records {
+                        tokio::select! {
+                            _ = cancel.cancelled() => {}
+                            _ = tokio::time::sleep(self.context.settings.idle_interval) => {}
+                        }
+                    }
+                }
+                Err(StreamError::ExpiredIterator) => {
+                    // Drain first: the checkpoint then names the last record read, so resuming
+                    // after it neither skips nor repeats anything.
+                    tracing::info!(shard = %self.shard, "iterator expired; resuming from the checkpoint");
+                    self.finish(false).await?;
+                    let resume = self.written.clone();
+                    iterator = self.acquire(&resume).await?;
+                }
+                Err(StreamError::Trimmed(detail)) => {
+                    self.finish(false).await?;
+                    iterator = self.restart_after_gap(&detail).await?;
+                }
+                Err(error) => {
+                    if let Err(final_error) = self.finish(false).await {
+                        tracing::warn!(shard = %self.shard, error = %final_error, "final checkpoint failed");
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        self.finish(false).await
+    }
+
+    async fn read(&self, iterator: &str) -> Result<Batch, StreamError> {
+        let settings = &self.context.settings;
+        retry(&settings.retry, "get_records", || async {
+            let started = Instant::now();
+            let result = self.context.source.read(iterator, settings.batch_size).await;
+            metrics::histogram!(metric::GETRECORDS_DURATION).record(started.elapsed().as_secs_f64());
+            result
+        })
+        .await
+    }
+
+    /// An iterator at `position`; a position already trimmed away restarts at the horizon.
+    async fn acquire(&mut self, position: &Position) -> Result<String, StreamError> {
+        let source = &self.context.source;
+        let policy = &self.context.settings.retry;
+        match retry(policy, "get_shard_iterator", || source.iterator(self.stream_id, &self.shard, position)).await {
+            Err(StreamError::Trimmed(detail)) => self.restart_after_gap(&detail).await,
+            other => other,
+        }
+    }
+
+    async fn restart_after_gap(&mut self, detail: &str) -> Result<String, StreamError> {
+        metrics::counter!(metric::STREAM_GAPS).increment(1);
+        tracing::error!(
+            shard = %self.shard,
+            detail,
+            "records were trimmed from the stream before this worker read them; \
+             restarting at TRIM_HORIZON. Conversations may be stale: run `cruddur-stream-worker reconcile`"
+        );
+        let source = &self.context.source;
+        retry(&self.context.settings.retry, "get_shard_iterator", || {
+            source.iterator(self.stream_id, &self.shard, &Position::TrimHorizon)
+        })
+        .await
+    }
+
+    fn observe(&mut self, records: &[Record]) {
+        for record in records {
+            metrics::counter!(metric::RECORDS_RECEIVED, "event" => record.event.label()).increment(1);
+        }
+        let age = records
+            .last()
+            .and_then(|record| record.created_at)
+            .and_then(|created| SystemTime::now().duration_since(created).ok())
+            .map_or(0.0, |age| age.as_secs_f64());
+        self.context.ages.set(&self.shard, age);
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            self.report.records += records.len() as u64;
+            self.report.first.get_or_insert_with(|| first.sequence_number.clone());
+            self.report.last = Some(last.sequence_number.clone());
+        }
+    }
+
+    /// Waits for everything handed over, then checkpoints it.
+    async fn finish(&mut self, shard_end: bool) -> Result<(), StreamError> {
+        self.lane.drain().await;
+        self.save(true, shard_end).await
+    }
+
+    /// Writes the lane's watermark as the checkpoint when it moved and `checkpoint_interval`
+    /// has passed (or `force`); a shard end is always written.
+    async fn save(&mut self, force: bool, shard_end: bool) -> Result<(), StreamError> {
+        let target = self.lane.handled_through().map_or_else(|| self.written.clone(), Position::After);
+        if !shard_end && (target == self.written || (!force && self.last_write.elapsed() < self.context.settings.checkpoint_interval)) {
+            return Ok(());
+        }
+        let leases = &self.context.leases;
+        retry(&self.context.settings.retry, "checkpoint", || leases.checkpoint(&self.shard, &target, shard_end)).await?;
+        metrics::counter!(metric::CHECKPOINTS).increment(1);
+        tracing::debug!(shard = %self.shard, checkpoint = target.encode(), shard_end, "checkpoint written");
+        self.report.checkpoint = Some(target.clone());
+        self.written = target;
+        self.last_write = Instant::now();
+        Ok(())
+    }
+}

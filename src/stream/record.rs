@@ -1,0 +1,172 @@
+//! Source-neutral stream records: what every source (DynamoDB Streams today, Kinesis next)
+//! turns its change records into before anything downstream sees them.
+//!
+//! Invariant: a [`SequenceNumber`] orders records within a shard numerically. Sources hand
+//! out decimal strings of varying length (up to 40 digits on DynamoDB Streams, 56 on Kinesis),
+//! so ordering compares length first and never by plain string order.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::fmt;
+use std::time::SystemTime;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+/// A DynamoDB item image (keys or new image) in the DynamoDB client's attribute type, so that
+/// handlers can write what they read without another conversion.
+pub type Item = HashMap<String, AttributeValue>;
+
+/// A shard's identifier as the source names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub String);
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A record's position in its shard: a decimal string compared as a number. The text is kept
+/// exactly as the source gave it, because the source expects it back verbatim (DynamoDB Local
+/// pads with leading zeros).
+#[derive(Debug, Clone)]
+pub struct SequenceNumber(String);
+
+impl SequenceNumber {
+    /// Accepts a non-empty string of ASCII digits; anything else is not a sequence number.
+    pub fn parse(text: &str) -> Option<Self> {
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The digits without leading zeros, the form ordering and equality use.
+    fn significant(&self) -> &str {
+        let trimmed = self.0.trim_start_matches('0');
+        if trimmed.is_empty() {
+            "0"
+        } else {
+            trimmed
+        }
+    }
+}
+
+impl Ord for SequenceNumber {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let (a, b) = (self.significant(), other.significant());
+        a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+    }
+}
+
+impl PartialOrd for SequenceNumber {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for SequenceNumber {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for SequenceNumber {}
+
+impl std::hash::Hash for SequenceNumber {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.significant().hash(state);
+    }
+}
+
+impl fmt::Display for SequenceNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What happened to the item, as DynamoDB change records name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Insert,
+    Modify,
+    Remove,
+    /// An event name this worker does not know; counted and ignored downstream.
+    Other,
+}
+
+impl EventKind {
+    /// Low-cardinality metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            EventKind::Insert => "insert",
+            EventKind::Modify => "modify",
+            EventKind::Remove => "remove",
+            EventKind::Other => "other",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "INSERT" => EventKind::Insert,
+            "MODIFY" => EventKind::Modify,
+            "REMOVE" => EventKind::Remove,
+            _ => EventKind::Other,
+        }
+    }
+}
+
+/// One change record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub sequence_number: SequenceNumber,
+    pub event: EventKind,
+    pub keys: Item,
+    /// Present when the stream view includes new images and the event has one.
+    pub new_image: Option<Item>,
+    /// When the change was made, as the source reports it (DynamoDB Local truncates it to the
+    /// minute, real DynamoDB to the second).
+    pub created_at: Option<SystemTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(text: &str) -> SequenceNumber {
+        SequenceNumber::parse(text).expect("valid sequence number")
+    }
+
+    #[test]
+    fn sequence_numbers_order_numerically_not_as_strings() {
+        assert!(seq("9") < seq("10"));
+        assert!(seq("000000000000000000024") < seq("100000000000000000025"));
+        assert!(seq("49590338271490256608559692538361571095921575989136588898") > seq("99"));
+        assert_eq!(seq("007"), seq("7"));
+        assert_eq!(seq("0"), seq("000"));
+    }
+
+    #[test]
+    fn sequence_number_keeps_the_text_the_source_gave() {
+        assert_eq!(seq("000000000000000000024").as_str(), "000000000000000000024");
+    }
+
+    #[test]
+    fn sequence_number_rejects_non_digits() {
+        assert!(SequenceNumber::parse("").is_none());
+        assert!(SequenceNumber::parse("12a").is_none());
+        assert!(SequenceNumber::parse("-1").is_none());
+    }
+
+    #[test]
+    fn event_names_map_to_kinds() {
+        assert_eq!(EventKind::from_name("INSERT"), EventKind::Insert);
+        assert_eq!(EventKind::from_name("MODIFY"), EventKind::Modify);
+        assert_eq!(EventKind::from_name("REMOVE"), EventKind::Remove);
+        assert_eq!(EventKind::from_name("insert"), EventKind::Other);
+    }
+}

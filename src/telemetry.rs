@@ -1,0 +1,124 @@
+//! Metric names, their descriptions, the Prometheus recorder, and logging.
+//!
+//! Every metric the worker exports is named in [`metric`] and described in [`describe`]: one
+//! place to read what is exported (the README's table mirrors it). Names follow Prometheus
+//! conventions: the `stream_worker_` prefix, `_total` counters, base units (`_seconds`),
+//! labels with a small fixed set of values (never a shard, group or user id).
+//!
+//! Logs go to stderr (stdout is for command output): JSON lines when it is not a terminal (ECS, CI), human text otherwise. Nothing
+//! here logs message text; handlers must not either.
+
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Metric names, one constant each.
+pub mod metric {
+    pub const RECORDS_RECEIVED: &str = "stream_worker_records_received_total";
+    pub const RECORDS_IGNORED: &str = "stream_worker_records_ignored_total";
+    pub const RECORDS_COALESCED: &str = "stream_worker_records_coalesced_total";
+    pub const RECORDS_FAILED: &str = "stream_worker_records_failed_total";
+    pub const GROUP_UPDATES: &str = "stream_worker_group_updates_total";
+    pub const GROUP_UPDATE_DURATION: &str = "stream_worker_group_update_duration_seconds";
+    pub const RETRIES: &str = "stream_worker_retries_total";
+    pub const CHECKPOINTS: &str = "stream_worker_checkpoints_total";
+    pub const ITERATOR_AGE: &str = "stream_worker_iterator_age_seconds";
+    pub const GETRECORDS_DURATION: &str = "stream_worker_getrecords_duration_seconds";
+    pub const IN_FLIGHT: &str = "stream_worker_in_flight";
+    pub const SHARDS_READING: &str = "stream_worker_shards_reading";
+    pub const STREAM_GAPS: &str = "stream_worker_stream_gaps_total";
+}
+
+/// Histogram buckets for latencies, in seconds: DynamoDB round trips are milliseconds, retries
+/// under throttling reach seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Registers the `# HELP` text of every metric.
+pub fn describe() {
+    use metric::*;
+    describe_counter!(RECORDS_RECEIVED, "Stream records read, by event (insert, modify, remove, other).");
+    describe_counter!(
+        RECORDS_IGNORED,
+        "Records that need no work, by reason (remove, modify, group_row, other_item, other_event)."
+    );
+    describe_counter!(
+        RECORDS_COALESCED,
+        "Records folded into a newer record for the same key in the same batch."
+    );
+    describe_counter!(
+        RECORDS_FAILED,
+        "Records whose handling failed for good (logged with shard and sequence number), by reason."
+    );
+    describe_counter!(GROUP_UPDATES, "Group-summary updates, by outcome (applied, stale, no_rows).");
+    describe_histogram!(
+        GROUP_UPDATE_DURATION,
+        Unit::Seconds,
+        "Time to bring one conversation's group rows up to a message, retries included."
+    );
+    describe_counter!(RETRIES, "Retried operations after a transient failure, by operation.");
+    describe_counter!(CHECKPOINTS, "Checkpoints written to the lease table.");
+    describe_gauge!(
+        ITERATOR_AGE,
+        Unit::Seconds,
+        "Age of the newest record read, maximum over shards (0 when caught up)."
+    );
+    describe_histogram!(GETRECORDS_DURATION, Unit::Seconds, "GetRecords round trips, retries excluded.");
+    describe_gauge!(IN_FLIGHT, "Updates handed to handlers and not yet finished.");
+    describe_gauge!(SHARDS_READING, "Shards this worker is reading now.");
+    describe_counter!(
+        STREAM_GAPS,
+        "Times records were trimmed before they were read (data lost from the stream)."
+    );
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle; later calls
+/// return the same handle (tests start several workers in one process).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty");
+            let handle = match builder.install_recorder() {
+                Ok(handle) => handle,
+                // Another recorder is installed (an embedding program's); render ours anyway
+                // so /metrics answers, though it will stay empty.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            };
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// JSON when stderr is not a terminal, text otherwise.
+    Auto,
+    Json,
+    Text,
+}
+
+/// Starts logging. `filter` is an `EnvFilter` directive (`info`, `cruddur_stream_worker=debug`);
+/// `RUST_LOG` overrides it. Safe to call twice (the second call does nothing).
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).with_current_span(false).try_init()
+    } else {
+        builder.with_target(false).try_init()
+    };
+}
