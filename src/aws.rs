@@ -114,6 +114,51 @@ pub async fn create_table_if_missing(
     })
 }
 
+/// A DynamoDB item as the DynamoDB client represents it.
+pub type Item = std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>;
+
+/// Follows `LastEvaluatedKey` until the last page; `page` fetches the page after a key.
+async fn collect_pages<F, Fut>(mut page: F) -> Result<Vec<Item>, AwsError>
+where
+    F: FnMut(Option<Item>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Option<Vec<Item>>, Option<Item>), AwsError>>,
+{
+    let mut items = Vec::new();
+    let mut start_key = None;
+    loop {
+        let (page_items, last_key) = page(start_key.take()).await?;
+        items.extend(page_items.unwrap_or_default());
+        match last_key {
+            Some(key) if !key.is_empty() => start_key = Some(key),
+            _ => return Ok(items),
+        }
+    }
+}
+
+/// Every item a Query returns, all pages.
+pub async fn query_all(query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder) -> Result<Vec<Item>, AwsError> {
+    collect_pages(|start| {
+        let request = query.clone().set_exclusive_start_key(start);
+        async move {
+            let output = request.send().await.map_err(|error| AwsError::from_sdk("Query", &error))?;
+            Ok((output.items, output.last_evaluated_key))
+        }
+    })
+    .await
+}
+
+/// Every item a Scan returns, all pages.
+pub async fn scan_all(scan: aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder) -> Result<Vec<Item>, AwsError> {
+    collect_pages(|start| {
+        let request = scan.clone().set_exclusive_start_key(start);
+        async move {
+            let output = request.send().await.map_err(|error| AwsError::from_sdk("Scan", &error))?;
+            Ok((output.items, output.last_evaluated_key))
+        }
+    })
+    .await
+}
+
 /// A failed AWS call, classified.
 #[derive(Debug, thiserror::Error)]
 #[error("{operation} failed{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]

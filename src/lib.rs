@@ -1,5 +1,37 @@
+//! cruddur-stream-worker: keeps Cruddur's conversation list current from the
+//! `cruddur-messages` table's DynamoDB stream.
+//!
+//! # Layout
+//!
+//! Data flows one way — source → dispatch → handler → checkpoint — and imports point down:
+//!
+//! ```text
+//! cli ──► app ──► stream ◄── dispatch ◄── groups
+//!  │       │        │           │           │
+//!  └───────┴──► config, aws, retry, telemetry, http
+//! ```
+//!
+//! - [`cli`]: the binary's commands, exit codes, signals.
+//! - [`app`]: wires settings, clients, source, dispatcher, updater, HTTP; nothing else knows all.
+//! - [`config`]: layered settings, validated once.
+//! - [`aws`]: SDK clients, paging helpers, and the one place that classifies AWS errors.
+//! - [`stream`]: generic stream reading — sources, shard lineage, polling, leases, checkpoints.
+//!   Defines the [`stream::Consumer`] trait; knows nothing of Cruddur.
+//! - [`dispatch`]: per-key ordered fan-out with bounded in-flight work and the per-shard
+//!   checkpoint watermark; implements `stream::Consumer` for any [`dispatch::Handler`].
+//! - [`groups`]: the Cruddur data model, the group-summary updater (a `dispatch::Handler`),
+//!   and the admin commands (setup, seed, send, listings).
+//! - [`retry`]: capped exponential backoff with full jitter.
+//! - [`telemetry`]: metric names and descriptions, logging.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+
+pub mod app;
 pub mod aws;
+pub mod cli;
+pub mod config;
 pub mod dispatch;
+pub mod groups;
+pub mod http;
 pub mod retry;
 pub mod stream;
 pub mod telemetry;

@@ -71,26 +71,11 @@ impl LeaseStore {
 
     /// Every lease row (strongly consistent).
     pub async fn load_all(&self) -> Result<HashMap<ShardId, Lease>, StreamError> {
+        let items = aws::scan_all(self.client.scan().table_name(&self.table).consistent_read(true)).await?;
         let mut leases = HashMap::new();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .set_exclusive_start_key(start_key.take())
-                .send()
-                .await
-                .map_err(|error| AwsError::from_sdk("Scan", &error))?;
-            for item in output.items.unwrap_or_default() {
-                let lease = decode(&item)?;
-                leases.insert(lease.shard.clone(), lease);
-            }
-            match output.last_evaluated_key {
-                Some(key) if !key.is_empty() => start_key = Some(key),
-                _ => break,
-            }
+        for item in items {
+            let lease = decode(&item)?;
+            leases.insert(lease.shard.clone(), lease);
         }
         Ok(leases)
     }

@@ -1,0 +1,106 @@
+//! Wiring: settings and AWS clients in, a running worker out.
+//!
+//! Data flows one way: the DynamoDB Streams source feeds the stream worker, whose consumer is
+//! the dispatcher, whose handler is the group-summary updater; the stream worker checkpoints
+//! what the dispatcher reports handled. This is the only module that knows all of them.
+//!
+//! Shutdown: cancelling the token stops reading; each shard drains its in-flight updates and
+//! writes its checkpoint; then the HTTP server stops. The caller bounds the wait (the grace).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::dispatch::{DispatchSettings, Dispatcher};
+use crate::groups::updater::GroupSummaryUpdater;
+use crate::retry::RetryPolicy;
+use crate::stream::{DynamoDbStreamsSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings, StreamWorker};
+use crate::{aws, http, telemetry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot listen on {addr} (http_addr): {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("worker task failed: {0}")]
+    Task(String),
+}
+
+/// A started worker.
+pub struct Running {
+    /// Where `/metrics`, `/healthz` and `/readyz` answer (the bound port when 0 was asked).
+    pub http_addr: SocketAddr,
+    task: JoinHandle<Result<StreamReport, AppError>>,
+}
+
+impl Running {
+    /// Waits until the worker has stopped (after its shutdown token fired, or a fatal error).
+    pub async fn wait(self) -> Result<StreamReport, AppError> {
+        self.task.await.map_err(|error| AppError::Task(error.to_string()))?
+    }
+}
+
+/// Starts the worker: HTTP endpoints at once, then the stream (waiting for the table and its
+/// stream if they do not exist yet).
+pub async fn start(settings: &Settings, sdk: &SdkConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
+    let metrics = telemetry::prometheus();
+    let listener = TcpListener::bind(settings.http_addr)
+        .await
+        .map_err(|source| AppError::Bind { addr: settings.http_addr, source })?;
+    let http_addr = listener.local_addr().map_err(|source| AppError::Bind { addr: settings.http_addr, source })?;
+
+    let tables = aws::dynamodb_client(sdk);
+    let updater = Arc::new(GroupSummaryUpdater::new(tables.clone(), &settings.table_name));
+    let handler_retry = RetryPolicy {
+        base_delay: settings.retry_base_delay,
+        max_delay: settings.retry_max_delay,
+        max_attempts: settings.retry_max_attempts,
+    };
+    let stream_retry = RetryPolicy { max_attempts: None, ..handler_retry.clone() };
+    let dispatcher = Arc::new(Dispatcher::new(updater, DispatchSettings { max_in_flight: settings.max_in_flight, retry: handler_retry }));
+    let source = DynamoDbStreamsSource::new(tables.clone(), aws::streams_client(sdk), &settings.table_name);
+    let leases = LeaseStore::new(tables, &settings.lease_table_name, &settings.worker_id);
+    let health = Arc::new(StreamHealth::default());
+    let stream_settings = StreamSettings {
+        starting_position: settings.starting_position,
+        batch_size: settings.batch_size,
+        idle_interval: settings.idle_interval,
+        shard_sync_interval: settings.shard_sync_interval,
+        checkpoint_interval: settings.checkpoint_interval,
+        retry: stream_retry,
+    };
+    let worker = StreamWorker::new(source, dispatcher.clone(), leases, stream_settings, health.clone());
+
+    let http_stop = CancellationToken::new();
+    let max_poll_age = settings.ready_max_poll_age;
+    let readiness: http::Readiness = Arc::new(move || health.readiness(max_poll_age));
+    let server = tokio::spawn(http::serve(listener, metrics.clone(), readiness, http_stop.clone()));
+    let upkeep_stop = http_stop.clone();
+    tokio::spawn(async move {
+        // Histograms need draining now and then when the exporter's own listener is not used.
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        while upkeep_stop.run_until_cancelled(every.tick()).await.is_some() {
+            metrics.run_upkeep();
+        }
+    });
+    tracing::info!(%http_addr, worker_id = %settings.worker_id, table = %settings.table_name, "worker started");
+
+    let task = tokio::spawn(async move {
+        let result = worker.run(shutdown).await;
+        // Readers drained their lanes; this also waits for anything a failed reader left.
+        dispatcher.wait_idle().await;
+        http_stop.cancel();
+        if let Ok(Err(error)) = server.await {
+            tracing::warn!(error = %error, "HTTP server stopped with an error");
+        }
+        Ok(result?)
+    });
+    Ok(Running { http_addr, task })
+}

@@ -1,0 +1,297 @@
+//! The command line: parse, load settings, run a subcommand, map the outcome to an exit code.
+//!
+//! Exit codes: 0 success; 1 a runtime failure (AWS unreachable, shutdown grace exceeded);
+//! 2 bad usage or bad configuration (the message names the key). Command output goes to
+//! stdout, logs to stderr.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use aws_sdk_dynamodb::types::AttributeValue;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::aws::{self, AwsOverrides, Item};
+use crate::config::{self, Settings, Sources};
+use crate::groups::admin::{self, User};
+use crate::stream::LeaseStore;
+use crate::{app, telemetry};
+
+/// Keeps Cruddur's conversation list ("message groups") current from the messages table's
+/// DynamoDB stream.
+///
+/// Settings come from config/default.toml, config/<WORKER_ENV>.toml, WORKER_* environment
+/// variables and flags, later ones winning (see config/default.toml for every key). AWS
+/// endpoint, region and credentials come from the usual AWS variables (AWS_ENDPOINT_URL,
+/// AWS_REGION, AWS_ACCESS_KEY_ID, ...) or the task role.
+#[derive(Debug, Parser)]
+#[command(name = "cruddur-stream-worker", version, about, long_about)]
+pub struct Cli {
+    /// Directory holding default.toml and <env>.toml.
+    #[arg(long, global = true, env = "WORKER_CONFIG_DIR", default_value = "config", value_name = "DIR")]
+    config_dir: std::path::PathBuf,
+    /// Overlay config/<ENV>.toml (e.g. local).
+    #[arg(long = "env", global = true, env = "WORKER_ENV", value_name = "ENV")]
+    environment: Option<String>,
+    /// Set any config key, e.g. --set batch_size=100 (repeatable; beats the environment).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    set: Vec<(String, String)>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the worker: read the stream, update group rows, serve /metrics /healthz /readyz.
+    Run(RunFlags),
+    /// Create the messages table (with its GSI and stream) and the lease table, if missing.
+    Setup,
+    /// Write demo users' conversations the way the app does (skips those that exist).
+    Seed,
+    /// Post a message as the app does: into the existing conversation or a new one.
+    Send {
+        /// Sender's handle.
+        #[arg(long, value_name = "HANDLE")]
+        from: String,
+        /// Recipient's handle.
+        #[arg(long, value_name = "HANDLE")]
+        to: String,
+        /// The message text.
+        text: String,
+    },
+    /// A user's conversations as the app lists them, newest first.
+    Groups {
+        handle: String,
+    },
+    /// A conversation's messages, newest first.
+    Messages {
+        group_uuid: String,
+    },
+    /// Every item of the messages table, one JSON object per line (for debugging).
+    Scan,
+}
+
+#[derive(Debug, Args)]
+struct RunFlags {
+    /// Address for /metrics, /healthz and /readyz (key http_addr).
+    #[arg(long, value_name = "ADDR")]
+    http_addr: Option<String>,
+    /// TRIM_HORIZON or LATEST, for shards with no checkpoint (key starting_position).
+    #[arg(long, value_name = "POSITION")]
+    starting_position: Option<String>,
+    /// This worker's name in the lease table (key worker_id).
+    #[arg(long, value_name = "ID")]
+    worker_id: Option<String>,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    Ok((key.trim().to_owned(), value.to_owned()))
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match load_settings(&cli) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(settings.log_format, &settings.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
+    let mut sources = Sources::from_process();
+    sources.config_dir = cli.config_dir.clone();
+    sources.environment = cli.environment.clone().filter(|env| !env.is_empty());
+    for (key, value) in &cli.set {
+        sources.flags.push((key.clone(), value.clone(), format!("--set {key}")));
+    }
+    if let Command::Run(flags) = &cli.command {
+        let named = [
+            ("http_addr", &flags.http_addr, "--http-addr"),
+            ("starting_position", &flags.starting_position, "--starting-position"),
+            ("worker_id", &flags.worker_id, "--worker-id"),
+        ];
+        for (key, value, flag) in named {
+            if let Some(value) = value {
+                sources.flags.push((key.to_owned(), value.clone(), flag.to_owned()));
+            }
+        }
+    }
+    config::load(&sources)
+}
+
+async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    let sdk = aws::load_sdk_config(AwsOverrides::default()).await;
+    anyhow::ensure!(sdk.region().is_some(), "no AWS region: set AWS_REGION (any name works with DynamoDB Local)");
+    let client = aws::dynamodb_client(&sdk);
+    let table = settings.table_name.as_str();
+    match command {
+        Command::Run(_) => run(&settings, &sdk).await,
+        Command::Setup => {
+            let created = admin::create_messages_table(&client, table).await?;
+            println!("{table}: {}", if created { "created" } else { "exists" });
+            let leases = LeaseStore::new(client, &settings.lease_table_name, &settings.worker_id);
+            let created = leases.ensure_table().await?;
+            println!("{}: {}", settings.lease_table_name, if created { "created" } else { "exists" });
+            Ok(())
+        }
+        Command::Seed => {
+            let seeded = admin::seed(&client, table).await?;
+            println!(
+                "seeded {} conversations ({} messages); {} already there",
+                seeded.conversations_created, seeded.messages, seeded.conversations_skipped
+            );
+            Ok(())
+        }
+        Command::Send { from, to, text } => {
+            let (from, to) = (User::from_handle(&from), User::from_handle(&to));
+            let sent = admin::send(&client, table, &from, &to, &text, chrono::Utc::now()).await?;
+            let kind = if sent.new_conversation { "new conversation" } else { "conversation" };
+            println!("sent to {kind} {} at {}", sent.group_uuid, sent.created_at);
+            Ok(())
+        }
+        Command::Groups { handle } => {
+            let user = User::from_handle(&handle);
+            for row in admin::conversations(&client, table, &user).await? {
+                println!(
+                    "{}  {}  @{} ({})  {}",
+                    field(&row, "sk"),
+                    field(&row, "message_group_uuid"),
+                    field(&row, "user_handle"),
+                    field(&row, "user_display_name"),
+                    field(&row, "message")
+                );
+            }
+            Ok(())
+        }
+        Command::Messages { group_uuid } => {
+            for row in admin::messages(&client, table, &group_uuid).await? {
+                println!("{}  @{}  {}", field(&row, "sk"), field(&row, "user_handle"), field(&row, "message"));
+            }
+            Ok(())
+        }
+        Command::Scan => {
+            for item in admin::scan(&client, table).await? {
+                println!("{}", item_to_json(&item));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs the worker until SIGTERM or SIGINT, then gives it `shutdown_grace` to finish.
+async fn run(settings: &Settings, sdk: &aws_config::SdkConfig) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let running = app::start(settings, sdk, shutdown.clone()).await?;
+    let mut finished = std::pin::pin!(running.wait());
+    let signal = tokio::select! {
+        result = &mut finished => {
+            // The worker stopped on its own: only a fatal error does that.
+            result.context("the worker stopped")?;
+            return Ok(());
+        }
+        signal = shutdown_signal() => signal,
+    };
+    tracing::info!(signal, grace_seconds = settings.shutdown_grace.as_secs(), "shutting down: finishing in-flight work");
+    shutdown.cancel();
+    match tokio::time::timeout(settings.shutdown_grace, finished).await {
+        Ok(result) => {
+            let report = result.context("the worker failed while shutting down")?;
+            tracing::info!(records = report.records(), shards = report.shards.len(), "stopped; checkpoints written");
+            Ok(())
+        }
+        Err(_) => anyhow::bail!(
+            "shutdown grace of {} s exceeded; unfinished records will be read again from the last checkpoint",
+            settings.shutdown_grace.as_secs()
+        ),
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+fn field<'a>(item: &'a Item, name: &str) -> &'a str {
+    crate::groups::model::text(item, name).unwrap_or("-")
+}
+
+/// An item as plain JSON: strings, numbers, booleans, lists, maps; binary as its size.
+fn item_to_json(item: &Item) -> serde_json::Value {
+    let mut names: Vec<&String> = item.keys().collect();
+    names.sort();
+    serde_json::Value::Object(names.into_iter().map(|name| (name.clone(), value_to_json(&item[name]))).collect())
+}
+
+fn value_to_json(value: &AttributeValue) -> serde_json::Value {
+    use serde_json::Value as Json;
+    let number = |text: &String| text.parse::<serde_json::Number>().map_or_else(|_| Json::String(text.clone()), Json::Number);
+    match value {
+        AttributeValue::S(text) => Json::String(text.clone()),
+        AttributeValue::N(text) => number(text),
+        AttributeValue::Bool(flag) => Json::Bool(*flag),
+        AttributeValue::Null(_) => Json::Null,
+        AttributeValue::Ss(texts) => Json::Array(texts.iter().cloned().map(Json::String).collect()),
+        AttributeValue::Ns(numbers) => Json::Array(numbers.iter().map(number).collect()),
+        AttributeValue::L(values) => Json::Array(values.iter().map(value_to_json).collect()),
+        AttributeValue::M(map) => item_to_json(map),
+        AttributeValue::B(blob) => Json::String(format!("<{} bytes>", blob.as_ref().len())),
+        AttributeValue::Bs(blobs) => Json::Array(blobs.iter().map(|b| Json::String(format!("<{} bytes>", b.as_ref().len()))).collect()),
+        _ => Json::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn set_takes_key_value_pairs() {
+        assert_eq!(parse_key_value("batch_size=10"), Ok(("batch_size".into(), "10".into())));
+        assert_eq!(parse_key_value("log_level=a=b"), Ok(("log_level".into(), "a=b".into())));
+        assert!(parse_key_value("nothing").is_err());
+    }
+
+    #[test]
+    fn items_render_as_plain_json() {
+        let item = Item::from([
+            ("pk".to_owned(), AttributeValue::S("MSG#g".into())),
+            ("n".to_owned(), AttributeValue::N("42".into())),
+            ("l".to_owned(), AttributeValue::L(vec![AttributeValue::Bool(true)])),
+        ]);
+        assert_eq!(item_to_json(&item).to_string(), r#"{"l":[true],"n":42,"pk":"MSG#g"}"#);
+    }
+}

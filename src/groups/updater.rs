@@ -1,0 +1,259 @@
+//! The group-summary updater: brings a conversation's group rows up to a message.
+//!
+//! Read, decide ([`super::plan`]), write one transaction whose every step is conditional: each
+//! old row is deleted only if still stored unchanged, each new row is put only if its key is
+//! free. A crash leaves either the old rows or the new ones, never neither and never both; a
+//! lost race (a condition failed) re-reads and re-decides.
+//!
+//! Reads: the GSI first (one cheap query). The index is eventually consistent, so when it does
+//! not show every participant that its rows name, and after any lost race, the rows are read
+//! from the table itself with strongly consistent queries through the sender's partition.
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
+
+use super::model::{self, GroupRow, MessageInserted, GROUP_INDEX, GROUP_PREFIX};
+use super::plan::{self, Decision, Writes};
+use crate::aws::{self, AwsError};
+use crate::dispatch::{Handler, Route};
+use crate::retry::Retryable;
+use crate::stream::Record;
+use crate::telemetry::metric;
+
+/// Lost races in a row before the update is handed back to the retry policy (with backoff).
+const MAX_RACES: u32 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("group rows kept changing under the update ({MAX_RACES} lost races)")]
+    Contended,
+    #[error("transaction rejected: {0}")]
+    Rejected(String),
+}
+
+impl Retryable for UpdateError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            UpdateError::Aws(error) => error.is_retryable(),
+            UpdateError::Contended => true,
+            UpdateError::Rejected(_) => false,
+        }
+    }
+}
+
+/// Why a transaction did not commit.
+enum WriteFailure {
+    /// A condition failed: someone else changed the rows first.
+    LostRace,
+    Error(UpdateError),
+}
+
+/// Keeps group rows of one messages table current.
+#[derive(Debug, Clone)]
+pub struct GroupSummaryUpdater {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl GroupSummaryUpdater {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into() }
+    }
+
+    /// Brings the message's conversation up to it; returns the outcome label.
+    pub async fn apply(&self, message: &MessageInserted) -> Result<&'static str, UpdateError> {
+        let mut consistent = false;
+        for _ in 0..MAX_RACES {
+            let rows = self.load_rows(message, consistent).await?;
+            let decision = plan::decide(&rows, message);
+            let outcome = decision.outcome();
+            let Decision::Write(writes) = decision else { return Ok(outcome) };
+            match self.write(writes).await {
+                Ok(()) => return Ok(outcome),
+                Err(WriteFailure::LostRace) => consistent = true,
+                Err(WriteFailure::Error(error)) => return Err(error),
+            }
+        }
+        Err(UpdateError::Contended)
+    }
+
+    async fn load_rows(&self, message: &MessageInserted, consistent: bool) -> Result<Vec<GroupRow>, UpdateError> {
+        let indexed = if consistent { None } else { Some(self.rows_from_index(&message.group_uuid).await?) };
+        if let Some(rows) = &indexed {
+            if shows_every_participant(rows, message.sender_uuid.as_deref()) {
+                return Ok(indexed.unwrap_or_default());
+            }
+        }
+        let Some(sender) = message.sender_uuid.as_deref() else {
+            // Without a sender there is no consistent way in: the index is all there is.
+            return match indexed {
+                Some(rows) => Ok(rows),
+                None => self.rows_from_index(&message.group_uuid).await,
+            };
+        };
+        let mut rows = self.rows_of_owner(sender, &message.group_uuid).await?;
+        let others: Vec<String> = rows
+            .iter()
+            .filter_map(GroupRow::other_user)
+            .filter(|other| *other != sender)
+            .map(str::to_owned)
+            .collect();
+        if rows.is_empty() {
+            // The sender has no row in this group: the index is the only other source.
+            return match indexed {
+                Some(rows) => Ok(rows),
+                None => self.rows_from_index(&message.group_uuid).await,
+            };
+        }
+        let mut seen = vec![sender.to_owned()];
+        for other in others {
+            if !seen.contains(&other) {
+                rows.extend(self.rows_of_owner(&other, &message.group_uuid).await?);
+                seen.push(other);
+            }
+        }
+        Ok(rows)
+    }
+
+    async fn rows_from_index(&self, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(GROUP_INDEX)
+            .key_condition_expression("message_group_uuid = :group")
+            .expression_attribute_values(":group", AttributeValue::S(group_uuid.to_owned()));
+        Ok(aws::query_all(query).await?.into_iter().filter_map(GroupRow::from_item).collect())
+    }
+
+    /// One owner's rows of one group, read strongly consistently from the table.
+    async fn rows_of_owner(&self, owner: &str, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
+        let query = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .key_condition_expression("pk = :pk")
+            .filter_expression("message_group_uuid = :group")
+            .expression_attribute_values(":pk", AttributeValue::S(format!("{GROUP_PREFIX}{owner}")))
+            .expression_attribute_values(":group", AttributeValue::S(group_uuid.to_owned()));
+        Ok(aws::query_all(query).await?.into_iter().filter_map(GroupRow::from_item).collect())
+    }
+
+    async fn write(&self, writes: Writes) -> Result<(), WriteFailure> {
+        let build_error = |error| WriteFailure::Error(AwsError::invalid_request("TransactWriteItems", error).into());
+        let mut items = Vec::with_capacity(writes.deletes.len() + writes.puts.len());
+        for row in writes.deletes {
+            items.push(TransactWriteItem::builder().delete(unchanged_delete(&self.table, row).map_err(build_error)?).build());
+        }
+        for item in writes.puts {
+            let put = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(build_error)?;
+            items.push(TransactWriteItem::builder().put(put).build());
+        }
+        let result = self.client.transact_write_items().set_transact_items(Some(items)).send().await;
+        let Err(error) = result else { return Ok(()) };
+        if let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) = error.as_service_error() {
+            let codes: Vec<&str> = cancelled.cancellation_reasons().iter().filter_map(|r| r.code()).collect();
+            if codes.contains(&"ConditionalCheckFailed") {
+                return Err(WriteFailure::LostRace);
+            }
+            let transient = ["TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"];
+            if !codes.iter().any(|code| transient.contains(code)) {
+                return Err(WriteFailure::Error(UpdateError::Rejected(codes.join(", "))));
+            }
+            let mut classified = AwsError::from_sdk("TransactWriteItems", &error);
+            classified.retryable = true;
+            return Err(WriteFailure::Error(classified.into()));
+        }
+        Err(WriteFailure::Error(AwsError::from_sdk("TransactWriteItems", &error).into()))
+    }
+}
+
+/// Does the index show a row for every participant it names (and for the sender)?
+fn shows_every_participant(rows: &[GroupRow], sender: Option<&str>) -> bool {
+    if rows.is_empty() {
+        return false;
+    }
+    let has_row = |user: &str| rows.iter().any(|row| row.owner == user);
+    rows.iter().filter_map(GroupRow::other_user).all(has_row) && sender.is_none_or(has_row)
+}
+
+/// Deletes `row` only if it is still stored with exactly the attributes that were read.
+fn unchanged_delete(table: &str, row: GroupRow) -> Result<Delete, aws_sdk_dynamodb::error::BuildError> {
+    let mut condition = String::from("attribute_exists(pk)");
+    let mut builder = Delete::builder().table_name(table);
+    let mut index = 0;
+    for (name, value) in row.item {
+        if name == "pk" || name == "sk" {
+            builder = builder.key(name, value);
+            continue;
+        }
+        condition.push_str(&format!(" AND #a{index} = :v{index}"));
+        builder = builder
+            .expression_attribute_names(format!("#a{index}"), name)
+            .expression_attribute_values(format!(":v{index}"), value);
+        index += 1;
+    }
+    builder.condition_expression(condition).build()
+}
+
+impl Handler for GroupSummaryUpdater {
+    type Event = MessageInserted;
+    type Error = UpdateError;
+
+    fn route(&self, record: &Record) -> Route<MessageInserted> {
+        model::route(record)
+    }
+
+    fn supersedes(&self, candidate: &MessageInserted, current: &MessageInserted) -> bool {
+        candidate.at >= current.at
+    }
+
+    async fn handle(&self, message: &MessageInserted) -> Result<(), UpdateError> {
+        let outcome = self.apply(message).await?;
+        metrics::counter!(metric::GROUP_UPDATES, "outcome" => outcome).increment(1);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::Item;
+    use std::collections::HashMap;
+
+    fn row(owner: &str, other: &str) -> GroupRow {
+        let item: Item = HashMap::from([
+            ("pk".to_owned(), AttributeValue::S(format!("GRP#{owner}"))),
+            ("sk".to_owned(), AttributeValue::S("2023-03-20T10:00:00".into())),
+            ("user_uuid".to_owned(), AttributeValue::S(other.to_owned())),
+            ("message".to_owned(), AttributeValue::S("x".into())),
+        ]);
+        GroupRow::from_item(item).expect("row")
+    }
+
+    #[test]
+    fn the_index_is_trusted_only_when_it_shows_everyone() {
+        assert!(shows_every_participant(&[row("a", "b"), row("b", "a")], Some("a")));
+        assert!(!shows_every_participant(&[row("a", "b")], Some("a")), "b's row is missing");
+        assert!(!shows_every_participant(&[row("b", "a"), row("a", "b")], Some("c")), "sender has no row");
+        assert!(shows_every_participant(&[row("a", "a")], Some("a")), "a note to self");
+        assert!(!shows_every_participant(&[], Some("a")));
+    }
+
+    #[test]
+    fn deletes_are_conditional_on_every_attribute() {
+        let delete = unchanged_delete("t", row("a", "b")).expect("builds");
+        let condition = delete.condition_expression().unwrap_or_default();
+        assert!(condition.starts_with("attribute_exists(pk)"));
+        assert_eq!(condition.matches(" AND ").count(), 2, "user_uuid and message");
+        assert_eq!(delete.key().len(), 2);
+    }
+}
