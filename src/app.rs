@@ -20,7 +20,9 @@ use crate::config::Settings;
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::groups::updater::GroupSummaryUpdater;
 use crate::retry::RetryPolicy;
-use crate::stream::{DynamoDbStreamsSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings, StreamWorker};
+use crate::stream::{
+    DynamoDbStreamsSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings, StreamWorker,
+};
 use crate::{aws, http, telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +55,14 @@ pub async fn start(settings: &Settings, sdk: &SdkConfig, shutdown: CancellationT
     let metrics = telemetry::prometheus();
     let listener = TcpListener::bind(settings.http_addr)
         .await
-        .map_err(|source| AppError::Bind { addr: settings.http_addr, source })?;
-    let http_addr = listener.local_addr().map_err(|source| AppError::Bind { addr: settings.http_addr, source })?;
+        .map_err(|source| AppError::Bind {
+            addr: settings.http_addr,
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| AppError::Bind {
+        addr: settings.http_addr,
+        source,
+    })?;
 
     let tables = aws::dynamodb_client(sdk);
     let updater = Arc::new(GroupSummaryUpdater::new(tables.clone(), &settings.table_name));
@@ -63,8 +71,17 @@ pub async fn start(settings: &Settings, sdk: &SdkConfig, shutdown: CancellationT
         max_delay: settings.retry_max_delay,
         max_attempts: settings.retry_max_attempts,
     };
-    let stream_retry = RetryPolicy { max_attempts: None, ..handler_retry.clone() };
-    let dispatcher = Arc::new(Dispatcher::new(updater, DispatchSettings { max_in_flight: settings.max_in_flight, retry: handler_retry }));
+    let stream_retry = RetryPolicy {
+        max_attempts: None,
+        ..handler_retry.clone()
+    };
+    let dispatcher = Arc::new(Dispatcher::new(
+        updater,
+        DispatchSettings {
+            max_in_flight: settings.max_in_flight,
+            retry: handler_retry,
+        },
+    ));
     let source = DynamoDbStreamsSource::new(tables.clone(), aws::streams_client(sdk), &settings.table_name);
     let leases = LeaseStore::new(tables, &settings.lease_table_name, &settings.worker_id);
     let health = Arc::new(StreamHealth::default());

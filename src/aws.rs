@@ -90,7 +90,14 @@ pub async fn create_table_if_missing(
 
     let created = match shape(client.create_table().table_name(table)).send().await {
         Ok(_) => true,
-        Err(error) if matches!(error.as_service_error(), Some(CreateTableError::ResourceInUseException(_))) => false,
+        Err(error)
+            if matches!(
+                error.as_service_error(),
+                Some(CreateTableError::ResourceInUseException(_))
+            ) =>
+        {
+            false
+        }
         Err(error) => return Err(AwsError::from_sdk("CreateTable", &error)),
     };
     // Bounded wait: DynamoDB Local is ACTIVE at once, real DynamoDB within seconds.
@@ -101,7 +108,11 @@ pub async fn create_table_if_missing(
                     return Ok(created);
                 }
             }
-            Err(error) if matches!(error.as_service_error(), Some(DescribeTableError::ResourceNotFoundException(_))) => {}
+            Err(error)
+                if matches!(
+                    error.as_service_error(),
+                    Some(DescribeTableError::ResourceNotFoundException(_))
+                ) => {}
             Err(error) => return Err(AwsError::from_sdk("DescribeTable", &error)),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -136,11 +147,16 @@ where
 }
 
 /// Every item a Query returns, all pages.
-pub async fn query_all(query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder) -> Result<Vec<Item>, AwsError> {
+pub async fn query_all(
+    query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+) -> Result<Vec<Item>, AwsError> {
     collect_pages(|start| {
         let request = query.clone().set_exclusive_start_key(start);
         async move {
-            let output = request.send().await.map_err(|error| AwsError::from_sdk("Query", &error))?;
+            let output = request
+                .send()
+                .await
+                .map_err(|error| AwsError::from_sdk("Query", &error))?;
             Ok((output.items, output.last_evaluated_key))
         }
     })
@@ -148,11 +164,16 @@ pub async fn query_all(query: aws_sdk_dynamodb::operation::query::builders::Quer
 }
 
 /// Every item a Scan returns, all pages.
-pub async fn scan_all(scan: aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder) -> Result<Vec<Item>, AwsError> {
+pub async fn scan_all(
+    scan: aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
+) -> Result<Vec<Item>, AwsError> {
     collect_pages(|start| {
         let request = scan.clone().set_exclusive_start_key(start);
         async move {
-            let output = request.send().await.map_err(|error| AwsError::from_sdk("Scan", &error))?;
+            let output = request
+                .send()
+                .await
+                .map_err(|error| AwsError::from_sdk("Scan", &error))?;
             Ok((output.items, output.last_evaluated_key))
         }
     })
@@ -188,9 +209,7 @@ impl AwsError {
             SdkError::DispatchFailure(failure) => !failure.is_user(),
             SdkError::ServiceError(context) => {
                 let status = context.raw().status().as_u16();
-                status >= 500
-                    || status == 429
-                    || code.as_deref().is_some_and(|c| RETRYABLE_CODES.contains(&c))
+                status >= 500 || status == 429 || code.as_deref().is_some_and(|c| RETRYABLE_CODES.contains(&c))
             }
             _ => false,
         };
@@ -225,7 +244,11 @@ mod tests {
 
     #[test]
     fn throttling_and_conflicts_are_retryable_by_code() {
-        for code in ["ThrottlingException", "TransactionConflictException", "LimitExceededException"] {
+        for code in [
+            "ThrottlingException",
+            "TransactionConflictException",
+            "LimitExceededException",
+        ] {
             assert!(RETRYABLE_CODES.contains(&code));
         }
         assert!(!RETRYABLE_CODES.contains(&"ValidationException"));

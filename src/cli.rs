@@ -28,7 +28,13 @@ use crate::{app, telemetry};
 #[command(name = "cruddur-stream-worker", version, about, long_about)]
 pub struct Cli {
     /// Directory holding default.toml and <env>.toml.
-    #[arg(long, global = true, env = "WORKER_CONFIG_DIR", default_value = "config", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "WORKER_CONFIG_DIR",
+        default_value = "config",
+        value_name = "DIR"
+    )]
     config_dir: std::path::PathBuf,
     /// Overlay config/<ENV>.toml (e.g. local).
     #[arg(long = "env", global = true, env = "WORKER_ENV", value_name = "ENV")]
@@ -60,13 +66,9 @@ enum Command {
         text: String,
     },
     /// A user's conversations as the app lists them, newest first.
-    Groups {
-        handle: String,
-    },
+    Groups { handle: String },
     /// A conversation's messages, newest first.
-    Messages {
-        group_uuid: String,
-    },
+    Messages { group_uuid: String },
     /// Every item of the messages table, one JSON object per line (for debugging).
     Scan,
 }
@@ -85,7 +87,9 @@ struct RunFlags {
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text.split_once('=').ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))?;
     Ok((key.trim().to_owned(), value.to_owned()))
 }
 
@@ -140,7 +144,10 @@ fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     let sdk = aws::load_sdk_config(AwsOverrides::default()).await;
-    anyhow::ensure!(sdk.region().is_some(), "no AWS region: set AWS_REGION (any name works with DynamoDB Local)");
+    anyhow::ensure!(
+        sdk.region().is_some(),
+        "no AWS region: set AWS_REGION (any name works with DynamoDB Local)"
+    );
     let client = aws::dynamodb_client(&sdk);
     let table = settings.table_name.as_str();
     match command {
@@ -150,7 +157,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             println!("{table}: {}", if created { "created" } else { "exists" });
             let leases = LeaseStore::new(client, &settings.lease_table_name, &settings.worker_id);
             let created = leases.ensure_table().await?;
-            println!("{}: {}", settings.lease_table_name, if created { "created" } else { "exists" });
+            println!(
+                "{}: {}",
+                settings.lease_table_name,
+                if created { "created" } else { "exists" }
+            );
             Ok(())
         }
         Command::Seed => {
@@ -164,7 +175,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Send { from, to, text } => {
             let (from, to) = (User::from_handle(&from), User::from_handle(&to));
             let sent = admin::send(&client, table, &from, &to, &text, chrono::Utc::now()).await?;
-            let kind = if sent.new_conversation { "new conversation" } else { "conversation" };
+            let kind = if sent.new_conversation {
+                "new conversation"
+            } else {
+                "conversation"
+            };
             println!("sent to {kind} {} at {}", sent.group_uuid, sent.created_at);
             Ok(())
         }
@@ -184,7 +199,12 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Messages { group_uuid } => {
             for row in admin::messages(&client, table, &group_uuid).await? {
-                println!("{}  @{}  {}", field(&row, "sk"), field(&row, "user_handle"), field(&row, "message"));
+                println!(
+                    "{}  @{}  {}",
+                    field(&row, "sk"),
+                    field(&row, "user_handle"),
+                    field(&row, "message")
+                );
             }
             Ok(())
         }
@@ -210,12 +230,20 @@ async fn run(settings: &Settings, sdk: &aws_config::SdkConfig) -> anyhow::Result
         }
         signal = shutdown_signal() => signal,
     };
-    tracing::info!(signal, grace_seconds = settings.shutdown_grace.as_secs(), "shutting down: finishing in-flight work");
+    tracing::info!(
+        signal,
+        grace_seconds = settings.shutdown_grace.as_secs(),
+        "shutting down: finishing in-flight work"
+    );
     shutdown.cancel();
     match tokio::time::timeout(settings.shutdown_grace, finished).await {
         Ok(result) => {
             let report = result.context("the worker failed while shutting down")?;
-            tracing::info!(records = report.records(), shards = report.shards.len(), "stopped; checkpoints written");
+            tracing::info!(
+                records = report.records(),
+                shards = report.shards.len(),
+                "stopped; checkpoints written"
+            );
             Ok(())
         }
         Err(_) => anyhow::bail!(
@@ -247,12 +275,20 @@ fn field<'a>(item: &'a Item, name: &str) -> &'a str {
 fn item_to_json(item: &Item) -> serde_json::Value {
     let mut names: Vec<&String> = item.keys().collect();
     names.sort();
-    serde_json::Value::Object(names.into_iter().map(|name| (name.clone(), value_to_json(&item[name]))).collect())
+    serde_json::Value::Object(
+        names
+            .into_iter()
+            .map(|name| (name.clone(), value_to_json(&item[name])))
+            .collect(),
+    )
 }
 
 fn value_to_json(value: &AttributeValue) -> serde_json::Value {
     use serde_json::Value as Json;
-    let number = |text: &String| text.parse::<serde_json::Number>().map_or_else(|_| Json::String(text.clone()), Json::Number);
+    let number = |text: &String| {
+        text.parse::<serde_json::Number>()
+            .map_or_else(|_| Json::String(text.clone()), Json::Number)
+    };
     match value {
         AttributeValue::S(text) => Json::String(text.clone()),
         AttributeValue::N(text) => number(text),
@@ -263,7 +299,12 @@ fn value_to_json(value: &AttributeValue) -> serde_json::Value {
         AttributeValue::L(values) => Json::Array(values.iter().map(value_to_json).collect()),
         AttributeValue::M(map) => item_to_json(map),
         AttributeValue::B(blob) => Json::String(format!("<{} bytes>", blob.as_ref().len())),
-        AttributeValue::Bs(blobs) => Json::Array(blobs.iter().map(|b| Json::String(format!("<{} bytes>", b.as_ref().len()))).collect()),
+        AttributeValue::Bs(blobs) => Json::Array(
+            blobs
+                .iter()
+                .map(|b| Json::String(format!("<{} bytes>", b.as_ref().len())))
+                .collect(),
+        ),
         _ => Json::Null,
     }
 }

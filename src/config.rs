@@ -66,7 +66,11 @@ pub struct Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config key `{key}` (from {origin}): {problem}")]
-    Invalid { key: String, origin: String, problem: String },
+    Invalid {
+        key: String,
+        origin: String,
+        problem: String,
+    },
     #[error("unknown config key `{key}` in {origin}")]
     Unknown { key: String, origin: String },
     #[error("config file {path}: {problem}")]
@@ -90,7 +94,9 @@ impl Sources {
     /// The process's environment and the default config directory (`WORKER_CONFIG_DIR`, or
     /// `config`), environment from `WORKER_ENV`.
     pub fn from_process() -> Self {
-        let env_vars: BTreeMap<String, String> = std::env::vars().filter(|(name, _)| name.starts_with("WORKER_")).collect();
+        let env_vars: BTreeMap<String, String> = std::env::vars()
+            .filter(|(name, _)| name.starts_with("WORKER_"))
+            .collect();
         Self {
             config_dir: PathBuf::from(env_vars.get("WORKER_CONFIG_DIR").map_or("config", String::as_str)),
             environment: env_vars.get("WORKER_ENV").filter(|env| !env.is_empty()).cloned(),
@@ -119,11 +125,22 @@ fn known_key(name: &str) -> Option<&'static str> {
 
 impl Layers {
     fn merge_file(&mut self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let table: toml::Table =
-            text.parse().map_err(|error: toml::de::Error| ConfigError::File { path: origin.to_owned(), problem: error.message().to_owned() })?;
+        let table: toml::Table = text.parse().map_err(|error: toml::de::Error| ConfigError::File {
+            path: origin.to_owned(),
+            problem: error.message().to_owned(),
+        })?;
         for (name, value) in table {
-            let key = known_key(&name).ok_or_else(|| ConfigError::Unknown { key: name.clone(), origin: origin.to_owned() })?;
-            self.0.insert(key, Entry { value: Value::Toml(value), origin: origin.to_owned() });
+            let key = known_key(&name).ok_or_else(|| ConfigError::Unknown {
+                key: name.clone(),
+                origin: origin.to_owned(),
+            })?;
+            self.0.insert(
+                key,
+                Entry {
+                    value: Value::Toml(value),
+                    origin: origin.to_owned(),
+                },
+            );
         }
         Ok(())
     }
@@ -137,8 +154,15 @@ impl Layers {
     }
 
     fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
-        let origin = self.0.get(key).map_or_else(|| "all layers".to_owned(), |entry| entry.origin.clone());
-        ConfigError::Invalid { key: key.to_owned(), origin, problem: problem.into() }
+        let origin = self
+            .0
+            .get(key)
+            .map_or_else(|| "all layers".to_owned(), |entry| entry.origin.clone());
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            origin,
+            problem: problem.into(),
+        }
     }
 
     fn string(&self, key: &'static str) -> Result<String, ConfigError> {
@@ -184,12 +208,27 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
     }
     for (key, variable) in KEYS {
         if let Some(value) = sources.env_vars.get(*variable) {
-            layers.0.insert(key, Entry { value: Value::Text(value.clone()), origin: format!("environment variable {variable}") });
+            layers.0.insert(
+                key,
+                Entry {
+                    value: Value::Text(value.clone()),
+                    origin: format!("environment variable {variable}"),
+                },
+            );
         }
     }
     for (name, value, flag) in &sources.flags {
-        let key = known_key(name).ok_or_else(|| ConfigError::Unknown { key: name.clone(), origin: flag.clone() })?;
-        layers.0.insert(key, Entry { value: Value::Text(value.clone()), origin: flag.clone() });
+        let key = known_key(name).ok_or_else(|| ConfigError::Unknown {
+            key: name.clone(),
+            origin: flag.clone(),
+        })?;
+        layers.0.insert(
+            key,
+            Entry {
+                value: Value::Text(value.clone()),
+                origin: flag.clone(),
+            },
+        );
     }
     validate(&layers)
 }
@@ -198,28 +237,44 @@ fn read_optional(path: &Path) -> Result<Option<String>, ConfigError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(ConfigError::File { path: path.display().to_string(), problem: error.to_string() }),
+        Err(error) => Err(ConfigError::File {
+            path: path.display().to_string(),
+            problem: error.to_string(),
+        }),
     }
 }
 
 fn table_name(layers: &Layers, key: &'static str) -> Result<String, ConfigError> {
     let name = layers.string(key)?;
-    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if !(3..=255).contains(&name.len()) || !valid_chars {
-        return Err(layers.invalid(key, format!("{name:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)")));
+        return Err(layers.invalid(
+            key,
+            format!("{name:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+        ));
     }
     Ok(name)
 }
 
 fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
     let http_addr = layers.string("http_addr")?;
-    let http_addr = http_addr
-        .parse::<SocketAddr>()
-        .map_err(|_| layers.invalid("http_addr", format!("{http_addr:?} is not an IP address with a port, like 0.0.0.0:9090")))?;
+    let http_addr = http_addr.parse::<SocketAddr>().map_err(|_| {
+        layers.invalid(
+            "http_addr",
+            format!("{http_addr:?} is not an IP address with a port, like 0.0.0.0:9090"),
+        )
+    })?;
     let starting_position = match layers.string("starting_position")?.to_ascii_uppercase().as_str() {
         "TRIM_HORIZON" => StartingPosition::TrimHorizon,
         "LATEST" => StartingPosition::Latest,
-        other => return Err(layers.invalid("starting_position", format!("{other:?} is neither TRIM_HORIZON nor LATEST"))),
+        other => {
+            return Err(layers.invalid(
+                "starting_position",
+                format!("{other:?} is neither TRIM_HORIZON nor LATEST"),
+            ))
+        }
     };
     let log_format = match layers.string("log_format")?.to_ascii_lowercase().as_str() {
         "auto" => LogFormat::Auto,
@@ -285,7 +340,10 @@ mod tests {
             config_dir: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/config")),
             environment: None,
             env_vars: env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            flags: flags.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned(), format!("--set {k}"))).collect(),
+            flags: flags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned(), format!("--set {k}")))
+                .collect(),
         }
     }
 
@@ -316,23 +374,42 @@ mod tests {
 
     #[test]
     fn layers_override_in_order() {
-        let mut layered = sources(&[("WORKER_TABLE_NAME", "from-env"), ("WORKER_ID", "w-env")], &[("table_name", "from-flag")]);
+        let mut layered = sources(
+            &[("WORKER_TABLE_NAME", "from-env"), ("WORKER_ID", "w-env")],
+            &[("table_name", "from-flag")],
+        );
         layered.environment = Some("local".into());
         let settings = load(&layered).expect("valid");
         assert_eq!(settings.table_name, "from-flag", "flags beat the environment");
         assert_eq!(settings.worker_id, "w-env", "the environment beats the env file");
-        assert_eq!(settings.http_addr, "127.0.0.1:9090".parse().expect("addr"), "the env file beats defaults");
+        assert_eq!(
+            settings.http_addr,
+            "127.0.0.1:9090".parse().expect("addr"),
+            "the env file beats defaults"
+        );
     }
 
     #[test]
     fn errors_name_the_key_and_its_origin() {
         let text = error_text(&sources(&[("WORKER_STARTING_POSITION", "SOMETIMES")], &[]));
-        assert!(text.contains("starting_position") && text.contains("WORKER_STARTING_POSITION"), "{text}");
+        assert!(
+            text.contains("starting_position") && text.contains("WORKER_STARTING_POSITION"),
+            "{text}"
+        );
         let text = error_text(&sources(&[("WORKER_HTTP_ADDR", "nowhere")], &[]));
         assert!(text.contains("http_addr"), "{text}");
         let text = error_text(&sources(&[], &[("batch_size", "5000")]));
-        assert!(text.contains("batch_size") && text.contains("--set batch_size"), "{text}");
-        let text = error_text(&sources(&[("WORKER_RETRY_BASE_DELAY_MS", "100"), ("WORKER_RETRY_MAX_DELAY_MS", "10")], &[]));
+        assert!(
+            text.contains("batch_size") && text.contains("--set batch_size"),
+            "{text}"
+        );
+        let text = error_text(&sources(
+            &[
+                ("WORKER_RETRY_BASE_DELAY_MS", "100"),
+                ("WORKER_RETRY_MAX_DELAY_MS", "10"),
+            ],
+            &[],
+        ));
         assert!(text.contains("retry_max_delay_ms"), "{text}");
         let text = error_text(&sources(&[("WORKER_TABLE_NAME", "no spaces allowed")], &[]));
         assert!(text.contains("table_name"), "{text}");

@@ -24,17 +24,27 @@ struct Endpoints {
 }
 
 /// Serves until `shutdown` fires.
-pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, readiness: Readiness, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(Endpoints { metrics, readiness });
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn render_metrics(State(endpoints): State<Endpoints>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], endpoints.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        endpoints.metrics.render(),
+    )
 }
 
 async fn ready(State(endpoints): State<Endpoints>) -> impl IntoResponse {

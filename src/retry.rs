@@ -41,7 +41,10 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// A fresh sequence of delays for one operation.
     pub fn delays(&self) -> FullJitter {
-        FullJitter { policy: self.clone(), attempt: 0 }
+        FullJitter {
+            policy: self.clone(),
+            attempt: 0,
+        }
     }
 }
 

@@ -41,7 +41,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Registers the `# HELP` text of every metric.
 pub fn describe() {
     use metric::*;
-    describe_counter!(RECORDS_RECEIVED, "Stream records read, by event (insert, modify, remove, other).");
+    describe_counter!(
+        RECORDS_RECEIVED,
+        "Stream records read, by event (insert, modify, remove, other)."
+    );
     describe_counter!(
         RECORDS_IGNORED,
         "Records that need no work, by reason (remove, modify, group_row, other_item, other_event)."
@@ -54,7 +57,10 @@ pub fn describe() {
         RECORDS_FAILED,
         "Records whose handling failed for good (logged with shard and sequence number), by reason."
     );
-    describe_counter!(GROUP_UPDATES, "Group-summary updates, by outcome (applied, stale, no_rows).");
+    describe_counter!(
+        GROUP_UPDATES,
+        "Group-summary updates, by outcome (applied, stale, no_rows)."
+    );
     describe_histogram!(
         GROUP_UPDATE_DURATION,
         Unit::Seconds,
@@ -67,13 +73,32 @@ pub fn describe() {
         Unit::Seconds,
         "Age of the newest record read, maximum over shards (0 when caught up)."
     );
-    describe_histogram!(GETRECORDS_DURATION, Unit::Seconds, "GetRecords round trips, retries excluded.");
+    describe_histogram!(
+        GETRECORDS_DURATION,
+        Unit::Seconds,
+        "GetRecords round trips, retries excluded."
+    );
     describe_gauge!(IN_FLIGHT, "Updates handed to handlers and not yet finished.");
     describe_gauge!(SHARDS_READING, "Shards this worker is reading now.");
     describe_counter!(
         STREAM_GAPS,
         "Times records were trimmed before they were read (data lost from the stream)."
     );
+}
+
+/// Exports every metric without labels from the start, at zero, so that dashboards and alerts
+/// see a series before the first event (labelled series appear with their first event).
+fn register_unlabelled() {
+    use metric::*;
+    for counter in [RECORDS_COALESCED, CHECKPOINTS, STREAM_GAPS] {
+        metrics::counter!(counter).absolute(0);
+    }
+    for gauge in [ITERATOR_AGE, IN_FLIGHT, SHARDS_READING] {
+        metrics::gauge!(gauge).set(0.0);
+    }
+    for histogram in [GROUP_UPDATE_DURATION, GETRECORDS_DURATION] {
+        let _registered = metrics::histogram!(histogram);
+    }
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle; later calls
@@ -92,6 +117,7 @@ pub fn prometheus() -> PrometheusHandle {
                 Err(_) => PrometheusBuilder::new().build_recorder().handle(),
             };
             describe();
+            register_unlabelled();
             handle
         })
         .clone()
@@ -115,7 +141,9 @@ pub fn init_logging(format: LogFormat, filter: &str) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().flatten_event(true).with_current_span(false).try_init()
     } else {

@@ -114,7 +114,10 @@ impl<H: Handler> Consumer for Dispatcher<H> {
         DispatchLane {
             shard: shard.clone(),
             shared: self.shared.clone(),
-            progress: Arc::new(LaneProgress { watermark: Mutex::new(Watermark::default()), drained: Notify::new() }),
+            progress: Arc::new(LaneProgress {
+                watermark: Mutex::new(Watermark::default()),
+                drained: Notify::new(),
+            }),
         }
     }
 }
@@ -185,7 +188,12 @@ impl<H: Handler> DispatchLane<H> {
                     }
                     None => {
                         unit_of_key.insert(key.clone(), units.len());
-                        units.push(Unit { key, event, tickets: vec![ticket], sequence: record.sequence_number });
+                        units.push(Unit {
+                            key,
+                            event,
+                            tickets: vec![ticket],
+                            sequence: record.sequence_number,
+                        });
                     }
                 },
             }
@@ -200,7 +208,9 @@ impl<H: Handler> DispatchLane<H> {
         let shard = self.shard.clone();
         let id = shared.next_unit.fetch_add(1, Ordering::Relaxed);
         let (finished, finished_signal) = oneshot::channel::<()>();
-        let previous = lock(&shared.tails).insert(unit.key.clone(), (id, finished_signal)).map(|(_, signal)| signal);
+        let previous = lock(&shared.tails)
+            .insert(unit.key.clone(), (id, finished_signal))
+            .map(|(_, signal)| signal);
         let tracker = shared.tracker.clone();
         tracker.spawn(async move {
             let _permit = permit;
@@ -306,13 +316,20 @@ mod tests {
 
         fn route(&self, record: &Record) -> Route<(String, u32)> {
             let image = record.new_image.as_ref().expect("test records have images");
-            let (Some(AttributeValue::S(key)), Some(AttributeValue::N(value))) = (image.get("k"), image.get("v")) else {
+            let (Some(AttributeValue::S(key)), Some(AttributeValue::N(value))) = (image.get("k"), image.get("v"))
+            else {
                 panic!("test record without k and v");
             };
             match value.parse::<u32>().expect("number") {
                 0 => Route::Ignore("zero"),
-                999 => Route::Reject { reason: "poison", detail: "999".into() },
-                value => Route::Apply { key: key.clone(), event: (key.clone(), value) },
+                999 => Route::Reject {
+                    reason: "poison",
+                    detail: "999".into(),
+                },
+                value => Route::Apply {
+                    key: key.clone(),
+                    event: (key.clone(), value),
+                },
             }
         }
 
@@ -321,7 +338,11 @@ mod tests {
         }
 
         async fn handle(&self, event: &(String, u32)) -> Result<(), Never> {
-            assert!(lock(&self.active).insert(event.0.clone()), "two updates for {} at once", event.0);
+            assert!(
+                lock(&self.active).insert(event.0.clone()),
+                "two updates for {} at once",
+                event.0
+            );
             let permit = self.gate.acquire().await.expect("gate open");
             permit.forget();
             if let Some(delay) = self.delays.get(&event.0) {
@@ -361,13 +382,23 @@ mod tests {
         let handler = Recorder::new(true, &[]);
         let dispatcher = dispatcher(handler.clone(), 8);
         let mut lane = dispatcher.open_lane(&ShardId("s".into()));
-        let batch = vec![record(1, "a", 1), record(2, "b", 5), record(3, "a", 3), record(4, "a", 2), record(5, "c", 0), record(6, "d", 999)];
+        let batch = vec![
+            record(1, "a", 1),
+            record(2, "b", 5),
+            record(3, "a", 3),
+            record(4, "a", 2),
+            record(5, "c", 0),
+            record(6, "d", 999),
+        ];
         lane.submit(batch).await;
         lane.drain().await;
         let mut applied = handler.applied();
         applied.sort();
         assert_eq!(applied, vec![("a".to_owned(), 3), ("b".to_owned(), 5)]);
-        assert_eq!(lane.handled_through().map(|s| s.as_str().to_owned()), Some(format!("{:021}", 6)));
+        assert_eq!(
+            lane.handled_through().map(|s| s.as_str().to_owned()),
+            Some(format!("{:021}", 6))
+        );
     }
 
     #[tokio::test]
@@ -389,7 +420,12 @@ mod tests {
         let handler = Recorder::new(false, &[]);
         let dispatcher = dispatcher(handler.clone(), 8);
         let mut lane = dispatcher.open_lane(&ShardId("s".into()));
-        lane.submit(vec![record(1, "slow", 1), record(2, "fast", 1), record(3, "ignored", 0)]).await;
+        lane.submit(vec![
+            record(1, "slow", 1),
+            record(2, "fast", 1),
+            record(3, "ignored", 0),
+        ])
+        .await;
         assert_eq!(lane.handled_through(), None, "nothing has run yet");
         handler.gate.add_permits(1);
         // Whichever key took the permit, the other is blocked; the watermark cannot pass record 1
@@ -410,7 +446,10 @@ mod tests {
         }
         handler.gate.add_permits(1);
         lane.drain().await;
-        assert_eq!(lane.handled_through().map(|s| s.as_str().to_owned()), Some(format!("{:021}", 3)));
+        assert_eq!(
+            lane.handled_through().map(|s| s.as_str().to_owned()),
+            Some(format!("{:021}", 3))
+        );
     }
 
     #[tokio::test]
@@ -421,7 +460,8 @@ mod tests {
         let submitted = Arc::new(AtomicU64::new(0));
         let counter = submitted.clone();
         let task = tokio::spawn(async move {
-            lane.submit(vec![record(1, "a", 1), record(2, "b", 1), record(3, "c", 1)]).await;
+            lane.submit(vec![record(1, "a", 1), record(2, "b", 1), record(3, "c", 1)])
+                .await;
             counter.store(1, Ordering::SeqCst);
             lane
         });

@@ -28,7 +28,9 @@ impl Watermark {
     /// Marks a record complete and moves the watermark over every complete record at the front.
     /// Completing a ticket twice, or one already passed, changes nothing.
     pub fn complete(&mut self, ticket: Ticket) {
-        let Some(index) = ticket.checked_sub(self.front) else { return };
+        let Some(index) = ticket.checked_sub(self.front) else {
+            return;
+        };
         if let Some(slot) = usize::try_from(index).ok().and_then(|i| self.slots.get_mut(i)) {
             slot.1 = true;
         }
@@ -73,7 +75,11 @@ mod tests {
         assert_eq!(watermark.handled_through(), Some(&seq(10)));
 
         watermark.complete(tickets[1]);
-        assert_eq!(watermark.handled_through(), Some(&seq(30)), "2 and 3 done, 4 still running");
+        assert_eq!(
+            watermark.handled_through(),
+            Some(&seq(30)),
+            "2 and 3 done, 4 still running"
+        );
         assert_eq!(watermark.pending(), 2);
 
         watermark.complete(tickets[3]);
@@ -91,7 +97,11 @@ mod tests {
         watermark.complete(first);
         assert_eq!(watermark.handled_through(), Some(&seq(1)));
         watermark.complete(second + 7);
-        assert_eq!(watermark.handled_through(), Some(&seq(1)), "unknown ticket changes nothing");
+        assert_eq!(
+            watermark.handled_through(),
+            Some(&seq(1)),
+            "unknown ticket changes nothing"
+        );
         watermark.complete(second);
         assert_eq!(watermark.handled_through(), Some(&seq(2)));
     }

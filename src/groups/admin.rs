@@ -57,9 +57,19 @@ impl User {
 pub async fn create_messages_table(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<bool, AwsError> {
     let invalid = |error| AwsError::invalid_request("CreateTable", error);
     let string_attribute = |name: &str| {
-        AttributeDefinition::builder().attribute_name(name).attribute_type(ScalarAttributeType::S).build().map_err(invalid)
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(invalid)
     };
-    let key = |name: &str, key_type| KeySchemaElement::builder().attribute_name(name).key_type(key_type).build().map_err(invalid);
+    let key = |name: &str, key_type| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(key_type)
+            .build()
+            .map_err(invalid)
+    };
     let index = GlobalSecondaryIndex::builder()
         .index_name(GROUP_INDEX)
         .key_schema(key("message_group_uuid", KeyType::Hash)?)
@@ -72,7 +82,11 @@ pub async fn create_messages_table(client: &aws_sdk_dynamodb::Client, table: &st
         .stream_view_type(StreamViewType::NewImage)
         .build()
         .map_err(invalid)?;
-    let definitions = vec![string_attribute("pk")?, string_attribute("sk")?, string_attribute("message_group_uuid")?];
+    let definitions = vec![
+        string_attribute("pk")?,
+        string_attribute("sk")?,
+        string_attribute("message_group_uuid")?,
+    ];
     let keys = vec![key("pk", KeyType::Hash)?, key("sk", KeyType::Range)?];
     aws::create_table_if_missing(client, table, |request| {
         request
@@ -137,7 +151,10 @@ pub async fn find_conversation(
         .expression_attribute_values(":pk", s(&format!("{GROUP_PREFIX}{}", owner.uuid)))
         .expression_attribute_values(":other", s(&other.uuid));
     let rows = aws::query_all(query).await?;
-    Ok(rows.iter().find_map(|row| text(row, "message_group_uuid")).map(str::to_owned))
+    Ok(rows
+        .iter()
+        .find_map(|row| text(row, "message_group_uuid"))
+        .map(str::to_owned))
 }
 
 /// Posts a message as the app does: into the existing conversation, or a new one.
@@ -154,12 +171,30 @@ pub async fn send(
     match find_conversation(client, table, from, to).await? {
         Some(group_uuid) => {
             put_message(client, table, &group_uuid, &created_at, &message_uuid, from, message).await?;
-            Ok(Sent { group_uuid, created_at, new_conversation: false })
+            Ok(Sent {
+                group_uuid,
+                created_at,
+                new_conversation: false,
+            })
         }
         None => {
             let group_uuid = Uuid::new_v4().to_string();
-            create_conversation(client, table, &group_uuid, &created_at, &message_uuid, from, to, message).await?;
-            Ok(Sent { group_uuid, created_at, new_conversation: true })
+            create_conversation(
+                client,
+                table,
+                &group_uuid,
+                &created_at,
+                &message_uuid,
+                from,
+                to,
+                message,
+            )
+            .await?;
+            Ok(Sent {
+                group_uuid,
+                created_at,
+                new_conversation: true,
+            })
         }
     }
 }
@@ -203,7 +238,10 @@ pub async fn create_conversation(
     ];
     let mut requests = Vec::with_capacity(rows.len());
     for row in rows {
-        let put = PutRequest::builder().set_item(Some(row)).build().map_err(|e| AwsError::invalid_request("BatchWriteItem", e))?;
+        let put = PutRequest::builder()
+            .set_item(Some(row))
+            .build()
+            .map_err(|e| AwsError::invalid_request("BatchWriteItem", e))?;
         requests.push(WriteRequest::builder().put_request(put).build());
     }
     // BatchWriteItem may leave items unprocessed under load; resend them (bounded).
@@ -214,7 +252,10 @@ pub async fn create_conversation(
             .send()
             .await
             .map_err(|error| AwsError::from_sdk("BatchWriteItem", &error))?;
-        requests = output.unprocessed_items.and_then(|mut left| left.remove(table)).unwrap_or_default();
+        requests = output
+            .unprocessed_items
+            .and_then(|mut left| left.remove(table))
+            .unwrap_or_default();
         if requests.is_empty() {
             return Ok(());
         }
@@ -228,6 +269,39 @@ pub async fn create_conversation(
     })
 }
 
+/// A demo conversation: the first message opens it, the rest follow, senders alternating.
+struct SeedConversation {
+    from: &'static str,
+    to: &'static str,
+    /// `(sk, text)`, in the order the app would write them.
+    messages: &'static [(&'static str, &'static str)],
+}
+
+const SEED: &[SeedConversation] = &[
+    SeedConversation {
+        from: "andrewbrown",
+        to: "bayko",
+        messages: &[
+            ("2023-03-20T22:52:11.123456+00:00", "Have you watched Babylon 5?"),
+            ("2023-03-21T09:15:00", "Season one is slow, stick with it."),
+            ("2023-03-21T15:00:00.500000+05:30", "Londo is the best character."),
+        ],
+    },
+    SeedConversation {
+        from: "andrewbrown",
+        to: "londo",
+        messages: &[
+            ("2023-03-22T14:36:25.547845+05:30", "Ambassador, a word?"),
+            ("2023-03-22T10:00:00+00:00", "About the Centauri Republic."),
+        ],
+    },
+    SeedConversation {
+        from: "bayko",
+        to: "worf",
+        messages: &[("2023-04-05T15:50:37.922515", "Today is a good day to chat.")],
+    },
+];
+
 /// What `seed` wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Seeded {
@@ -240,38 +314,34 @@ pub struct Seeded {
 /// that exists is left alone (re-creating it would leave a second row per participant once the
 /// worker has moved the first).
 pub async fn seed(client: &aws_sdk_dynamodb::Client, table: &str) -> Result<Seeded, AwsError> {
-    // (from, to, [(sk, text)]): the first message opens the conversation.
-    let conversations: &[(&str, &str, &[(&str, &str)])] = &[
-        (
-            "andrewbrown",
-            "bayko",
-            &[
-                ("2023-03-20T22:52:11.123456+00:00", "Have you watched Babylon 5?"),
-                ("2023-03-21T09:15:00", "Season one is slow, stick with it."),
-                ("2023-03-21T15:00:00.500000+05:30", "Londo is the best character."),
-            ],
-        ),
-        (
-            "andrewbrown",
-            "londo",
-            &[
-                ("2023-03-22T14:36:25.547845+05:30", "Ambassador, a word?"),
-                ("2023-03-22T10:00:00+00:00", "About the Centauri Republic."),
-            ],
-        ),
-        ("bayko", "worf", &[("2023-04-05T15:50:37.922515", "Today is a good day to chat.")]),
-    ];
     let mut seeded = Seeded::default();
-    for (from, to, messages) in conversations {
+    for SeedConversation { from, to, messages } in SEED {
         let (from, to) = (User::from_handle(from), User::from_handle(to));
-        let group_uuid = Uuid::new_v5(&USER_NAMESPACE, format!("seed:{}:{}", from.handle, to.handle).as_bytes()).to_string();
+        let group_uuid = Uuid::new_v5(
+            &USER_NAMESPACE,
+            format!("seed:{}:{}", from.handle, to.handle).as_bytes(),
+        )
+        .to_string();
         if find_conversation(client, table, &from, &to).await?.is_some() {
             seeded.conversations_skipped += 1;
             continue;
         }
-        let message_uuid = |sk: &str| Uuid::new_v5(&USER_NAMESPACE, format!("{group_uuid}:{sk}").as_bytes()).to_string();
-        let Some(((first_sk, first_text), later)) = messages.split_first() else { continue };
-        create_conversation(client, table, &group_uuid, first_sk, &message_uuid(first_sk), &from, &to, first_text).await?;
+        let message_uuid =
+            |sk: &str| Uuid::new_v5(&USER_NAMESPACE, format!("{group_uuid}:{sk}").as_bytes()).to_string();
+        let Some(((first_sk, first_text), later)) = messages.split_first() else {
+            continue;
+        };
+        create_conversation(
+            client,
+            table,
+            &group_uuid,
+            first_sk,
+            &message_uuid(first_sk),
+            &from,
+            &to,
+            first_text,
+        )
+        .await?;
         for (index, (sk, message)) in later.iter().enumerate() {
             // Alternate senders, as a conversation does.
             let sender = if index % 2 == 0 { &to } else { &from };
@@ -328,6 +398,9 @@ mod tests {
         let row = group_row("g", "t", &a, &b, "hi");
         assert_eq!(text(&row, "pk"), Some(format!("GRP#{}", a.uuid).as_str()));
         assert_eq!(text(&row, "user_uuid"), Some(b.uuid.as_str()));
-        assert!(!message_row("g", "t", "m", &a, "hi").contains_key("message_group_uuid"), "message rows stay out of the GSI");
+        assert!(
+            !message_row("g", "t", "m", &a, "hi").contains_key("message_group_uuid"),
+            "message rows stay out of the GSI"
+        );
     }
 }

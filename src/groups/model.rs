@@ -54,7 +54,10 @@ pub(crate) fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
 
 /// What a stream record means for group summaries.
 pub fn route(record: &Record) -> Route<MessageInserted> {
-    let reject = |detail: String| Route::Reject { reason: "undecodable", detail };
+    let reject = |detail: String| Route::Reject {
+        reason: "undecodable",
+        detail,
+    };
     match record.event {
         EventKind::Insert => {}
         EventKind::Modify => return Route::Ignore("modify"),
@@ -149,8 +152,15 @@ mod tests {
 
     #[test]
     fn a_message_insert_routes_by_group() {
-        let r = record(EventKind::Insert, "MSG#g-1", "2023-03-20T22:52:11+00:00", &[("message", "hi"), ("user_uuid", "u-1")]);
-        let Route::Apply { key, event } = route(&r) else { panic!("should apply") };
+        let r = record(
+            EventKind::Insert,
+            "MSG#g-1",
+            "2023-03-20T22:52:11+00:00",
+            &[("message", "hi"), ("user_uuid", "u-1")],
+        );
+        let Route::Apply { key, event } = route(&r) else {
+            panic!("should apply")
+        };
         assert_eq!(key, "g-1");
         assert_eq!(event.text, "hi");
         assert_eq!(event.sender_uuid.as_deref(), Some("u-1"));
@@ -161,8 +171,14 @@ mod tests {
     fn other_records_are_ignored_with_a_reason() {
         let cases = [
             (record(EventKind::Remove, "MSG#g", "2023-03-20T22:52:11", &[]), "remove"),
-            (record(EventKind::Modify, "MSG#g", "2023-03-20T22:52:11", &[("message", "x")]), "modify"),
-            (record(EventKind::Insert, "GRP#u", "2023-03-20T22:52:11", &[]), "group_row"),
+            (
+                record(EventKind::Modify, "MSG#g", "2023-03-20T22:52:11", &[("message", "x")]),
+                "modify",
+            ),
+            (
+                record(EventKind::Insert, "GRP#u", "2023-03-20T22:52:11", &[]),
+                "group_row",
+            ),
             (record(EventKind::Insert, "USER#u", "x", &[]), "other_item"),
             (record(EventKind::Other, "MSG#g", "x", &[]), "other_event"),
         ];
@@ -182,7 +198,17 @@ mod tests {
             record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[]),
         ];
         for r in cases {
-            assert!(matches!(route(&r), Route::Reject { reason: "undecodable", .. }), "{:?}", r.keys);
+            assert!(
+                matches!(
+                    route(&r),
+                    Route::Reject {
+                        reason: "undecodable",
+                        ..
+                    }
+                ),
+                "{:?}",
+                r.keys
+            );
         }
     }
 

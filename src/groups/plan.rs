@@ -55,7 +55,9 @@ pub fn decide(rows: &[GroupRow], message: &MessageInserted) -> Decision {
     for owner_rows in by_owner.values_mut() {
         // Oldest first; an unparsable sk sorts first (None < Some); ties by sk for determinism.
         owner_rows.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.sk.cmp(&b.sk)));
-        let Some((newest, older)) = owner_rows.split_last() else { continue };
+        let Some((newest, older)) = owner_rows.split_last() else {
+            continue;
+        };
         writes.deletes.extend(older.iter().map(|row| (*row).clone()));
         if newest.at.is_none_or(|at| at < message.at) {
             let mut moved = newest.item.clone();
@@ -101,12 +103,18 @@ mod tests {
     }
 
     fn sks(items: &[Item]) -> Vec<String> {
-        items.iter().filter_map(|i| crate::groups::model::text(i, "sk").map(str::to_owned)).collect()
+        items
+            .iter()
+            .filter_map(|i| crate::groups::model::text(i, "sk").map(str::to_owned))
+            .collect()
     }
 
     #[test]
     fn both_rows_move_to_a_newer_message_keeping_other_attributes() {
-        let rows = [row("a", "b", "2023-03-20T10:00:00+00:00", "old"), row("b", "a", "2023-03-20T10:00:00+00:00", "old")];
+        let rows = [
+            row("a", "b", "2023-03-20T10:00:00+00:00", "old"),
+            row("b", "a", "2023-03-20T10:00:00+00:00", "old"),
+        ];
         let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00+00:00", "new")) else {
             panic!("should write")
         };
@@ -120,24 +128,47 @@ mod tests {
 
     #[test]
     fn an_older_or_equal_message_changes_nothing() {
-        let rows = [row("a", "b", "2023-03-20T11:00:00+00:00", "x"), row("b", "a", "2023-03-20T11:00:00+00:00", "x")];
-        assert_eq!(decide(&rows, &message("2023-03-20T10:59:59+00:00", "late")), Decision::Stale);
-        assert_eq!(decide(&rows, &message("2023-03-20T11:00:00", "same instant, other form")), Decision::Stale);
+        let rows = [
+            row("a", "b", "2023-03-20T11:00:00+00:00", "x"),
+            row("b", "a", "2023-03-20T11:00:00+00:00", "x"),
+        ];
+        assert_eq!(
+            decide(&rows, &message("2023-03-20T10:59:59+00:00", "late")),
+            Decision::Stale
+        );
+        assert_eq!(
+            decide(&rows, &message("2023-03-20T11:00:00", "same instant, other form")),
+            Decision::Stale
+        );
     }
 
     #[test]
     fn offsets_are_compared_as_instants() {
         // 16:00 at +05:30 is 10:30 UTC: older than the rows' 11:00 UTC despite sorting later.
         let rows = [row("a", "b", "2023-03-20T11:00:00", "x")];
-        assert_eq!(decide(&rows, &message("2023-03-20T16:00:00+05:30", "late")), Decision::Stale);
-        assert!(matches!(decide(&rows, &message("2023-03-20T17:00:00+05:30", "new")), Decision::Write(_)));
+        assert_eq!(
+            decide(&rows, &message("2023-03-20T16:00:00+05:30", "late")),
+            Decision::Stale
+        );
+        assert!(matches!(
+            decide(&rows, &message("2023-03-20T17:00:00+05:30", "new")),
+            Decision::Write(_)
+        ));
     }
 
     #[test]
     fn only_the_rows_behind_move() {
-        let rows = [row("a", "b", "2023-03-20T12:00:00", "ahead"), row("b", "a", "2023-03-20T10:00:00", "behind")];
-        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00", "m")) else { panic!("should write") };
-        assert_eq!(writes.deletes.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>(), vec!["b"]);
+        let rows = [
+            row("a", "b", "2023-03-20T12:00:00", "ahead"),
+            row("b", "a", "2023-03-20T10:00:00", "behind"),
+        ];
+        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00", "m")) else {
+            panic!("should write")
+        };
+        assert_eq!(
+            writes.deletes.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>(),
+            vec!["b"]
+        );
         assert_eq!(writes.puts.len(), 1);
     }
 
@@ -149,11 +180,18 @@ mod tests {
             row("b", "a", "2023-03-20T12:00:00", "ahead"),
         ];
         // Message older than everything: only the duplicate goes.
-        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T08:00:00", "m")) else { panic!("should write") };
-        assert_eq!(writes.deletes.iter().map(|r| r.sk.as_str()).collect::<Vec<_>>(), vec!["2023-03-20T09:00:00"]);
+        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T08:00:00", "m")) else {
+            panic!("should write")
+        };
+        assert_eq!(
+            writes.deletes.iter().map(|r| r.sk.as_str()).collect::<Vec<_>>(),
+            vec!["2023-03-20T09:00:00"]
+        );
         assert!(writes.puts.is_empty());
         // Message newer than a's rows: both of a's rows go, one new row comes.
-        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00", "m")) else { panic!("should write") };
+        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00", "m")) else {
+            panic!("should write")
+        };
         assert_eq!(writes.deletes.len(), 2);
         assert_eq!(sks(&writes.puts), vec!["2023-03-20T11:00:00"]);
     }
@@ -161,7 +199,10 @@ mod tests {
     #[test]
     fn a_row_with_an_unparsable_sk_is_repaired_by_the_next_message() {
         let rows = [row("a", "b", "garbage", "x")];
-        assert!(matches!(decide(&rows, &message("2023-03-20T11:00:00", "m")), Decision::Write(_)));
+        assert!(matches!(
+            decide(&rows, &message("2023-03-20T11:00:00", "m")),
+            Decision::Write(_)
+        ));
     }
 
     #[test]

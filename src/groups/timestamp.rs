@@ -43,7 +43,13 @@ mod tests {
         ] {
             assert!(parse(text).is_some(), "{text}");
         }
-        for text in ["", "yesterday", "2023-13-01T00:00:00", "2023-03-22", "2023-03-22T14:36:25+5"] {
+        for text in [
+            "",
+            "yesterday",
+            "2023-13-01T00:00:00",
+            "2023-03-22",
+            "2023-03-22T14:36:25+5",
+        ] {
             assert!(parse(text).is_none(), "{text}");
         }
     }

@@ -59,7 +59,10 @@ pub struct GroupSummaryUpdater {
 
 impl GroupSummaryUpdater {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
-        Self { client, table: table.into() }
+        Self {
+            client,
+            table: table.into(),
+        }
     }
 
     /// Brings the message's conversation up to it; returns the outcome label.
@@ -69,7 +72,9 @@ impl GroupSummaryUpdater {
             let rows = self.load_rows(message, consistent).await?;
             let decision = plan::decide(&rows, message);
             let outcome = decision.outcome();
-            let Decision::Write(writes) = decision else { return Ok(outcome) };
+            let Decision::Write(writes) = decision else {
+                return Ok(outcome);
+            };
             match self.write(writes).await {
                 Ok(()) => return Ok(outcome),
                 Err(WriteFailure::LostRace) => consistent = true,
@@ -80,7 +85,11 @@ impl GroupSummaryUpdater {
     }
 
     async fn load_rows(&self, message: &MessageInserted, consistent: bool) -> Result<Vec<GroupRow>, UpdateError> {
-        let indexed = if consistent { None } else { Some(self.rows_from_index(&message.group_uuid).await?) };
+        let indexed = if consistent {
+            None
+        } else {
+            Some(self.rows_from_index(&message.group_uuid).await?)
+        };
         if let Some(rows) = &indexed {
             if shows_every_participant(rows, message.sender_uuid.as_deref()) {
                 return Ok(indexed.unwrap_or_default());
@@ -125,7 +134,11 @@ impl GroupSummaryUpdater {
             .index_name(GROUP_INDEX)
             .key_condition_expression("message_group_uuid = :group")
             .expression_attribute_values(":group", AttributeValue::S(group_uuid.to_owned()));
-        Ok(aws::query_all(query).await?.into_iter().filter_map(GroupRow::from_item).collect())
+        Ok(aws::query_all(query)
+            .await?
+            .into_iter()
+            .filter_map(GroupRow::from_item)
+            .collect())
     }
 
     /// One owner's rows of one group, read strongly consistently from the table.
@@ -139,14 +152,22 @@ impl GroupSummaryUpdater {
             .filter_expression("message_group_uuid = :group")
             .expression_attribute_values(":pk", AttributeValue::S(format!("{GROUP_PREFIX}{owner}")))
             .expression_attribute_values(":group", AttributeValue::S(group_uuid.to_owned()));
-        Ok(aws::query_all(query).await?.into_iter().filter_map(GroupRow::from_item).collect())
+        Ok(aws::query_all(query)
+            .await?
+            .into_iter()
+            .filter_map(GroupRow::from_item)
+            .collect())
     }
 
     async fn write(&self, writes: Writes) -> Result<(), WriteFailure> {
         let build_error = |error| WriteFailure::Error(AwsError::invalid_request("TransactWriteItems", error).into());
         let mut items = Vec::with_capacity(writes.deletes.len() + writes.puts.len());
         for row in writes.deletes {
-            items.push(TransactWriteItem::builder().delete(unchanged_delete(&self.table, row).map_err(build_error)?).build());
+            items.push(
+                TransactWriteItem::builder()
+                    .delete(unchanged_delete(&self.table, row).map_err(build_error)?)
+                    .build(),
+            );
         }
         for item in writes.puts {
             let put = Put::builder()
@@ -157,14 +178,28 @@ impl GroupSummaryUpdater {
                 .map_err(build_error)?;
             items.push(TransactWriteItem::builder().put(put).build());
         }
-        let result = self.client.transact_write_items().set_transact_items(Some(items)).send().await;
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
         let Err(error) = result else { return Ok(()) };
         if let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) = error.as_service_error() {
-            let codes: Vec<&str> = cancelled.cancellation_reasons().iter().filter_map(|r| r.code()).collect();
+            let codes: Vec<&str> = cancelled
+                .cancellation_reasons()
+                .iter()
+                .filter_map(|r| r.code())
+                .collect();
             if codes.contains(&"ConditionalCheckFailed") {
                 return Err(WriteFailure::LostRace);
             }
-            let transient = ["TransactionConflict", "ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"];
+            let transient = [
+                "TransactionConflict",
+                "ThrottlingError",
+                "ProvisionedThroughputExceeded",
+                "RequestLimitExceeded",
+            ];
             if !codes.iter().any(|code| transient.contains(code)) {
                 return Err(WriteFailure::Error(UpdateError::Rejected(codes.join(", "))));
             }
@@ -172,7 +207,9 @@ impl GroupSummaryUpdater {
             classified.retryable = true;
             return Err(WriteFailure::Error(classified.into()));
         }
-        Err(WriteFailure::Error(AwsError::from_sdk("TransactWriteItems", &error).into()))
+        Err(WriteFailure::Error(
+            AwsError::from_sdk("TransactWriteItems", &error).into(),
+        ))
     }
 }
 
@@ -242,8 +279,14 @@ mod tests {
     #[test]
     fn the_index_is_trusted_only_when_it_shows_everyone() {
         assert!(shows_every_participant(&[row("a", "b"), row("b", "a")], Some("a")));
-        assert!(!shows_every_participant(&[row("a", "b")], Some("a")), "b's row is missing");
-        assert!(!shows_every_participant(&[row("b", "a"), row("a", "b")], Some("c")), "sender has no row");
+        assert!(
+            !shows_every_participant(&[row("a", "b")], Some("a")),
+            "b's row is missing"
+        );
+        assert!(
+            !shows_every_participant(&[row("b", "a"), row("a", "b")], Some("c")),
+            "sender has no row"
+        );
         assert!(shows_every_participant(&[row("a", "a")], Some("a")), "a note to self");
         assert!(!shows_every_participant(&[], Some("a")));
     }

@@ -10,7 +10,10 @@ use aws_sdk_dynamodbstreams::operation::get_records::GetRecordsError;
 use aws_sdk_dynamodbstreams::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_dynamodbstreams::types::{AttributeValue as StreamValue, ShardIteratorType};
 
-use super::{Batch, EventKind, Item, Position, Record, SequenceNumber, ShardId, ShardInfo, StreamError, StreamShards, StreamSource};
+use super::{
+    Batch, EventKind, Item, Position, Record, SequenceNumber, ShardId, ShardInfo, StreamError, StreamShards,
+    StreamSource,
+};
 use crate::aws::AwsError;
 
 /// Reads the latest stream of one DynamoDB table.
@@ -22,18 +25,32 @@ pub struct DynamoDbStreamsSource {
 }
 
 impl DynamoDbStreamsSource {
-    pub fn new(tables: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams::Client, table: impl Into<String>) -> Self {
-        Self { tables, streams, table: table.into() }
+    pub fn new(
+        tables: aws_sdk_dynamodb::Client,
+        streams: aws_sdk_dynamodbstreams::Client,
+        table: impl Into<String>,
+    ) -> Self {
+        Self {
+            tables,
+            streams,
+            table: table.into(),
+        }
     }
 
     async fn latest_stream_arn(&self) -> Result<String, StreamError> {
         use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
-        let output = self.tables.describe_table().table_name(&self.table).send().await.map_err(|error| {
-            match error.as_service_error() {
-                Some(DescribeTableError::ResourceNotFoundException(_)) => StreamError::TableNotFound(self.table.clone()),
+        let output = self
+            .tables
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|error| match error.as_service_error() {
+                Some(DescribeTableError::ResourceNotFoundException(_)) => {
+                    StreamError::TableNotFound(self.table.clone())
+                }
                 _ => AwsError::from_sdk("DescribeTable", &error).into(),
-            }
-        })?;
+            })?;
         output
             .table()
             .and_then(|table| table.latest_stream_arn())
@@ -57,14 +74,19 @@ impl StreamSource for DynamoDbStreamsSource {
                 .await
                 .map_err(|error| AwsError::from_sdk("DescribeStream", &error))?;
             let Some(description) = output.stream_description else {
-                return Err(StreamError::Malformed { what: "DescribeStream answer", detail: "no StreamDescription".into() });
+                return Err(StreamError::Malformed {
+                    what: "DescribeStream answer",
+                    detail: "no StreamDescription".into(),
+                });
             };
             for shard in description.shards.unwrap_or_default() {
                 let Some(id) = shard.shard_id else { continue };
                 shards.push(ShardInfo {
                     id: ShardId(id),
                     parents: shard.parent_shard_id.map(ShardId).into_iter().collect(),
-                    closed: shard.sequence_number_range.is_some_and(|range| range.ending_sequence_number.is_some()),
+                    closed: shard
+                        .sequence_number_range
+                        .is_some_and(|range| range.ending_sequence_number.is_some()),
                 });
             }
             match description.last_evaluated_shard_id {
@@ -72,11 +94,18 @@ impl StreamSource for DynamoDbStreamsSource {
                 None => break,
             }
         }
-        Ok(StreamShards { stream_id: stream_arn, shards })
+        Ok(StreamShards {
+            stream_id: stream_arn,
+            shards,
+        })
     }
 
     async fn iterator(&self, stream_id: &str, shard: &ShardId, position: &Position) -> Result<String, StreamError> {
-        let request = self.streams.get_shard_iterator().stream_arn(stream_id).shard_id(&shard.0);
+        let request = self
+            .streams
+            .get_shard_iterator()
+            .stream_arn(stream_id)
+            .shard_id(&shard.0);
         let request = match position {
             Position::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
             Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
@@ -109,15 +138,26 @@ impl StreamSource for DynamoDbStreamsSource {
                 Some(GetRecordsError::TrimmedDataAccessException(_)) => StreamError::Trimmed("while reading".into()),
                 _ => AwsError::from_sdk("GetRecords", &error).into(),
             })?;
-        let records = output.records.unwrap_or_default().into_iter().filter_map(convert_record).collect();
-        Ok(Batch { records, next_iterator: output.next_shard_iterator })
+        let records = output
+            .records
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(convert_record)
+            .collect();
+        Ok(Batch {
+            records,
+            next_iterator: output.next_shard_iterator,
+        })
     }
 }
 
 /// A DynamoDB Streams record in source-neutral form; `None` for a record without a sequence
 /// number, which the service never sends and which could not be checkpointed.
 fn convert_record(record: aws_sdk_dynamodbstreams::types::Record) -> Option<Record> {
-    let event = record.event_name.as_ref().map_or(EventKind::Other, |name| EventKind::from_name(name.as_str()));
+    let event = record
+        .event_name
+        .as_ref()
+        .map_or(EventKind::Other, |name| EventKind::from_name(name.as_str()));
     let change = record.dynamodb?;
     let sequence_number = SequenceNumber::parse(change.sequence_number.as_deref()?)?;
     Some(Record {
@@ -125,12 +165,16 @@ fn convert_record(record: aws_sdk_dynamodbstreams::types::Record) -> Option<Reco
         event,
         keys: change.keys.map(convert_item).unwrap_or_default(),
         new_image: change.new_image.map(convert_item),
-        created_at: change.approximate_creation_date_time.and_then(|at| SystemTime::try_from(at).ok()),
+        created_at: change
+            .approximate_creation_date_time
+            .and_then(|at| SystemTime::try_from(at).ok()),
     })
 }
 
 fn convert_item(item: std::collections::HashMap<String, StreamValue>) -> Item {
-    item.into_iter().filter_map(|(name, value)| Some((name, convert_value(value)?))).collect()
+    item.into_iter()
+        .filter_map(|(name, value)| Some((name, convert_value(value)?)))
+        .collect()
 }
 
 /// `None` for a value type this SDK version does not know (dropped rather than guessed).
@@ -164,7 +208,10 @@ mod tests {
                     .sequence_number("000000000000000000042")
                     .keys("pk", StreamValue::S("MSG#g".into()))
                     .new_image("pk", StreamValue::S("MSG#g".into()))
-                    .new_image("tags", StreamValue::L(vec![StreamValue::N("1".into()), StreamValue::Bool(true)]))
+                    .new_image(
+                        "tags",
+                        StreamValue::L(vec![StreamValue::N("1".into()), StreamValue::Bool(true)]),
+                    )
                     .build(),
             )
             .build();
@@ -173,7 +220,10 @@ mod tests {
         assert_eq!(converted.sequence_number.as_str(), "000000000000000000042");
         assert_eq!(converted.keys.get("pk"), Some(&TableValue::S("MSG#g".into())));
         let image = converted.new_image.expect("image");
-        assert_eq!(image.get("tags"), Some(&TableValue::L(vec![TableValue::N("1".into()), TableValue::Bool(true)])));
+        assert_eq!(
+            image.get("tags"),
+            Some(&TableValue::L(vec![TableValue::N("1".into()), TableValue::Bool(true)]))
+        );
     }
 
     #[test]

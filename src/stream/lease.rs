@@ -44,7 +44,11 @@ pub struct LeaseStore {
 
 impl LeaseStore {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>, owner: impl Into<String>) -> Self {
-        Self { client, table: table.into(), owner: owner.into() }
+        Self {
+            client,
+            table: table.into(),
+            owner: owner.into(),
+        }
     }
 
     pub fn owner(&self) -> &str {
@@ -64,7 +68,10 @@ impl LeaseStore {
             .build()
             .map_err(|e| AwsError::invalid_request("CreateTable", e))?;
         aws::create_table_if_missing(&self.client, &self.table, |request| {
-            request.key_schema(key).attribute_definitions(attribute).billing_mode(BillingMode::PayPerRequest)
+            request
+                .key_schema(key)
+                .attribute_definitions(attribute)
+                .billing_mode(BillingMode::PayPerRequest)
         })
         .await
     }
@@ -81,7 +88,13 @@ impl LeaseStore {
     }
 
     /// Adds the row for a newly discovered shard; leaves an existing row alone.
-    pub async fn create(&self, stream_id: &str, shard: &ShardInfo, checkpoint: &Position, shard_end: bool) -> Result<(), StreamError> {
+    pub async fn create(
+        &self,
+        stream_id: &str,
+        shard: &ShardInfo,
+        checkpoint: &Position,
+        shard_end: bool,
+    ) -> Result<(), StreamError> {
         let parents = shard.parents.iter().map(|p| AttributeValue::S(p.0.clone())).collect();
         let result = self
             .client
@@ -100,7 +113,14 @@ impl LeaseStore {
             .await;
         match result {
             Ok(_) => Ok(()),
-            Err(error) if matches!(error.as_service_error(), Some(PutItemError::ConditionalCheckFailedException(_))) => Ok(()),
+            Err(error)
+                if matches!(
+                    error.as_service_error(),
+                    Some(PutItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(())
+            }
             Err(error) => Err(AwsError::from_sdk("PutItem", &error).into()),
         }
     }
@@ -149,7 +169,10 @@ impl LeaseStore {
             Err(error) => match error.as_service_error() {
                 Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
                     let owner = failed.item().and_then(|item| text(item, "owner")).unwrap_or("nobody");
-                    Err(StreamError::LeaseLost { shard: shard.clone(), owner: owner.to_owned() })
+                    Err(StreamError::LeaseLost {
+                        shard: shard.clone(),
+                        owner: owner.to_owned(),
+                    })
                 }
                 _ => Err(AwsError::from_sdk("UpdateItem", &error).into()),
             },
@@ -169,7 +192,10 @@ fn text<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a
 }
 
 fn decode(item: &HashMap<String, AttributeValue>) -> Result<Lease, StreamError> {
-    let malformed = |detail: String| StreamError::Malformed { what: "lease row", detail };
+    let malformed = |detail: String| StreamError::Malformed {
+        what: "lease row",
+        detail,
+    };
     let shard = text(item, LEASE_TABLE_KEY).ok_or_else(|| malformed(format!("no {LEASE_TABLE_KEY}")))?;
     let checkpoint = match text(item, "checkpoint") {
         None => Position::TrimHorizon,
@@ -206,7 +232,10 @@ mod tests {
             (LEASE_TABLE_KEY.to_owned(), AttributeValue::S("shard-2".into())),
             ("checkpoint".to_owned(), AttributeValue::S("00042".into())),
             ("owner".to_owned(), AttributeValue::S("w1".into())),
-            ("parent_shard_ids".to_owned(), AttributeValue::L(vec![AttributeValue::S("shard-1".into())])),
+            (
+                "parent_shard_ids".to_owned(),
+                AttributeValue::L(vec![AttributeValue::S("shard-1".into())]),
+            ),
             ("shard_end".to_owned(), AttributeValue::Bool(true)),
         ]);
         let lease = decode(&item).expect("decodes");

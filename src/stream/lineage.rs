@@ -34,7 +34,12 @@ pub(super) fn readable<'a>(
     shards
         .iter()
         .filter(|shard| !finished(&shard.id) && !busy(&shard.id))
-        .filter(|shard| shard.parents.iter().all(|parent| finished(parent) || !listed.contains(parent)))
+        .filter(|shard| {
+            shard
+                .parents
+                .iter()
+                .all(|parent| finished(parent) || !listed.contains(parent))
+        })
         .collect()
 }
 
@@ -79,7 +84,11 @@ mod tests {
         leases.extend([lease("a", true)]);
         assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["b", "c"]);
         leases.extend([lease("b", true)]);
-        assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["c"], "d needs both parents");
+        assert_eq!(
+            ids(readable(&shards, &leases, |_| false)),
+            vec!["c"],
+            "d needs both parents"
+        );
         leases.extend([lease("c", true)]);
         assert_eq!(ids(readable(&shards, &leases, |_| false)), vec!["d"]);
     }
@@ -101,9 +110,21 @@ mod tests {
     fn latest_applies_only_to_a_stream_never_read() {
         let open = shard("open", &["closed"], false);
         let closed = shard("closed", &[], true);
-        assert_eq!(initial_lease(&open, true, StartingPosition::Latest), (Position::Latest, false));
-        assert_eq!(initial_lease(&closed, true, StartingPosition::Latest), (Position::Latest, true));
-        assert_eq!(initial_lease(&open, false, StartingPosition::Latest), (Position::TrimHorizon, false));
-        assert_eq!(initial_lease(&closed, true, StartingPosition::TrimHorizon), (Position::TrimHorizon, false));
+        assert_eq!(
+            initial_lease(&open, true, StartingPosition::Latest),
+            (Position::Latest, false)
+        );
+        assert_eq!(
+            initial_lease(&closed, true, StartingPosition::Latest),
+            (Position::Latest, true)
+        );
+        assert_eq!(
+            initial_lease(&open, false, StartingPosition::Latest),
+            (Position::TrimHorizon, false)
+        );
+        assert_eq!(
+            initial_lease(&closed, true, StartingPosition::TrimHorizon),
+            (Position::TrimHorizon, false)
+        );
     }
 }

@@ -159,7 +159,11 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
     async fn acquire(&mut self, position: &Position) -> Result<String, StreamError> {
         let source = &self.context.source;
         let policy = &self.context.settings.retry;
-        match retry(policy, "get_shard_iterator", || source.iterator(self.stream_id, &self.shard, position)).await {
+        match retry(policy, "get_shard_iterator", || {
+            source.iterator(self.stream_id, &self.shard, position)
+        })
+        .await
+        {
             Err(StreamError::Trimmed(detail)) => self.restart_after_gap(&detail).await,
             other => other,
         }
@@ -206,12 +210,21 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
     /// Writes the lane's watermark as the checkpoint when it moved and `checkpoint_interval`
     /// has passed (or `force`); a shard end is always written.
     async fn save(&mut self, force: bool, shard_end: bool) -> Result<(), StreamError> {
-        let target = self.lane.handled_through().map_or_else(|| self.written.clone(), Position::After);
-        if !shard_end && (target == self.written || (!force && self.last_write.elapsed() < self.context.settings.checkpoint_interval)) {
+        let target = self
+            .lane
+            .handled_through()
+            .map_or_else(|| self.written.clone(), Position::After);
+        if !shard_end
+            && (target == self.written
+                || (!force && self.last_write.elapsed() < self.context.settings.checkpoint_interval))
+        {
             return Ok(());
         }
         let leases = &self.context.leases;
-        retry(&self.context.settings.retry, "checkpoint", || leases.checkpoint(&self.shard, &target, shard_end)).await?;
+        retry(&self.context.settings.retry, "checkpoint", || {
+            leases.checkpoint(&self.shard, &target, shard_end)
+        })
+        .await?;
         metrics::counter!(metric::CHECKPOINTS).increment(1);
         tracing::debug!(shard = %self.shard, checkpoint = target.encode(), shard_end, "checkpoint written");
         self.report.checkpoint = Some(target.clone());

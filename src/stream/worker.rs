@@ -13,9 +13,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::poller::{read_shard, ShardAges, ShardContext};
-use super::{lineage, Consumer, LeaseStore, Position, SequenceNumber, ShardId, StartingPosition, StreamError, StreamHealth, StreamSource};
+use super::{
+    lineage, Consumer, LeaseStore, Position, SequenceNumber, ShardId, StartingPosition, StreamError, StreamHealth,
+    StreamSource,
+};
 use crate::retry::{retry, RetryPolicy, Retryable};
 use crate::telemetry::metric;
+
+/// The wait after the first failed shard sync; it doubles with each further failure, up to the
+/// sync interval.
+const SYNC_RETRY_FIRST: Duration = Duration::from_millis(125);
 
 /// How the stream is read.
 #[derive(Debug, Clone)]
@@ -45,7 +52,14 @@ pub struct ShardReport {
 
 impl ShardReport {
     pub(super) fn new(shard: ShardId) -> Self {
-        Self { shard, records: 0, first: None, last: None, checkpoint: None, ended: false }
+        Self {
+            shard,
+            records: 0,
+            first: None,
+            last: None,
+            checkpoint: None,
+            ended: false,
+        }
     }
 }
 
@@ -78,9 +92,24 @@ struct Readers {
 }
 
 impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
-    pub fn new(source: S, consumer: Arc<C>, leases: LeaseStore, settings: StreamSettings, health: Arc<StreamHealth>) -> Self {
-        let context = ShardContext { source, leases, settings, health, ages: ShardAges::default() };
-        Self { context: Arc::new(context), consumer }
+    pub fn new(
+        source: S,
+        consumer: Arc<C>,
+        leases: LeaseStore,
+        settings: StreamSettings,
+        health: Arc<StreamHealth>,
+    ) -> Self {
+        let context = ShardContext {
+            source,
+            leases,
+            settings,
+            health,
+            ages: ShardAges::default(),
+        };
+        Self {
+            context: Arc::new(context),
+            consumer,
+        }
     }
 
     /// Runs until `cancel` fires, then stops every reader and returns their reports.
@@ -95,15 +124,25 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         }
         let mut readers = Readers::default();
         let mut report = StreamReport::default();
+        let mut failed_syncs: u32 = 0;
         loop {
+            let sync_interval = self.context.settings.shard_sync_interval;
             let wait = match self.sync(&mut readers, &cancel).await {
-                Ok(()) => self.context.settings.shard_sync_interval,
+                Ok(()) => {
+                    failed_syncs = 0;
+                    sync_interval
+                }
                 Err(error) => {
                     if matches!(error, StreamError::TableNotFound(_) | StreamError::StreamDisabled(_)) {
                         self.context.health.stream_lost();
                     }
                     tracing::warn!(error = %error, retryable = error.is_retryable(), "shard sync failed");
-                    self.context.settings.shard_sync_interval.min(Duration::from_secs(1))
+                    // Quick at first (the table may be created any moment), then no more often
+                    // than the sync interval, so a missing table does not flood the log.
+                    failed_syncs = failed_syncs.saturating_add(1);
+                    SYNC_RETRY_FIRST
+                        .saturating_mul(1 << failed_syncs.min(8))
+                        .min(sync_interval)
                 }
             };
             metrics::gauge!(metric::SHARDS_READING).set(readers.running.len() as f64);
@@ -131,12 +170,22 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             if leases.contains_key(&shard.id) {
                 continue;
             }
-            let (checkpoint, shard_end) = lineage::initial_lease(shard, fresh_stream, context.settings.starting_position);
-            context.leases.create(&described.stream_id, shard, &checkpoint, shard_end).await?;
+            let (checkpoint, shard_end) =
+                lineage::initial_lease(shard, fresh_stream, context.settings.starting_position);
+            context
+                .leases
+                .create(&described.stream_id, shard, &checkpoint, shard_end)
+                .await?;
             tracing::info!(shard = %shard.id, parents = ?shard.parents, checkpoint = checkpoint.encode(), shard_end, "new shard");
             leases.insert(
                 shard.id.clone(),
-                super::Lease { shard: shard.id.clone(), checkpoint, owner: None, parents: shard.parents.clone(), shard_end },
+                super::Lease {
+                    shard: shard.id.clone(),
+                    checkpoint,
+                    owner: None,
+                    parents: shard.parents.clone(),
+                    shard_end,
+                },
             );
         }
         let now = Instant::now();
@@ -146,7 +195,13 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         });
         for shard in ready {
             let lane = self.consumer.open_lane(&shard.id);
-            let reader = read_shard(context.clone(), described.stream_id.clone(), shard.id.clone(), lane, cancel.child_token());
+            let reader = read_shard(
+                context.clone(),
+                described.stream_id.clone(),
+                shard.id.clone(),
+                lane,
+                cancel.child_token(),
+            );
             let handle = readers.tasks.spawn(reader);
             readers.shard_of_task.insert(handle.id(), shard.id.clone());
             readers.running.insert(shard.id.clone());
@@ -164,7 +219,9 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             Ok((task, _)) => *task,
             Err(error) => error.id(),
         };
-        let Some(shard) = readers.shard_of_task.remove(&task) else { return };
+        let Some(shard) = readers.shard_of_task.remove(&task) else {
+            return;
+        };
         readers.running.remove(&shard);
         match joined {
             Ok((_, Ok(shard_report))) => report.shards.push(shard_report),

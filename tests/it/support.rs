@@ -1,0 +1,435 @@
+//! Shared test plumbing: a database of its own per test on the DynamoDB Local that
+//! `scripts/test` starts, an in-process worker, the binary, and reading the stream directly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::AttributeValue;
+use cruddur_stream_worker::app;
+use cruddur_stream_worker::aws::{self, AwsOverrides, Item};
+use cruddur_stream_worker::config::{self, Settings, Sources};
+use cruddur_stream_worker::groups::admin::{self, User};
+use cruddur_stream_worker::stream::{StreamReport, LEASE_TABLE_KEY};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+pub const REGION: &str = "us-east-1";
+
+/// The DynamoDB Local endpoint `scripts/test` started.
+pub fn endpoint() -> String {
+    std::env::var("CRUDDUR_TEST_DYNAMODB").unwrap_or_else(|_| {
+        panic!("CRUDDUR_TEST_DYNAMODB is not set: run the suite with scripts/test (it starts DynamoDB Local)")
+    })
+}
+
+/// One test's own database: DynamoDB Local keeps one per access key.
+pub struct TestDb {
+    pub access_key: String,
+    pub sdk: SdkConfig,
+    pub client: aws_sdk_dynamodb::Client,
+    pub table: String,
+    pub lease_table: String,
+}
+
+impl TestDb {
+    /// A fresh database with the messages table created.
+    pub async fn new() -> Self {
+        let db = Self::empty().await;
+        admin::create_messages_table(&db.client, &db.table)
+            .await
+            .expect("create messages table");
+        db
+    }
+
+    /// A fresh database with no tables.
+    pub async fn empty() -> Self {
+        // Worker logs show up with a failing test's output (nextest captures them).
+        cruddur_stream_worker::telemetry::init_logging(
+            cruddur_stream_worker::telemetry::LogFormat::Text,
+            "warn,cruddur_stream_worker=info",
+        );
+        let access_key = format!("test{}", uuid::Uuid::new_v4().simple());
+        let sdk = aws::load_sdk_config(AwsOverrides {
+            endpoint_url: Some(endpoint()),
+            region: Some(REGION.to_owned()),
+            credentials: Some((access_key.clone(), "secret".to_owned())),
+        })
+        .await;
+        let client = aws::dynamodb_client(&sdk);
+        Self {
+            access_key,
+            sdk,
+            client,
+            table: "cruddur-messages".into(),
+            lease_table: "cruddur-stream-worker-leases".into(),
+        }
+    }
+
+    /// Settings as the binary would load them, plus `overrides` (key, value), with fast polling
+    /// and an ephemeral HTTP port.
+    pub fn settings(&self, overrides: &[(&str, &str)]) -> Settings {
+        let mut flags: Vec<(String, String, String)> = [
+            ("http_addr", "127.0.0.1:0"),
+            ("idle_interval_ms", "20"),
+            ("shard_sync_interval_ms", "200"),
+            ("checkpoint_interval_ms", "100"),
+            ("retry_base_delay_ms", "10"),
+            ("retry_max_delay_ms", "200"),
+            ("worker_id", "test-worker"),
+        ]
+        .iter()
+        .chain(overrides)
+        .map(|(key, value)| ((*key).to_owned(), (*value).to_owned(), format!("test override {key}")))
+        .collect();
+        flags.push(("table_name".into(), self.table.clone(), "test".into()));
+        flags.push(("lease_table_name".into(), self.lease_table.clone(), "test".into()));
+        config::load(&Sources {
+            config_dir: repo().join("config"),
+            environment: None,
+            env_vars: BTreeMap::new(),
+            flags,
+        })
+        .expect("test settings are valid")
+    }
+
+    /// Starts a worker in this process.
+    pub async fn start_worker(&self, overrides: &[(&str, &str)]) -> TestWorker {
+        let shutdown = CancellationToken::new();
+        let running = app::start(&self.settings(overrides), &self.sdk, shutdown.clone())
+            .await
+            .expect("worker starts");
+        TestWorker {
+            http_addr: running.http_addr,
+            running: Some(running),
+            shutdown,
+        }
+    }
+
+    /// The binary, with this database's endpoint and credentials in its environment.
+    pub fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cruddur-stream-worker"));
+        command
+            .args(args)
+            .current_dir(repo())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("AWS_ENDPOINT_URL_DYNAMODB", endpoint())
+            .env("AWS_ENDPOINT_URL_DYNAMODB_STREAMS", endpoint())
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("WORKER_HTTP_ADDR", "127.0.0.1:0")
+            .env("WORKER_LOG_FORMAT", "json")
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Opens a conversation the way the app does; returns its group uuid.
+    pub async fn conversation(&self, from: &User, to: &User, at: &str, text: &str) -> String {
+        let group = uuid::Uuid::new_v4().to_string();
+        admin::create_conversation(
+            &self.client,
+            &self.table,
+            &group,
+            at,
+            &uuid::Uuid::new_v4().to_string(),
+            from,
+            to,
+            text,
+        )
+        .await
+        .expect("create conversation");
+        group
+    }
+
+    /// Posts a later message the way the app does.
+    pub async fn message(&self, group: &str, sender: &User, at: &str, text: &str) {
+        admin::put_message(
+            &self.client,
+            &self.table,
+            group,
+            at,
+            &uuid::Uuid::new_v4().to_string(),
+            sender,
+            text,
+        )
+        .await
+        .expect("put message");
+    }
+
+    /// Every group row of a conversation, read consistently from the table.
+    pub async fn group_rows(&self, group: &str) -> Vec<Item> {
+        let scan = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .filter_expression("begins_with(pk, :grp) AND message_group_uuid = :group")
+            .expression_attribute_values(":grp", AttributeValue::S("GRP#".into()))
+            .expression_attribute_values(":group", AttributeValue::S(group.to_owned()));
+        aws::scan_all(scan).await.expect("scan group rows")
+    }
+
+    /// Every item of the messages table, sorted, for before/after comparisons.
+    pub async fn snapshot(&self) -> Vec<BTreeMap<String, String>> {
+        let mut items: Vec<BTreeMap<String, String>> = admin::scan(&self.client, &self.table)
+            .await
+            .expect("scan")
+            .into_iter()
+            .map(|item| item.into_iter().map(|(k, v)| (k, format!("{v:?}"))).collect())
+            .collect();
+        items.sort();
+        items
+    }
+
+    /// Waits until every participant of `group` has exactly one row at `sk` with `text`.
+    pub async fn wait_for_group(&self, group: &str, sk: &str, text: &str) {
+        let last = std::sync::Mutex::new(Vec::new());
+        let done = wait_until(Duration::from_secs(30), || async {
+            let rows = self.group_rows(group).await;
+            let reached = rows.len() == 2 && rows.iter().all(|row| s(row, "sk") == sk && s(row, "message") == text);
+            *last.lock().expect("not poisoned") = rows;
+            reached
+        })
+        .await;
+        assert!(
+            done,
+            "group {group} never reached {sk} {text:?}; rows: {:#?}",
+            last.lock().expect("not poisoned")
+        );
+    }
+
+    /// The lease row of every shard, by shard id.
+    pub async fn leases(&self) -> BTreeMap<String, Item> {
+        let scan = self.client.scan().table_name(&self.lease_table).consistent_read(true);
+        let items = match aws::scan_all(scan).await {
+            Ok(items) => items,
+            Err(error) if error.is_code("ResourceNotFoundException") => Vec::new(),
+            Err(error) => panic!("scan leases: {error}"),
+        };
+        items
+            .into_iter()
+            .map(|item| (s(&item, LEASE_TABLE_KEY).to_owned(), item))
+            .collect()
+    }
+
+    /// Waits until the shard's checkpoint names the newest record in the stream: everything
+    /// written so far has been handled.
+    pub async fn wait_caught_up(&self) {
+        let last = self
+            .stream_records()
+            .await
+            .last()
+            .map(|(seq, _, _)| seq.clone())
+            .expect("records in the stream");
+        let caught_up = wait_until(Duration::from_secs(30), || async {
+            self.leases().await.values().any(|lease| s(lease, "checkpoint") == last)
+        })
+        .await;
+        assert!(
+            caught_up,
+            "the checkpoint never reached {last}: {:#?}",
+            self.leases().await
+        );
+    }
+
+    /// Every record in the table's stream, in order: (sequence number, event name, pk).
+    pub async fn stream_records(&self) -> Vec<(String, String, String)> {
+        use aws_sdk_dynamodbstreams::types::ShardIteratorType;
+        let streams = aws::streams_client(&self.sdk);
+        let described = self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .expect("describe table");
+        let arn = described
+            .table()
+            .and_then(|t| t.latest_stream_arn())
+            .expect("stream")
+            .to_owned();
+        let stream = streams
+            .describe_stream()
+            .stream_arn(&arn)
+            .send()
+            .await
+            .expect("describe stream");
+        let mut records = Vec::new();
+        for shard in stream.stream_description().map(|d| d.shards()).unwrap_or_default() {
+            let mut iterator = streams
+                .get_shard_iterator()
+                .stream_arn(&arn)
+                .shard_id(shard.shard_id().unwrap_or_default())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("iterator")
+                .shard_iterator
+                .expect("iterator");
+            for _ in 0..1000 {
+                let page = streams
+                    .get_records()
+                    .shard_iterator(&iterator)
+                    .send()
+                    .await
+                    .expect("get records");
+                if page.records().is_empty() {
+                    break;
+                }
+                for record in page.records() {
+                    let change = record.dynamodb().expect("change");
+                    let pk = match change.keys().and_then(|k| k.get("pk")) {
+                        Some(aws_sdk_dynamodbstreams::types::AttributeValue::S(pk)) => pk.clone(),
+                        _ => String::new(),
+                    };
+                    let event = record.event_name().map(|e| e.as_str().to_owned()).unwrap_or_default();
+                    records.push((change.sequence_number().unwrap_or_default().to_owned(), event, pk));
+                }
+                match page.next_shard_iterator {
+                    Some(next) => iterator = next,
+                    None => break,
+                }
+            }
+        }
+        records
+    }
+}
+
+/// A worker running in this process.
+pub struct TestWorker {
+    pub http_addr: SocketAddr,
+    running: Option<app::Running>,
+    shutdown: CancellationToken,
+}
+
+impl TestWorker {
+    /// Stops it as SIGTERM would and returns what it read.
+    pub async fn stop(mut self) -> StreamReport {
+        self.shutdown.cancel();
+        let running = self.running.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), running.wait())
+            .await
+            .expect("worker stops within 30 s")
+            .expect("worker stops cleanly")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http_addr, path).await
+    }
+
+    /// The sum of a metric's samples whose labels contain `labels` (e.g. `reason="remove"`).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        metric_value(&body, name, labels)
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn metric_value(body: &str, name: &str, labels: &str) -> f64 {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' '))
+        .filter(|(series, _)| {
+            let (series_name, series_labels) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name && series_labels.contains(labels)
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("read response");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, decode_chunked(&body))
+}
+
+/// Axum answers with chunked bodies when it does not know the length up front.
+fn decode_chunked(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return body.to_owned();
+        };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return body.to_owned();
+        };
+        if size == 0 {
+            return out;
+        }
+        let Some(chunk) = after.get(..size) else {
+            return body.to_owned();
+        };
+        out.push_str(chunk);
+        rest = after.get(size + 2..).unwrap_or_default();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until<F, Fut>(limit: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A string attribute, or "" when absent.
+pub fn s<'a>(item: &'a Item, name: &str) -> &'a str {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => value,
+        _ => "",
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Test users with handles unique to the test, so nothing leaks between tests by name.
+pub fn users(names: &[&str]) -> Vec<User> {
+    names.iter().map(|name| User::from_handle(name)).collect()
+}
+
+impl TestDb {
+    /// The group uuid of some conversation of the user with this handle.
+    pub async fn group_rows_of_any(&self, handle: &str) -> String {
+        let user = User::from_handle(handle);
+        let rows = admin::conversations(&self.client, &self.table, &user)
+            .await
+            .expect("query");
+        s(rows.first().expect("a conversation"), "message_group_uuid").to_owned()
+    }
+}
