@@ -85,45 +85,22 @@ impl GroupSummaryUpdater {
     }
 
     async fn load_rows(&self, message: &MessageInserted, consistent: bool) -> Result<Vec<GroupRow>, UpdateError> {
-        let indexed = if consistent {
-            None
-        } else {
-            Some(self.rows_from_index(&message.group_uuid).await?)
-        };
-        if let Some(rows) = &indexed {
-            if shows_every_participant(rows, message.sender_uuid.as_deref()) {
-                return Ok(indexed.unwrap_or_default());
+        let group = &message.group_uuid;
+        if !consistent {
+            let indexed = self.rows_from_index(group).await?;
+            if shows_every_participant(&indexed, message.sender_uuid.as_deref()) {
+                return Ok(indexed);
             }
         }
-        let Some(sender) = message.sender_uuid.as_deref() else {
-            // Without a sender there is no consistent way in: the index is all there is.
-            return match indexed {
-                Some(rows) => Ok(rows),
-                None => self.rows_from_index(&message.group_uuid).await,
-            };
-        };
-        let mut rows = self.rows_of_owner(sender, &message.group_uuid).await?;
-        let others: Vec<String> = rows
-            .iter()
-            .filter_map(GroupRow::other_user)
-            .filter(|other| *other != sender)
-            .map(str::to_owned)
-            .collect();
-        if rows.is_empty() {
-            // The sender has no row in this group: the index is the only other source.
-            return match indexed {
-                Some(rows) => Ok(rows),
-                None => self.rows_from_index(&message.group_uuid).await,
-            };
-        }
-        let mut seen = vec![sender.to_owned()];
-        for other in others {
-            if !seen.contains(&other) {
-                rows.extend(self.rows_of_owner(&other, &message.group_uuid).await?);
-                seen.push(other);
+        // The index may lag or have lost a race: read through the sender's own partition.
+        if let Some(sender) = message.sender_uuid.as_deref() {
+            let rows = self.rows_through(sender, group).await?;
+            if !rows.is_empty() {
+                return Ok(rows);
             }
         }
-        Ok(rows)
+        // No sender, or the sender has no row in this group: the index is the only way left.
+        self.rows_from_index(group).await
     }
 
     async fn rows_from_index(&self, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
@@ -134,14 +111,28 @@ impl GroupSummaryUpdater {
             .index_name(GROUP_INDEX)
             .key_condition_expression("message_group_uuid = :group")
             .expression_attribute_values(":group", AttributeValue::S(group_uuid.to_owned()));
-        Ok(aws::query_all(query)
-            .await?
-            .into_iter()
-            .filter_map(GroupRow::from_item)
-            .collect())
+        query_group_rows(query).await
     }
 
-    /// One owner's rows of one group, read strongly consistently from the table.
+    /// The sender's rows of the group and those of every participant they name, read strongly
+    /// consistently from the table.
+    async fn rows_through(&self, sender: &str, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
+        let mut rows = self.rows_of_owner(sender, group_uuid).await?;
+        let mut read = vec![sender.to_owned()];
+        let named: Vec<String> = rows
+            .iter()
+            .filter_map(GroupRow::other_user)
+            .map(str::to_owned)
+            .collect();
+        for other in named {
+            if !read.contains(&other) {
+                rows.extend(self.rows_of_owner(&other, group_uuid).await?);
+                read.push(other);
+            }
+        }
+        Ok(rows)
+    }
+
     async fn rows_of_owner(&self, owner: &str, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
         let query = self
             .client
@@ -152,11 +143,7 @@ impl GroupSummaryUpdater {
             .filter_expression("message_group_uuid = :group")
             .expression_attribute_values(":pk", AttributeValue::S(format!("{GROUP_PREFIX}{owner}")))
             .expression_attribute_values(":group", AttributeValue::S(group_uuid.to_owned()));
-        Ok(aws::query_all(query)
-            .await?
-            .into_iter()
-            .filter_map(GroupRow::from_item)
-            .collect())
+        query_group_rows(query).await
     }
 
     async fn write(&self, writes: Writes) -> Result<(), WriteFailure> {
@@ -211,6 +198,13 @@ impl GroupSummaryUpdater {
             AwsError::from_sdk("TransactWriteItems", &error).into(),
         ))
     }
+}
+
+async fn query_group_rows(
+    query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+) -> Result<Vec<GroupRow>, UpdateError> {
+    let items = aws::query_all(query).await?;
+    Ok(items.into_iter().filter_map(GroupRow::from_item).collect())
 }
 
 /// Does the index show a row for every participant it names (and for the sender)?
