@@ -21,7 +21,8 @@ use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::groups::updater::GroupSummaryUpdater;
 use crate::retry::RetryPolicy;
 use crate::stream::{
-    DynamoDbStreamsSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings, StreamWorker,
+    DynamoDbStreamsSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings, StreamSource,
+    StreamWorker,
 };
 use crate::{aws, http, telemetry};
 
@@ -49,9 +50,24 @@ impl Running {
     }
 }
 
-/// Starts the worker: HTTP endpoints at once, then the stream (waiting for the table and its
-/// stream if they do not exist yet).
+/// Starts the worker on the table's DynamoDB stream: HTTP endpoints at once, then the stream
+/// (waiting for the table and its stream if they do not exist yet).
 pub async fn start(settings: &Settings, sdk: &SdkConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
+    let source = DynamoDbStreamsSource::new(
+        aws::dynamodb_client(sdk),
+        aws::streams_client(sdk),
+        &settings.table_name,
+    );
+    start_with_source(settings, sdk, source, shutdown).await
+}
+
+/// Starts the worker on any source of the table's change records.
+pub async fn start_with_source<S: StreamSource>(
+    settings: &Settings,
+    sdk: &SdkConfig,
+    source: S,
+    shutdown: CancellationToken,
+) -> Result<Running, AppError> {
     let metrics = telemetry::prometheus();
     let listener = TcpListener::bind(settings.http_addr)
         .await
@@ -82,7 +98,6 @@ pub async fn start(settings: &Settings, sdk: &SdkConfig, shutdown: CancellationT
             retry: handler_retry,
         },
     ));
-    let source = DynamoDbStreamsSource::new(tables.clone(), aws::streams_client(sdk), &settings.table_name);
     let leases = LeaseStore::new(tables, &settings.lease_table_name, &settings.worker_id);
     let health = Arc::new(StreamHealth::default());
     let stream_settings = StreamSettings {

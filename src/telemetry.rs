@@ -22,6 +22,7 @@ pub mod metric {
     pub const RECORDS_COALESCED: &str = "stream_worker_records_coalesced_total";
     pub const RECORDS_FAILED: &str = "stream_worker_records_failed_total";
     pub const GROUP_UPDATES: &str = "stream_worker_group_updates_total";
+    pub const GROUP_UPDATE_RACES: &str = "stream_worker_group_update_races_total";
     pub const GROUP_UPDATE_DURATION: &str = "stream_worker_group_update_duration_seconds";
     pub const RETRIES: &str = "stream_worker_retries_total";
     pub const CHECKPOINTS: &str = "stream_worker_checkpoints_total";
@@ -61,6 +62,10 @@ pub fn describe() {
         GROUP_UPDATES,
         "Group-summary updates, by outcome (applied, stale, no_rows)."
     );
+    describe_counter!(
+        GROUP_UPDATE_RACES,
+        "Group-row transactions that lost a race (a condition failed) and were decided again on fresh reads."
+    );
     describe_histogram!(
         GROUP_UPDATE_DURATION,
         Unit::Seconds,
@@ -90,7 +95,7 @@ pub fn describe() {
 /// see a series before the first event (labelled series appear with their first event).
 fn register_unlabelled() {
     use metric::*;
-    for counter in [RECORDS_COALESCED, CHECKPOINTS, STREAM_GAPS] {
+    for counter in [RECORDS_COALESCED, CHECKPOINTS, STREAM_GAPS, GROUP_UPDATE_RACES] {
         metrics::counter!(counter).absolute(0);
     }
     for gauge in [ITERATOR_AGE, IN_FLIGHT, SHARDS_READING] {

@@ -77,7 +77,10 @@ impl GroupSummaryUpdater {
             };
             match self.write(writes).await {
                 Ok(()) => return Ok(outcome),
-                Err(WriteFailure::LostRace) => consistent = true,
+                Err(WriteFailure::LostRace) => {
+                    metrics::counter!(metric::GROUP_UPDATE_RACES).increment(1);
+                    consistent = true;
+                }
                 Err(WriteFailure::Error(error)) => return Err(error),
             }
         }

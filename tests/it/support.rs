@@ -433,3 +433,31 @@ impl TestDb {
         s(rows.first().expect("a conversation"), "message_group_uuid").to_owned()
     }
 }
+
+impl TestDb {
+    /// Starts a worker in this process on `source` instead of the table's own stream source.
+    pub async fn start_worker_on<S: cruddur_stream_worker::stream::StreamSource>(
+        &self,
+        source: S,
+        overrides: &[(&str, &str)],
+    ) -> TestWorker {
+        let shutdown = CancellationToken::new();
+        let running = app::start_with_source(&self.settings(overrides), &self.sdk, source, shutdown.clone())
+            .await
+            .expect("worker starts");
+        TestWorker {
+            http_addr: running.http_addr,
+            running: Some(running),
+            shutdown,
+        }
+    }
+
+    /// The table's real DynamoDB Streams source.
+    pub fn stream_source(&self) -> cruddur_stream_worker::stream::DynamoDbStreamsSource {
+        cruddur_stream_worker::stream::DynamoDbStreamsSource::new(
+            self.client.clone(),
+            aws::streams_client(&self.sdk),
+            &self.table,
+        )
+    }
+}

@@ -1,0 +1,253 @@
+//! The bad days: iterators that expire, records trimmed away, updaters racing each other, and a
+//! row key another conversation already holds.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use cruddur_stream_worker::groups::model::MessageInserted;
+use cruddur_stream_worker::groups::timestamp;
+use cruddur_stream_worker::groups::updater::GroupSummaryUpdater;
+use cruddur_stream_worker::retry::{retry, RetryPolicy};
+use cruddur_stream_worker::stream::{Batch, Position, ShardId, StreamError, StreamShards, StreamSource};
+
+use crate::support::{s, users, wait_until, TestDb};
+
+/// What to do to one read.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Hand the real service an iterator made 20 minutes ago: it answers ExpiredIterator.
+    ExpireIterator,
+    /// Answer as the service does when records were trimmed before they were read.
+    Trim,
+}
+
+/// The real source, with `fault` injected into read number `at` (counting from 0).
+struct Faulty<S> {
+    inner: S,
+    fault: Fault,
+    at: u32,
+    reads: AtomicU32,
+    expired_answers: Arc<AtomicU32>,
+}
+
+impl<S: StreamSource> StreamSource for Faulty<S> {
+    async fn describe(&self) -> Result<StreamShards, StreamError> {
+        self.inner.describe().await
+    }
+
+    async fn iterator(&self, stream_id: &str, shard: &ShardId, position: &Position) -> Result<String, StreamError> {
+        self.inner.iterator(stream_id, shard, position).await
+    }
+
+    async fn read(&self, iterator: &str, limit: i32) -> Result<Batch, StreamError> {
+        if self.reads.fetch_add(1, Ordering::SeqCst) != self.at {
+            return self.inner.read(iterator, limit).await;
+        }
+        match self.fault {
+            Fault::ExpireIterator => {
+                let result = self
+                    .inner
+                    .read(&aged(iterator, Duration::from_secs(20 * 60)), limit)
+                    .await;
+                if matches!(result, Err(StreamError::ExpiredIterator)) {
+                    self.expired_answers.fetch_add(1, Ordering::SeqCst);
+                }
+                result
+            }
+            Fault::Trim => Err(StreamError::Trimmed("injected by the test".into())),
+        }
+    }
+}
+
+/// DynamoDB Local's iterator is `<stream arn>|001|base64(<shard>|<sequence>|<creation ms>)`:
+/// the same iterator, created `age` ago.
+fn aged(iterator: &str, age: Duration) -> String {
+    let engine = base64::engine::general_purpose::STANDARD;
+    let (prefix, encoded) = iterator.rsplit_once('|').expect("iterator has parts");
+    let decoded = String::from_utf8(engine.decode(encoded).expect("base64")).expect("utf-8");
+    let (rest, created) = decoded.rsplit_once('|').expect("creation time");
+    let created: u64 = created.parse().expect("milliseconds");
+    let older = created - age.as_millis() as u64;
+    let forged = format!("{rest}|{older:0width$}", width = decoded.len() - rest.len() - 1);
+    format!("{prefix}|{}", engine.encode(forged))
+}
+
+/// Twelve messages to three conversations, each with its own newest message.
+async fn traffic(db: &TestDb) -> Vec<(String, String, String)> {
+    let people = users(&["sam", "tia", "uma", "vic"]);
+    let mut expected = Vec::new();
+    for index in 0..3 {
+        let opened = format!("2023-09-01T00:00:0{index}");
+        let group = db
+            .conversation(&people[index], &people[index + 1], &opened, "open")
+            .await;
+        for step in 0..4 {
+            let sk = format!("2023-09-0{}T00:00:0{index}", step + 2);
+            db.message(&group, &people[index], &sk, &format!("step {step}")).await;
+        }
+        expected.push((group, format!("2023-09-05T00:00:0{index}"), "step 3".to_owned()));
+    }
+    expected
+}
+
+#[tokio::test]
+async fn an_expired_iterator_resumes_from_the_checkpoint_without_skipping_or_repeating() {
+    let db = TestDb::new().await;
+    let expected = traffic(&db).await;
+    let expired_answers = Arc::new(AtomicU32::new(0));
+    let source = Faulty {
+        inner: db.stream_source(),
+        fault: Fault::ExpireIterator,
+        at: 2,
+        reads: AtomicU32::new(0),
+        expired_answers: expired_answers.clone(),
+    };
+    let worker = db.start_worker_on(source, &[("batch_size", "4")]).await;
+    for (group, sk, text) in &expected {
+        db.wait_for_group(group, sk, text).await;
+    }
+    db.wait_caught_up().await;
+    let report = worker.stop().await;
+    assert_eq!(
+        expired_answers.load(Ordering::SeqCst),
+        1,
+        "DynamoDB Local said the iterator expired"
+    );
+    let in_stream = db.stream_records().await.len() as u64;
+    assert_eq!(
+        report.records(),
+        in_stream,
+        "every record read exactly once across the expiry"
+    );
+}
+
+#[tokio::test]
+async fn trimmed_records_are_counted_as_a_gap_and_reading_restarts_at_the_horizon() {
+    let db = TestDb::new().await;
+    let expected = traffic(&db).await;
+    let source = Faulty {
+        inner: db.stream_source(),
+        fault: Fault::Trim,
+        at: 1,
+        reads: AtomicU32::new(0),
+        expired_answers: Arc::new(AtomicU32::new(0)),
+    };
+    let worker = db.start_worker_on(source, &[("batch_size", "4")]).await;
+    for (group, sk, text) in &expected {
+        db.wait_for_group(group, sk, text).await;
+    }
+    db.wait_caught_up().await;
+    assert_eq!(
+        worker.metric("stream_worker_stream_gaps_total", "").await,
+        1.0,
+        "the gap is counted"
+    );
+    let report = worker.stop().await;
+    let in_stream = db.stream_records().await.len() as u64;
+    assert!(
+        report.records() > in_stream,
+        "reading restarted at TRIM_HORIZON (records read again)"
+    );
+}
+
+#[tokio::test]
+async fn racing_updaters_converge_on_the_newest_message() {
+    let db = TestDb::new().await;
+    let people = users(&["wes", "xia"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2023-10-01T00:00:00", "open")
+        .await;
+    let updater = Arc::new(GroupSummaryUpdater::new(db.client.clone(), &db.table));
+    let policy = RetryPolicy {
+        base_delay: Duration::from_millis(5),
+        max_delay: Duration::from_millis(50),
+        max_attempts: Some(50),
+    };
+    for round in 0..15u32 {
+        // Three updaters at once, each with its own message: whichever commits first, the
+        // others lose their race, re-read, and must end at the newest.
+        let mut tasks = Vec::new();
+        for contender in 0..3u32 {
+            let sk = format!("2023-10-02T00:{round:02}:0{contender}");
+            let message = MessageInserted {
+                group_uuid: group.clone(),
+                at: timestamp::parse(&sk).expect("timestamp"),
+                sk,
+                text: format!("round {round} contender {contender}"),
+                sender_uuid: Some(people[(contender % 2) as usize].uuid.clone()),
+            };
+            let (updater, policy) = (updater.clone(), policy.clone());
+            tasks.push(tokio::spawn(async move {
+                retry(&policy, "test", || updater.apply(&message)).await
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task").expect("update succeeds");
+        }
+        let rows = db.group_rows(&group).await;
+        assert_eq!(rows.len(), 2, "round {round}: one row per participant: {rows:#?}");
+        for row in &rows {
+            assert_eq!(s(row, "sk"), format!("2023-10-02T00:{round:02}:02"), "round {round}");
+            assert_eq!(s(row, "message"), format!("round {round} contender 2"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_row_key_held_by_another_conversation_is_never_overwritten() {
+    let db = TestDb::new().await;
+    let people = users(&["yan", "zed", "amy"]);
+    let (yan, zed, amy) = (&people[0], &people[1], &people[2]);
+    let first = db.conversation(yan, zed, "2023-11-01T00:00:00", "with zed").await;
+    let second = db.conversation(yan, amy, "2023-11-01T00:00:01", "with amy").await;
+    // A message to the second conversation at exactly the first conversation's row key.
+    db.message(&second, amy, "2023-11-01T00:00:00", "collides").await;
+    let worker = db.start_worker(&[("retry_max_attempts", "2")]).await;
+    db.wait_caught_up().await;
+    assert!(
+        worker
+            .metric("stream_worker_records_failed_total", r#"reason="handler""#)
+            .await
+            == 0.0
+    );
+    worker.stop().await;
+    // The colliding message is older than the second conversation's rows, so it is stale; the
+    // first conversation's row is untouched either way.
+    let rows = db.group_rows(&first).await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|row| s(row, "sk") == "2023-11-01T00:00:00" && s(row, "message") == "with zed"));
+    assert_eq!(db.group_rows(&second).await.len(), 2);
+
+    // Now a newer message that lands exactly on a key the other conversation holds.
+    let held = db.conversation(zed, amy, "2023-11-02T00:00:00", "zed and amy").await;
+    db.message(&second, amy, "2023-11-02T00:00:00", "collides for real")
+        .await;
+    let worker = db.start_worker(&[("retry_max_attempts", "2")]).await;
+    let gave_up = wait_until(Duration::from_secs(30), || async {
+        worker
+            .metric("stream_worker_records_failed_total", r#"reason="handler""#)
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(gave_up, "the update fails for good instead of overwriting");
+    assert!(
+        worker.metric("stream_worker_group_update_races_total", "").await >= 1.0,
+        "the refusal is a lost race"
+    );
+    worker.stop().await;
+    let held_rows = db.group_rows(&held).await;
+    assert_eq!(held_rows.len(), 2, "the other conversation keeps both rows");
+    assert!(held_rows.iter().all(|row| s(row, "message") == "zed and amy"));
+    let second_rows = db.group_rows(&second).await;
+    assert_eq!(
+        second_rows.len(),
+        2,
+        "and the conversation that could not move keeps its rows"
+    );
+    assert!(second_rows.iter().all(|row| s(row, "message") == "with amy"));
+}
