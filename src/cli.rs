@@ -115,10 +115,20 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            // A missing region is bad configuration, like a bad key.
+            if error.is::<NoRegion>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
+
+/// The AWS configuration names no region.
+#[derive(Debug, thiserror::Error)]
+#[error("no AWS region: set AWS_REGION (any name works with DynamoDB Local)")]
+struct NoRegion;
 
 fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
     let mut sources = Sources::from_process();
@@ -144,10 +154,9 @@ fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     let sdk = aws::load_sdk_config(AwsOverrides::default()).await;
-    anyhow::ensure!(
-        sdk.region().is_some(),
-        "no AWS region: set AWS_REGION (any name works with DynamoDB Local)"
-    );
+    if sdk.region().is_none_or(|region| region.as_ref().trim().is_empty()) {
+        return Err(NoRegion.into());
+    }
     let client = aws::dynamodb_client(&sdk);
     let table = settings.table_name.as_str();
     match command {

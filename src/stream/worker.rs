@@ -84,7 +84,7 @@ pub struct StreamWorker<S, C> {
 /// Bookkeeping of the running readers.
 #[derive(Default)]
 struct Readers {
-    tasks: JoinSet<Result<super::worker::ShardReport, StreamError>>,
+    tasks: JoinSet<Result<ShardReport, StreamError>>,
     shard_of_task: HashMap<tokio::task::Id, ShardId>,
     running: HashSet<ShardId>,
     /// Shards whose reader failed, not restarted before the instant.

@@ -360,6 +360,11 @@ async fn bad_configuration_exits_2_naming_the_key() {
             env: None,
             key: "starting_position",
         },
+        Case {
+            args: &["setup"],
+            env: Some(("AWS_REGION", "")),
+            key: "AWS_REGION",
+        },
     ];
     for Case { args, env, key } in cases {
         let mut command = db.command(args);
@@ -436,4 +441,39 @@ async fn run_messages(db: &TestDb, group: &str) -> String {
     let output = db.command(&["messages", group]).output().await.expect("runs");
     assert!(output.status.success());
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn latest_reads_only_what_arrives_after_the_first_start() {
+    let db = TestDb::new().await;
+    let people = users(&["lia", "mo"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2023-12-01T00:00:00", "before")
+        .await;
+    db.message(&group, &people[1], "2023-12-01T00:00:01", "also before")
+        .await;
+    let written_before = db
+        .stream_records()
+        .await
+        .last()
+        .map(|(seq, _, _)| sequence(seq))
+        .expect("records");
+
+    let worker = db.start_worker(&[("starting_position", "LATEST")]).await;
+    // Ready means the reader holds its LATEST iterator and has read with it.
+    let ready = wait_until(Duration::from_secs(30), || async {
+        worker.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert!(ready);
+    assert!(db
+        .leases()
+        .await
+        .values()
+        .all(|lease| s(lease, "checkpoint") == "LATEST"));
+    db.message(&group, &people[0], "2023-12-01T00:00:02", "after").await;
+    db.wait_for_group(&group, "2023-12-01T00:00:02", "after").await;
+    let report = worker.stop().await;
+    let first_read = report.shards[0].first.clone().expect("read the new message");
+    assert!(first_read > written_before, "nothing written before the start was read");
 }
