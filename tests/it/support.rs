@@ -97,15 +97,7 @@ impl TestDb {
 
     /// Starts a worker in this process.
     pub async fn start_worker(&self, overrides: &[(&str, &str)]) -> TestWorker {
-        let shutdown = CancellationToken::new();
-        let running = app::start(&self.settings(overrides), &self.sdk, shutdown.clone())
-            .await
-            .expect("worker starts");
-        TestWorker {
-            http_addr: running.http_addr,
-            running: Some(running),
-            shutdown,
-        }
+        self.start_worker_on(self.stream_source(), overrides).await
     }
 
     /// The binary, with this database's endpoint and credentials in its environment.
