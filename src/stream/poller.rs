@@ -68,7 +68,10 @@ pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
     let result = reader.run(&cancel).await;
     context.ages.remove(&reader.shard);
     match result {
-        Ok(()) => Ok(reader.report),
+        Ok(()) => {
+            reader.report.finished_at = Instant::now();
+            Ok(reader.report)
+        }
         Err(error) => {
             tracing::warn!(shard = %reader.shard, error = %error, "shard reader stopped");
             Err(error)

@@ -48,10 +48,14 @@ pub struct ShardReport {
     pub checkpoint: Option<Position>,
     /// The shard was read to its end.
     pub ended: bool,
+    /// When the reader started, and when it returned (after its final checkpoint).
+    pub started_at: Instant,
+    pub finished_at: Instant,
 }
 
 impl ShardReport {
     pub(super) fn new(shard: ShardId) -> Self {
+        let now = Instant::now();
         Self {
             shard,
             records: 0,
@@ -59,6 +63,8 @@ impl ShardReport {
             last: None,
             checkpoint: None,
             ended: false,
+            started_at: now,
+            finished_at: now,
         }
     }
 }

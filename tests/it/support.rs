@@ -453,3 +453,15 @@ impl TestDb {
         )
     }
 }
+
+impl TestDb {
+    /// Closes the current shard of every stream in this test's database (a child shard opens),
+    /// through the launcher `scripts/test` starts DynamoDB Local with.
+    pub async fn rollover(&self) {
+        let control = std::env::var("CRUDDUR_TEST_DYNAMODB_CONTROL")
+            .unwrap_or_else(|_| panic!("CRUDDUR_TEST_DYNAMODB_CONTROL is not set: run the suite with scripts/test"));
+        let addr: SocketAddr = control.trim_start_matches("http://").parse().expect("control address");
+        let (status, body) = http_get(addr, &format!("/rollover?key={}", self.access_key)).await;
+        assert_eq!((status, body.as_str()), (200, "1"), "one database rolled over");
+    }
+}
