@@ -106,6 +106,9 @@ pub async fn start_with_source<S: StreamSource>(
         idle_interval: settings.idle_interval,
         shard_sync_interval: settings.shard_sync_interval,
         checkpoint_interval: settings.checkpoint_interval,
+        lease_duration: settings.lease_duration,
+        lease_take_interval: settings.lease_take_interval,
+        max_steals_per_round: settings.max_steals_per_round,
         retry: stream_retry,
     };
     let worker = StreamWorker::new(source, dispatcher.clone(), leases, stream_settings, health.clone());

@@ -31,6 +31,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("shard_sync_interval_ms", "WORKER_SHARD_SYNC_INTERVAL_MS"),
     ("checkpoint_interval_ms", "WORKER_CHECKPOINT_INTERVAL_MS"),
     ("max_in_flight", "WORKER_MAX_IN_FLIGHT"),
+    ("lease_duration_ms", "WORKER_LEASE_DURATION_MS"),
+    ("lease_take_interval_ms", "WORKER_LEASE_TAKE_INTERVAL_MS"),
+    ("max_steals_per_round", "WORKER_MAX_STEALS_PER_ROUND"),
     ("retry_base_delay_ms", "WORKER_RETRY_BASE_DELAY_MS"),
     ("retry_max_delay_ms", "WORKER_RETRY_MAX_DELAY_MS"),
     ("retry_max_attempts", "WORKER_RETRY_MAX_ATTEMPTS"),
@@ -53,6 +56,9 @@ pub struct Settings {
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,
     pub max_in_flight: usize,
+    pub lease_duration: Duration,
+    pub lease_take_interval: Duration,
+    pub max_steals_per_round: usize,
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
     /// `None`: unbounded.
@@ -295,6 +301,11 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
     if retry_max_delay < retry_base_delay {
         return Err(layers.invalid("retry_max_delay_ms", "must not be below retry_base_delay_ms"));
     }
+    let lease_duration = layers.millis("lease_duration_ms", 1_000, 600_000)?;
+    let lease_take_interval = layers.millis("lease_take_interval_ms", 50, 60_000)?;
+    if lease_take_interval * 2 > lease_duration {
+        return Err(layers.invalid("lease_take_interval_ms", "must be at most half of lease_duration_ms"));
+    }
     let retry_max_attempts = match layers.integer("retry_max_attempts", 0, 1_000_000)? {
         0 => None,
         attempts => Some(u32::try_from(attempts).unwrap_or(u32::MAX)),
@@ -310,6 +321,9 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,
         max_in_flight: usize::try_from(layers.integer("max_in_flight", 1, 100_000)?).unwrap_or(100_000),
+        lease_duration,
+        lease_take_interval,
+        max_steals_per_round: usize::try_from(layers.integer("max_steals_per_round", 0, 1_000)?).unwrap_or(1_000),
         retry_base_delay,
         retry_max_delay,
         retry_max_attempts,

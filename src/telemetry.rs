@@ -31,6 +31,10 @@ pub mod metric {
     pub const IN_FLIGHT: &str = "stream_worker_in_flight";
     pub const SHARDS_READING: &str = "stream_worker_shards_reading";
     pub const STREAM_GAPS: &str = "stream_worker_stream_gaps_total";
+    pub const LEASES_HELD: &str = "stream_worker_leases_held";
+    pub const LEASE_TAKEOVERS: &str = "stream_worker_lease_takeovers_total";
+    pub const LEASE_LOST: &str = "stream_worker_lease_lost_total";
+    pub const SHARDS: &str = "stream_worker_shards";
 }
 
 /// Histogram buckets for latencies, in seconds: DynamoDB round trips are milliseconds, retries
@@ -85,6 +89,19 @@ pub fn describe() {
     );
     describe_gauge!(IN_FLIGHT, "Updates handed to handlers and not yet finished.");
     describe_gauge!(SHARDS_READING, "Shards this worker is reading now.");
+    describe_gauge!(LEASES_HELD, "Shard leases this worker holds.");
+    describe_counter!(
+        LEASE_TAKEOVERS,
+        "Leases this worker took from another, by reason (expired, stolen, released)."
+    );
+    describe_counter!(
+        LEASE_LOST,
+        "Leases this worker lost to another worker while holding them."
+    );
+    describe_gauge!(
+        SHARDS,
+        "Shards by state as this worker sees the lease table (reading, owned_elsewhere, free, blocked, finished)."
+    );
     describe_counter!(
         STREAM_GAPS,
         "Times records were trimmed before they were read (data lost from the stream)."
@@ -95,10 +112,16 @@ pub fn describe() {
 /// see a series before the first event (labelled series appear with their first event).
 fn register_unlabelled() {
     use metric::*;
-    for counter in [RECORDS_COALESCED, CHECKPOINTS, STREAM_GAPS, GROUP_UPDATE_RACES] {
+    for counter in [
+        RECORDS_COALESCED,
+        CHECKPOINTS,
+        STREAM_GAPS,
+        GROUP_UPDATE_RACES,
+        LEASE_LOST,
+    ] {
         metrics::counter!(counter).absolute(0);
     }
-    for gauge in [ITERATOR_AGE, IN_FLIGHT, SHARDS_READING] {
+    for gauge in [ITERATOR_AGE, IN_FLIGHT, SHARDS_READING, LEASES_HELD] {
         metrics::gauge!(gauge).set(0.0);
     }
     for histogram in [GROUP_UPDATE_DURATION, GETRECORDS_DURATION] {

@@ -3,11 +3,12 @@
 //! Row (`shard_id` is the key): `checkpoint` (`TRIM_HORIZON`, `LATEST`, or the sequence number
 //! of the newest fully handled record), `owner` (the worker id reading it), `parent_shard_ids`,
 //! `shard_end` (the shard was read to its end and everything in it handled), `stream_id`,
-//! `lease_counter` (bumped on every claim) and `updated_at`.
+//! `lease_counter` (bumped by every write of the owner) and `updated_at`.
 //!
-//! Invariant: a checkpoint is written only by the lease's owner (the write is conditional), so
-//! a worker that lost a shard cannot move its checkpoint. Lease expiry, renewal and balancing
-//! across several workers build on these rows.
+//! Invariant: every write after taking a lease (renew, checkpoint, release) is conditional on
+//! the owner *and* the counter the writer last saw, and bumps the counter. A worker that lost
+//! its lease (expired and taken, or stolen) can therefore neither renew it nor move its
+//! checkpoint: its write fails and it stops reading the shard.
 
 use std::collections::HashMap;
 
@@ -32,6 +33,11 @@ pub struct Lease {
     pub owner: Option<String>,
     pub parents: Vec<ShardId>,
     pub shard_end: bool,
+    /// The stream the shard belongs to (a table's stream changes when it is re-enabled).
+    pub stream_id: Option<String>,
+    /// Bumped by every write of the owner (take, renew, checkpoint, release); other workers
+    /// judge expiry by watching it stand still.
+    pub counter: u64,
 }
 
 /// Reads and writes lease rows on behalf of one worker.
@@ -125,47 +131,120 @@ impl LeaseStore {
         }
     }
 
-    /// Makes this worker the shard's owner and returns the row as it now stands.
-    pub async fn claim(&self, shard: &ShardId) -> Result<Lease, StreamError> {
-        let output = self
+    /// Takes `seen` (a row as this worker last read it) if nobody changed it since: returns the
+    /// row as it now stands, or `None` when another worker got there first.
+    pub async fn take(&self, seen: &Lease) -> Result<Option<Lease>, StreamError> {
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
-            .key(LEASE_TABLE_KEY, AttributeValue::S(shard.0.clone()))
+            .key(LEASE_TABLE_KEY, AttributeValue::S(seen.shard.0.clone()))
             .update_expression("SET #owner = :me, updated_at = :now ADD lease_counter :one")
-            .condition_expression("attribute_exists(#key)")
             .expression_attribute_names("#owner", "owner")
-            .expression_attribute_names("#key", LEASE_TABLE_KEY)
             .expression_attribute_values(":me", AttributeValue::S(self.owner.clone()))
             .expression_attribute_values(":now", now())
             .expression_attribute_values(":one", AttributeValue::N("1".into()))
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await
-            .map_err(|error| AwsError::from_sdk("UpdateItem", &error))?;
-        let item = output.attributes.unwrap_or_default();
-        decode(&item)
+            .expression_attribute_values(":counter", AttributeValue::N(seen.counter.to_string()))
+            .return_values(ReturnValue::AllNew);
+        let request = match &seen.owner {
+            Some(owner) => request
+                .condition_expression("lease_counter = :counter AND #owner = :owner")
+                .expression_attribute_values(":owner", AttributeValue::S(owner.clone())),
+            None => request.condition_expression("lease_counter = :counter AND attribute_not_exists(#owner)"),
+        };
+        match request.send().await {
+            Ok(output) => Ok(Some(decode(&output.attributes.unwrap_or_default())?)),
+            Err(error)
+                if matches!(
+                    error.as_service_error(),
+                    Some(UpdateItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(AwsError::from_sdk("UpdateItem", &error).into()),
+        }
     }
 
-    /// Records how far the shard is handled; only while this worker owns the lease.
-    pub async fn checkpoint(&self, shard: &ShardId, position: &Position, shard_end: bool) -> Result<(), StreamError> {
-        let result = self
+    /// Proves this worker still reads the shard; returns the new counter.
+    pub async fn renew(&self, shard: &ShardId, counter: u64) -> Result<u64, StreamError> {
+        self.owned_write(shard, counter, "SET updated_at = :now", |request| request)
+            .await
+    }
+
+    /// Records how far the shard is handled; returns the new counter.
+    pub async fn checkpoint(
+        &self,
+        shard: &ShardId,
+        counter: u64,
+        position: &Position,
+        shard_end: bool,
+    ) -> Result<u64, StreamError> {
+        self.owned_write(
+            shard,
+            counter,
+            "SET checkpoint = :checkpoint, shard_end = :end, updated_at = :now",
+            |request| {
+                request
+                    .expression_attribute_values(":checkpoint", AttributeValue::S(position.encode().to_owned()))
+                    .expression_attribute_values(":end", AttributeValue::Bool(shard_end))
+            },
+        )
+        .await
+    }
+
+    /// Gives the lease up so that another worker takes it at once, not after expiry.
+    pub async fn release(&self, shard: &ShardId, counter: u64) -> Result<(), StreamError> {
+        self.owned_write(shard, counter, "REMOVE #owner SET updated_at = :now", |request| request)
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes the row of a shard that is finished and gone from the stream.
+    pub async fn delete(&self, shard: &ShardId) -> Result<(), StreamError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key(LEASE_TABLE_KEY, AttributeValue::S(shard.0.clone()))
+            .condition_expression("shard_end = :true")
+            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("DeleteItem", &error))?;
+        Ok(())
+    }
+
+    /// An update of a lease this worker holds at `counter`: conditional on both, bumps the
+    /// counter; a failed condition means the lease is lost.
+    async fn owned_write(
+        &self,
+        shard: &ShardId,
+        counter: u64,
+        update: &str,
+        values: impl FnOnce(
+            aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+        ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> Result<u64, StreamError> {
+        let request = self
             .client
             .update_item()
             .table_name(&self.table)
             .key(LEASE_TABLE_KEY, AttributeValue::S(shard.0.clone()))
-            .update_expression("SET checkpoint = :checkpoint, shard_end = :end, updated_at = :now")
-            .condition_expression("#owner = :me")
+            .update_expression(format!("{update} ADD lease_counter :one"))
+            .condition_expression("#owner = :me AND lease_counter = :counter")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_values(":me", AttributeValue::S(self.owner.clone()))
-            .expression_attribute_values(":checkpoint", AttributeValue::S(position.encode().to_owned()))
-            .expression_attribute_values(":end", AttributeValue::Bool(shard_end))
+            .expression_attribute_values(":counter", AttributeValue::N(counter.to_string()))
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
             .expression_attribute_values(":now", now())
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
+            .return_values(ReturnValue::UpdatedNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        match values(request).send().await {
+            Ok(output) => Ok(output
+                .attributes
+                .as_ref()
+                .and_then(|item| number(item, "lease_counter"))
+                .unwrap_or(counter + 1)),
             Err(error) => match error.as_service_error() {
                 Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
                     let owner = failed.item().and_then(|item| text(item, "owner")).unwrap_or("nobody");
@@ -187,6 +266,13 @@ fn now() -> AttributeValue {
 fn text<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
     match item.get(name) {
         Some(AttributeValue::S(value)) => Some(value),
+        _ => None,
+    }
+}
+
+fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Option<u64> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value.parse().ok(),
         _ => None,
     }
 }
@@ -219,6 +305,8 @@ fn decode(item: &HashMap<String, AttributeValue>) -> Result<Lease, StreamError> 
         owner: text(item, "owner").map(str::to_owned),
         parents,
         shard_end: matches!(item.get("shard_end"), Some(AttributeValue::Bool(true))),
+        counter: number(item, "lease_counter").unwrap_or(0),
+        stream_id: text(item, "stream_id").map(str::to_owned),
     })
 }
 
@@ -237,8 +325,10 @@ mod tests {
                 AttributeValue::L(vec![AttributeValue::S("shard-1".into())]),
             ),
             ("shard_end".to_owned(), AttributeValue::Bool(true)),
+            ("lease_counter".to_owned(), AttributeValue::N("12".into())),
         ]);
         let lease = decode(&item).expect("decodes");
+        assert_eq!(lease.counter, 12);
         assert_eq!(lease.shard, ShardId("shard-2".into()));
         assert_eq!(lease.checkpoint.encode(), "00042");
         assert_eq!(lease.owner.as_deref(), Some("w1"));
@@ -253,5 +343,84 @@ mod tests {
             ("checkpoint".to_owned(), AttributeValue::S("garbage".into())),
         ]);
         assert!(decode(&item).is_err());
+    }
+}
+
+/// A lease this worker holds, shared by the renewal loop and the shard's reader. Writes go
+/// through it one at a time so that each uses the counter the previous one produced; a write
+/// that finds the lease gone cancels `lost`, which stops the shard's reader.
+#[derive(Debug)]
+pub struct HeldLease {
+    pub shard: ShardId,
+    counter: tokio::sync::Mutex<u64>,
+    lost: tokio_util::sync::CancellationToken,
+}
+
+impl HeldLease {
+    pub fn new(lease: &Lease) -> Self {
+        Self {
+            shard: lease.shard.clone(),
+            counter: tokio::sync::Mutex::new(lease.counter),
+            lost: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Cancelled once the lease is known to be someone else's.
+    pub fn lost(&self) -> &tokio_util::sync::CancellationToken {
+        &self.lost
+    }
+
+    /// Records that the lease is someone else's now (seen in the table, before any write of
+    /// ours failed): stops the shard's reader without a final checkpoint.
+    pub fn mark_lost(&self) {
+        if !self.lost.is_cancelled() {
+            metrics::counter!(crate::telemetry::metric::LEASE_LOST).increment(1);
+            tracing::warn!(shard = %self.shard, "lease taken by another worker; stopping the shard");
+            self.lost.cancel();
+        }
+    }
+
+    pub async fn renew(&self, store: &LeaseStore) -> Result<(), StreamError> {
+        self.write(|counter| store.renew(&self.shard, counter)).await
+    }
+
+    pub async fn checkpoint(
+        &self,
+        store: &LeaseStore,
+        position: &Position,
+        shard_end: bool,
+    ) -> Result<(), StreamError> {
+        self.write(|counter| store.checkpoint(&self.shard, counter, position, shard_end))
+            .await
+    }
+
+    pub async fn release(&self, store: &LeaseStore) -> Result<(), StreamError> {
+        self.write(|counter| async move { store.release(&self.shard, counter).await.map(|()| counter) })
+            .await
+    }
+
+    async fn write<F, Fut>(&self, write: F) -> Result<(), StreamError>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, StreamError>>,
+    {
+        let mut counter = self.counter.lock().await;
+        if self.lost.is_cancelled() {
+            return Err(StreamError::LeaseLost {
+                shard: self.shard.clone(),
+                owner: "another worker".into(),
+            });
+        }
+        match write(*counter).await {
+            Ok(next) => {
+                *counter = next;
+                Ok(())
+            }
+            Err(error @ StreamError::LeaseLost { .. }) => {
+                self.mark_lost();
+                Err(error)
+            }
+            Err(error) => Err(error),
+        }
     }
 }

@@ -43,6 +43,25 @@ pub(super) fn readable<'a>(
         .collect()
 }
 
+/// Finished shards that are gone from the stream (trimmed) and whose children have all
+/// started: their lease rows are no longer needed to order anything.
+pub(super) fn removable<'a>(shards: &[ShardInfo], leases: &'a HashMap<ShardId, Lease>) -> Vec<&'a ShardId> {
+    let listed: HashSet<&ShardId> = shards.iter().map(|shard| &shard.id).collect();
+    let started = |lease: &Lease| lease.shard_end || matches!(lease.checkpoint, Position::After(_));
+    leases
+        .values()
+        .filter(|lease| lease.shard_end && !listed.contains(&lease.shard))
+        .filter(|lease| {
+            let mut children = leases
+                .values()
+                .filter(|child| child.parents.contains(&lease.shard))
+                .peekable();
+            children.peek().is_some() && children.all(started)
+        })
+        .map(|lease| &lease.shard)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +81,8 @@ mod tests {
             owner: None,
             parents: vec![],
             shard_end,
+            counter: 0,
+            stream_id: None,
         };
         (ShardId(id.into()), lease)
     }
@@ -104,6 +125,29 @@ mod tests {
     fn a_trimmed_parent_does_not_block_its_child() {
         let shards = vec![shard("child", &["gone"], false)];
         assert_eq!(ids(readable(&shards, &HashMap::new(), |_| false)), vec!["child"]);
+    }
+
+    #[test]
+    fn finished_shards_gone_from_the_stream_go_once_their_children_started() {
+        let child = |checkpoint: Position| Lease {
+            shard: ShardId("child".into()),
+            checkpoint,
+            owner: None,
+            parents: vec![ShardId("gone".into())],
+            shard_end: false,
+            counter: 0,
+            stream_id: None,
+        };
+        let listed = vec![shard("child", &["gone"], false)];
+        let mut leases = HashMap::from([lease("gone", true)]);
+        assert!(removable(&listed, &leases).is_empty(), "no child yet");
+        leases.insert(ShardId("child".into()), child(Position::TrimHorizon));
+        assert!(removable(&listed, &leases).is_empty(), "the child has not started");
+        let started = Position::After(crate::stream::SequenceNumber::parse("5").expect("digits"));
+        leases.insert(ShardId("child".into()), child(started));
+        assert_eq!(removable(&listed, &leases), vec![&ShardId("gone".into())]);
+        let still_listed = vec![shard("gone", &[], true), shard("child", &["gone"], false)];
+        assert!(removable(&still_listed, &leases).is_empty(), "still in the stream");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! Must not: know what the records mean. This layer imports neither `dispatch` nor `groups`;
 //! its consumer implements the traits defined here.
 
+mod balance;
 mod dynamodb;
 mod lease;
 mod lineage;
@@ -26,7 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use dynamodb::DynamoDbStreamsSource;
-pub use lease::{Lease, LeaseStore, LEASE_TABLE_KEY};
+pub use lease::{HeldLease, Lease, LeaseStore, LEASE_TABLE_KEY};
 pub use record::{EventKind, Item, Record, SequenceNumber, ShardId};
 pub use worker::{ShardReport, StreamReport, StreamSettings, StreamWorker};
 
@@ -166,6 +167,8 @@ impl Retryable for StreamError {
 pub struct StreamHealth {
     stream_id: Mutex<Option<String>>,
     last_read: Mutex<Option<Instant>>,
+    /// When the lease table was last read, and whether this worker held leases then.
+    last_lease_round: Mutex<Option<(Instant, bool)>>,
 }
 
 impl StreamHealth {
@@ -185,10 +188,20 @@ impl StreamHealth {
         *lock(&self.last_read) = Some(Instant::now());
     }
 
-    /// `Ok` when the stream is found and a read succeeded within `max_age`; otherwise why not.
+    pub(crate) fn lease_round_succeeded(&self, holding: bool) {
+        *lock(&self.last_lease_round) = Some((Instant::now(), holding));
+    }
+
+    /// `Ok` when the stream is found and a read succeeded within `max_age`, or, for a worker
+    /// standing by with no leases, the lease table was read within `max_age`; otherwise why not.
     pub fn readiness(&self, max_age: Duration) -> Result<(), String> {
         if lock(&self.stream_id).is_none() {
             return Err("stream not found yet".to_owned());
+        }
+        if let Some((at, false)) = *lock(&self.last_lease_round) {
+            if at.elapsed() <= max_age {
+                return Ok(());
+            }
         }
         match *lock(&self.last_read) {
             None => Err("no successful read yet".to_owned()),

@@ -14,8 +14,11 @@ use std::time::{Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
+use super::lease::HeldLease;
 use super::worker::{ShardReport, StreamSettings};
-use super::{lock, Batch, LeaseStore, Position, Record, ShardId, ShardLane, StreamError, StreamHealth, StreamSource};
+use super::{
+    lock, Batch, Lease, LeaseStore, Position, Record, ShardId, ShardLane, StreamError, StreamHealth, StreamSource,
+};
 use crate::retry::retry;
 use crate::telemetry::metric;
 
@@ -46,25 +49,29 @@ impl ShardAges {
     }
 }
 
-/// Reads `shard` until it ends, fails, or `cancel` fires.
+/// Reads the shard of `lease` until it ends, fails, or `stop` fires. `stop` fires on shutdown
+/// and when the lease is lost (a child of [`HeldLease::lost`]); only in the first case is a final
+/// checkpoint written.
 pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
     context: Arc<ShardContext<S>>,
     stream_id: String,
-    shard: ShardId,
+    lease: Lease,
+    held: Arc<HeldLease>,
     lane: L,
-    cancel: CancellationToken,
+    stop: CancellationToken,
 ) -> Result<ShardReport, StreamError> {
-    let lease = retry(&context.settings.retry, "lease_claim", || context.leases.claim(&shard)).await?;
-    tracing::info!(shard = %shard, checkpoint = lease.checkpoint.encode(), "reading shard");
+    tracing::info!(shard = %lease.shard, checkpoint = lease.checkpoint.encode(), "reading shard");
     let mut reader = ShardReader {
-        report: ShardReport::new(shard.clone()),
+        report: ShardReport::new(lease.shard.clone()),
         context: &context,
         stream_id: &stream_id,
-        shard,
+        shard: lease.shard,
+        held,
         lane,
         written: lease.checkpoint,
         last_write: Instant::now(),
     };
+    let cancel = stop;
     let result = reader.run(&cancel).await;
     context.ages.remove(&reader.shard);
     match result {
@@ -83,6 +90,7 @@ struct ShardReader<'a, S, L> {
     context: &'a ShardContext<S>,
     stream_id: &'a str,
     shard: ShardId,
+    held: Arc<HeldLease>,
     lane: L,
     /// The checkpoint as last written (or as claimed).
     written: Position,
@@ -204,8 +212,16 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         }
     }
 
-    /// Waits for everything handed over, then checkpoints it.
+    /// Waits for everything handed over, then checkpoints it. With the lease lost, neither: what
+    /// was handed over may finish (updates are idempotent), but its checkpoint is the new
+    /// owner's to write.
     async fn finish(&mut self, shard_end: bool) -> Result<(), StreamError> {
+        if self.held.lost().is_cancelled() {
+            return Err(StreamError::LeaseLost {
+                shard: self.shard.clone(),
+                owner: "another worker".into(),
+            });
+        }
         self.lane.drain().await;
         self.save(true, shard_end).await
     }
@@ -223,9 +239,9 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         {
             return Ok(());
         }
-        let leases = &self.context.leases;
+        let (leases, held) = (&self.context.leases, &self.held);
         retry(&self.context.settings.retry, "checkpoint", || {
-            leases.checkpoint(&self.shard, &target, shard_end)
+            held.checkpoint(leases, &target, shard_end)
         })
         .await?;
         metrics::counter!(metric::CHECKPOINTS).increment(1);

@@ -1,9 +1,19 @@
-//! The stream worker: keeps the set of shard readers in step with the stream.
+//! The stream worker: keeps this worker's share of the shards read, in step with the stream and
+//! with the other workers sharing the lease table.
 //!
-//! A sync loop describes the stream every `shard_sync_interval` (and at once whenever a reader
-//! finishes, so a child starts as soon as its parent ends), adds lease rows for new shards,
-//! and starts a reader for every shard that lineage allows. On cancel it stops every reader
-//! (each drains and checkpoints) and returns what each read.
+//! One task, two duties:
+//! - shard sync (every `shard_sync_interval`, and at once when a reader finishes, so a child
+//!   starts as soon as its parent ends): describe the stream, add lease rows for new shards,
+//!   delete rows of finished shards that are gone from the stream once their children started;
+//! - lease round (every `lease_take_interval`): read the lease table, renew held leases (every
+//!   third of `lease_duration`), take free leases and steal to even out shares ([`balance`]),
+//!   start a reader for every held lease whose parents are done, and let readers of lost
+//!   leases stop.
+//!
+//! On cancel, readers stop, drain and checkpoint while renewals go on; then every held lease is
+//! released, so another worker takes it within one of its rounds instead of after expiry.
+//!
+//! [`balance`]: super::balance
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,10 +22,12 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::balance::{self, Observations, TakeReason};
+use super::lease::HeldLease;
 use super::poller::{read_shard, ShardAges, ShardContext};
 use super::{
-    lineage, Consumer, LeaseStore, Position, SequenceNumber, ShardId, StartingPosition, StreamError, StreamHealth,
-    StreamSource,
+    lineage, Consumer, Lease, LeaseStore, Position, SequenceNumber, ShardId, StartingPosition, StreamError,
+    StreamHealth, StreamShards, StreamSource,
 };
 use crate::retry::{retry, RetryPolicy, Retryable};
 use crate::telemetry::metric;
@@ -24,7 +36,10 @@ use crate::telemetry::metric;
 /// sync interval.
 const SYNC_RETRY_FIRST: Duration = Duration::from_millis(125);
 
-/// How the stream is read.
+/// Shard states as the `stream_worker_shards{state}` gauge reports them.
+const SHARD_STATES: [&str; 5] = ["reading", "owned_elsewhere", "free", "blocked", "finished"];
+
+/// How the stream is read and shared.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
     pub starting_position: StartingPosition,
@@ -33,8 +48,19 @@ pub struct StreamSettings {
     pub idle_interval: Duration,
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,
+    /// A lease whose counter stands still this long is taken over.
+    pub lease_duration: Duration,
+    /// How often the lease table is read to take, steal and renew.
+    pub lease_take_interval: Duration,
+    pub max_steals_per_round: usize,
     /// For AWS calls of this layer; reads retry until shutdown, so leave attempts unbounded.
     pub retry: RetryPolicy,
+}
+
+impl StreamSettings {
+    fn renew_interval(&self) -> Duration {
+        self.lease_duration / 3
+    }
 }
 
 /// What one reader of one shard did.
@@ -81,20 +107,47 @@ impl StreamReport {
     }
 }
 
-/// Reads every shard of one stream into one consumer.
+/// Reads this worker's share of one stream into one consumer.
 pub struct StreamWorker<S, C> {
     context: Arc<ShardContext<S>>,
     consumer: Arc<C>,
 }
 
-/// Bookkeeping of the running readers.
-#[derive(Default)]
-struct Readers {
+/// The worker's own bookkeeping.
+struct State {
     tasks: JoinSet<Result<ShardReport, StreamError>>,
     shard_of_task: HashMap<tokio::task::Id, ShardId>,
-    running: HashSet<ShardId>,
+    /// Running readers and the token that stops each.
+    readers: HashMap<ShardId, CancellationToken>,
+    held: HashMap<ShardId, Arc<HeldLease>>,
     /// Shards whose reader failed, not restarted before the instant.
     holdoff: HashMap<ShardId, Instant>,
+    /// The stream as last described.
+    stream: Option<StreamShards>,
+    observations: Observations,
+    last_renewal: Instant,
+    next_sync: Instant,
+    failed_syncs: u32,
+    report: StreamReport,
+}
+
+impl State {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            tasks: JoinSet::new(),
+            shard_of_task: HashMap::new(),
+            readers: HashMap::new(),
+            held: HashMap::new(),
+            holdoff: HashMap::new(),
+            stream: None,
+            observations: Observations::default(),
+            last_renewal: now,
+            next_sync: now,
+            failed_syncs: 0,
+            report: StreamReport::default(),
+        }
+    }
 }
 
 impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
@@ -118,7 +171,8 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         }
     }
 
-    /// Runs until `cancel` fires, then stops every reader and returns their reports.
+    /// Runs until `cancel` fires, then stops every reader, releases every lease, and returns
+    /// what each reader read.
     pub async fn run(self, cancel: CancellationToken) -> Result<StreamReport, StreamError> {
         let leases = &self.context.leases;
         let created = tokio::select! {
@@ -128,54 +182,84 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         if created {
             tracing::info!("created the lease table");
         }
-        let mut readers = Readers::default();
-        let mut report = StreamReport::default();
-        let mut failed_syncs: u32 = 0;
+        let mut state = State::new();
         loop {
-            let sync_interval = self.context.settings.shard_sync_interval;
-            let wait = match self.sync(&mut readers, &cancel).await {
-                Ok(()) => {
-                    failed_syncs = 0;
-                    sync_interval
-                }
-                Err(error) => {
-                    if matches!(error, StreamError::TableNotFound(_) | StreamError::StreamDisabled(_)) {
-                        self.context.health.stream_lost();
-                    }
-                    tracing::warn!(error = %error, retryable = error.is_retryable(), "shard sync failed");
-                    // Quick at first (the table may be created any moment), then no more often
-                    // than the sync interval, so a missing table does not flood the log.
-                    failed_syncs = failed_syncs.saturating_add(1);
-                    SYNC_RETRY_FIRST
-                        .saturating_mul(1 << failed_syncs.min(8))
-                        .min(sync_interval)
-                }
-            };
-            metrics::gauge!(metric::SHARDS_READING).set(readers.running.len() as f64);
+            if Instant::now() >= state.next_sync {
+                self.sync_shards(&mut state).await;
+            }
+            if let Err(error) = self.lease_round(&mut state).await {
+                tracing::warn!(error = %error, "lease round failed");
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
-                Some(joined) = readers.tasks.join_next_with_id() => self.reader_done(&mut readers, joined, &mut report),
+                _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}
+                Some(joined) = state.tasks.join_next_with_id() => {
+                    self.reader_done(&mut state, joined);
+                    // A finished shard may unblock its children: look at once.
+                    state.next_sync = Instant::now();
+                }
             }
         }
-        while let Some(joined) = readers.tasks.join_next_with_id().await {
-            self.reader_done(&mut readers, joined, &mut report);
-        }
-        metrics::gauge!(metric::SHARDS_READING).set(0.0);
-        Ok(report)
+        self.shut_down(&mut state).await;
+        Ok(state.report)
     }
 
-    /// Lists the shards, adds lease rows for new ones, starts readers where lineage allows.
-    async fn sync(&self, readers: &mut Readers, cancel: &CancellationToken) -> Result<(), StreamError> {
+    /// Stops every reader (each drains and checkpoints) while renewing, then releases.
+    async fn shut_down(&self, state: &mut State) {
+        for stop in state.readers.values() {
+            stop.cancel();
+        }
+        while !state.tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = state.tasks.join_next_with_id() => self.reader_done(state, joined),
+                _ = tokio::time::sleep(self.context.settings.renew_interval()) => self.renew_all(state).await,
+            }
+        }
+        for held in state.held.values() {
+            match held.release(&self.context.leases).await {
+                Ok(()) => tracing::info!(shard = %held.shard, "lease released"),
+                Err(error) => {
+                    tracing::warn!(shard = %held.shard, error = %error, "could not release the lease; it will expire")
+                }
+            }
+        }
+        state.held.clear();
+        metrics::gauge!(metric::LEASES_HELD).set(0.0);
+        metrics::gauge!(metric::SHARDS_READING).set(0.0);
+    }
+
+    /// Describes the stream and keeps the lease rows in step with its shards.
+    async fn sync_shards(&self, state: &mut State) {
+        let sync_interval = self.context.settings.shard_sync_interval;
+        match self.try_sync_shards().await {
+            Ok(described) => {
+                state.stream = Some(described);
+                state.failed_syncs = 0;
+                state.next_sync = Instant::now() + sync_interval;
+            }
+            Err(error) => {
+                if matches!(error, StreamError::TableNotFound(_) | StreamError::StreamDisabled(_)) {
+                    self.context.health.stream_lost();
+                }
+                tracing::warn!(error = %error, retryable = error.is_retryable(), "shard sync failed");
+                // Quick at first (the table may be created any moment), then no more often
+                // than the sync interval, so a missing table does not flood the log.
+                state.failed_syncs = state.failed_syncs.saturating_add(1);
+                let wait = SYNC_RETRY_FIRST
+                    .saturating_mul(1 << state.failed_syncs.min(8))
+                    .min(sync_interval);
+                state.next_sync = Instant::now() + wait;
+            }
+        }
+    }
+
+    async fn try_sync_shards(&self) -> Result<StreamShards, StreamError> {
         let context = &self.context;
         let described = context.source.describe().await?;
         context.health.stream_found(&described.stream_id);
-        let mut leases = context.leases.load_all().await?;
+        let leases = context.leases.load_all().await?;
         let fresh_stream = !described.shards.iter().any(|shard| leases.contains_key(&shard.id));
-        for shard in &described.shards {
-            if leases.contains_key(&shard.id) {
-                continue;
-            }
+        for shard in described.shards.iter().filter(|shard| !leases.contains_key(&shard.id)) {
             let (checkpoint, shard_end) =
                 lineage::initial_lease(shard, fresh_stream, context.settings.starting_position);
             context
@@ -183,61 +267,181 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
                 .create(&described.stream_id, shard, &checkpoint, shard_end)
                 .await?;
             tracing::info!(shard = %shard.id, parents = ?shard.parents, checkpoint = checkpoint.encode(), shard_end, "new shard");
-            leases.insert(
-                shard.id.clone(),
-                super::Lease {
-                    shard: shard.id.clone(),
-                    checkpoint,
-                    owner: None,
-                    parents: shard.parents.clone(),
-                    shard_end,
-                },
-            );
         }
+        for shard in lineage::removable(&described.shards, &leases) {
+            context.leases.delete(shard).await?;
+            tracing::info!(shard = %shard, "removed the lease of a finished shard gone from the stream");
+        }
+        Ok(described)
+    }
+
+    /// Renews, takes, steals, and starts readers.
+    async fn lease_round(&self, state: &mut State) -> Result<(), StreamError> {
+        let Some(stream) = state.stream.clone() else {
+            return Ok(());
+        };
+        let context = &self.context;
+        let me = context.leases.owner().to_owned();
+        let mut leases = context.leases.load_all().await?;
         let now = Instant::now();
-        readers.holdoff.retain(|_, until| *until > now);
-        let ready = lineage::readable(&described.shards, &leases, |id| {
-            readers.running.contains(id) || readers.holdoff.contains_key(id)
-        });
-        for shard in ready {
-            let lane = self.consumer.open_lane(&shard.id);
+        state.observations.observe(&leases, now);
+        if now.duration_since(state.last_renewal) >= context.settings.renew_interval() {
+            self.renew_all(state).await;
+            state.last_renewal = now;
+        }
+        // A lease the table gives to someone else is lost, even before a write finds out.
+        for held in state.held.values() {
+            if leases
+                .get(&held.shard)
+                .is_none_or(|lease| lease.owner.as_deref() != Some(me.as_str()))
+            {
+                held.mark_lost();
+            }
+        }
+        state.held.retain(|_, held| !held.lost().is_cancelled());
+
+        let readable_ids: HashSet<ShardId> = lineage::readable(&stream.shards, &leases, |_| false)
+            .into_iter()
+            .map(|shard| shard.id.clone())
+            .collect();
+        let mut to_take: Vec<(ShardId, TakeReason)> = leases
+            .values()
+            .filter(|lease| {
+                lease.owner.as_deref() == Some(me.as_str())
+                    && !state.held.contains_key(&lease.shard)
+                    && readable_ids.contains(&lease.shard)
+            })
+            .map(|lease| (lease.shard.clone(), TakeReason::New))
+            .collect();
+        let mut readable: Vec<&Lease> = readable_ids.iter().filter_map(|id| leases.get(id)).collect();
+        readable.sort_by(|a, b| a.shard.cmp(&b.shard));
+        to_take.extend(balance::choose(
+            &me,
+            &readable,
+            &state.observations,
+            now,
+            context.settings.lease_duration,
+            context.settings.max_steals_per_round,
+        ));
+        for (shard, reason) in to_take {
+            let Some(seen) = leases.get(&shard) else { continue };
+            match context.leases.take(seen).await {
+                Ok(Some(taken)) => {
+                    if reason != TakeReason::New {
+                        metrics::counter!(metric::LEASE_TAKEOVERS, "reason" => reason.label()).increment(1);
+                    }
+                    tracing::info!(shard = %shard, reason = reason.label(), from = ?seen.owner, "lease taken");
+                    state.held.insert(shard.clone(), Arc::new(HeldLease::new(&taken)));
+                    leases.insert(shard, taken);
+                }
+                Ok(None) => tracing::debug!(shard = %shard, "another worker took the lease first"),
+                Err(error) => tracing::warn!(shard = %shard, error = %error, "could not take the lease"),
+            }
+        }
+
+        state.holdoff.retain(|_, until| *until > now);
+        for (shard, held) in &state.held {
+            if state.readers.contains_key(shard) || state.holdoff.contains_key(shard) {
+                continue;
+            }
+            let Some(lease) = leases.get(shard).filter(|lease| !lease.shard_end) else {
+                continue;
+            };
+            let stop = held.lost().child_token();
+            let stream_id = lease.stream_id.clone().unwrap_or_else(|| stream.stream_id.clone());
+            let lane = self.consumer.open_lane(shard);
             let reader = read_shard(
                 context.clone(),
-                described.stream_id.clone(),
-                shard.id.clone(),
+                stream_id,
+                lease.clone(),
+                held.clone(),
                 lane,
-                cancel.child_token(),
+                stop.clone(),
             );
-            let handle = readers.tasks.spawn(reader);
-            readers.shard_of_task.insert(handle.id(), shard.id.clone());
-            readers.running.insert(shard.id.clone());
+            let handle = state.tasks.spawn(reader);
+            state.shard_of_task.insert(handle.id(), shard.clone());
+            state.readers.insert(shard.clone(), stop);
         }
+        self.publish(state, &stream, &leases, &readable_ids, now);
         Ok(())
+    }
+
+    async fn renew_all(&self, state: &mut State) {
+        for held in state.held.values() {
+            if let Err(error) = held.renew(&self.context.leases).await {
+                if !matches!(error, StreamError::LeaseLost { .. }) {
+                    tracing::warn!(shard = %held.shard, error = %error, "lease renewal failed; retrying next round");
+                }
+            }
+        }
+        state.held.retain(|_, held| !held.lost().is_cancelled());
+    }
+
+    fn publish(
+        &self,
+        state: &State,
+        stream: &StreamShards,
+        leases: &HashMap<ShardId, Lease>,
+        readable: &HashSet<ShardId>,
+        now: Instant,
+    ) {
+        let mut counts: HashMap<&str, usize> = SHARD_STATES.iter().map(|state| (*state, 0)).collect();
+        for shard in &stream.shards {
+            let Some(lease) = leases.get(&shard.id) else { continue };
+            let shard_state = if lease.shard_end {
+                "finished"
+            } else if !readable.contains(&shard.id) {
+                "blocked"
+            } else if state.held.contains_key(&shard.id) {
+                "reading"
+            } else if state
+                .observations
+                .is_free(lease, now, self.context.settings.lease_duration)
+            {
+                "free"
+            } else {
+                "owned_elsewhere"
+            };
+            *counts.entry(shard_state).or_default() += 1;
+        }
+        for (shard_state, count) in counts {
+            metrics::gauge!(metric::SHARDS, "state" => shard_state).set(count as f64);
+        }
+        metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
+        metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
+        self.context.health.lease_round_succeeded(!state.held.is_empty());
     }
 
     fn reader_done(
         &self,
-        readers: &mut Readers,
+        state: &mut State,
         joined: Result<(tokio::task::Id, Result<ShardReport, StreamError>), tokio::task::JoinError>,
-        report: &mut StreamReport,
     ) {
         let task = match &joined {
             Ok((task, _)) => *task,
             Err(error) => error.id(),
         };
-        let Some(shard) = readers.shard_of_task.remove(&task) else {
+        let Some(shard) = state.shard_of_task.remove(&task) else {
             return;
         };
-        readers.running.remove(&shard);
+        state.readers.remove(&shard);
         match joined {
-            Ok((_, Ok(shard_report))) => report.shards.push(shard_report),
+            Ok((_, Ok(report))) => {
+                if report.ended {
+                    state.held.remove(&shard);
+                }
+                state.report.shards.push(report);
+            }
+            Ok((_, Err(StreamError::LeaseLost { .. }))) => {
+                state.held.remove(&shard);
+            }
             Ok((_, Err(error))) => {
                 tracing::warn!(shard = %shard, error = %error, "shard reader failed; it restarts from its checkpoint");
-                readers.holdoff.insert(shard, Instant::now() + self.holdoff());
+                state.holdoff.insert(shard, Instant::now() + self.holdoff());
             }
             Err(error) => {
                 tracing::error!(shard = %shard, error = %error, "shard reader panicked; it restarts from its checkpoint");
-                readers.holdoff.insert(shard, Instant::now() + self.holdoff());
+                state.holdoff.insert(shard, Instant::now() + self.holdoff());
             }
         }
     }
