@@ -4,5 +4,6 @@
 mod faults;
 mod lineage;
 mod operations;
+mod sharing;
 mod support;
 mod updates;

@@ -1,7 +1,6 @@
 //! How the worker runs: checkpoints, restarts, what it ignores, metrics, readiness, signals,
 //! configuration errors, and the CLI.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -238,8 +237,6 @@ fn assert_prometheus_text(body: &str) {
 
 #[tokio::test]
 async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let db = TestDb::new().await;
     let people = users(&["oli", "pat"]);
     let group = db
@@ -247,44 +244,13 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         .await;
     db.message(&group, &people[1], "2023-08-01T00:00:05", "two").await;
     // No periodic checkpoint within the test: the only one is the shutdown's.
-    let mut child = db
-        .command(&[
-            "run",
-            "--set",
-            "checkpoint_interval_ms=600000",
-            "--set",
-            "idle_interval_ms=20",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn worker");
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-    let collected = log.clone();
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let mut log = collected.lock().expect("log");
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    let http_addr = || -> Option<std::net::SocketAddr> {
-        let log = log.lock().expect("log");
-        let started = log.lines().find(|line| line.contains("worker started"))?;
-        let json: serde_json::Value = serde_json::from_str(started).ok()?;
-        json["http_addr"].as_str()?.parse().ok()
-    };
-    assert!(
-        wait_until(Duration::from_secs(30), || async { http_addr().is_some() }).await,
-        "worker started"
-    );
-    let http_addr = http_addr().expect("address");
+    let mut worker = db
+        .spawn_worker_process(&["--set", "checkpoint_interval_ms=600000", "--set", "idle_interval_ms=20"])
+        .await;
     db.wait_for_group(&group, "2023-08-01T00:00:05", "two").await;
     // Wait until the worker has read everything, its own group-row rewrites included.
     let read_all = wait_until(Duration::from_secs(30), || async {
-        let (_, metrics) = crate::support::http_get(http_addr, "/metrics").await;
-        let received = crate::support::metric_value(&metrics, "stream_worker_records_received_total", "");
+        let received = worker.metric("stream_worker_records_received_total", "").await;
         received as usize == db.stream_records().await.len()
     })
     .await;
@@ -295,18 +261,8 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         "no checkpoint before the signal"
     );
 
-    let pid = child.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exits in time")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "SIGTERM exits 0");
-    reader.await.expect("log reader");
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit().await.code(), Some(0), "SIGTERM exits 0");
 
     let last = db
         .stream_records()
@@ -321,9 +277,14 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         sequence(&last),
         "the final checkpoint covers every record read"
     );
-    let log = log.lock().expect("log").clone();
-    assert!(log.contains("checkpoints written"), "{log}");
-    assert!(!log.contains("\"two\""), "message text never reaches the log");
+    assert_eq!(s(lease, "owner"), "", "and the lease is released");
+    // Give the log reader a moment to see the last lines.
+    let logged = wait_until(Duration::from_secs(5), || async {
+        worker.log().contains("checkpoints written")
+    })
+    .await;
+    assert!(logged, "{}", worker.log());
+    assert!(!worker.log().contains("\"two\""), "message text never reaches the log");
 }
 
 #[tokio::test]

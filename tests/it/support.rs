@@ -465,3 +465,130 @@ impl TestDb {
         assert_eq!((status, body.as_str()), (200, "1"), "one database rolled over");
     }
 }
+
+/// The worker binary running as its own process, as on ECS.
+pub struct ChildWorker {
+    pub child: tokio::process::Child,
+    pub http_addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl TestDb {
+    /// Starts `cruddur-stream-worker run ARGS` and waits until it listens.
+    pub async fn spawn_worker_process(&self, args: &[&str]) -> ChildWorker {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = self
+            .command(&[&["run"], args].concat())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn worker");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let collected = log.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut log = collected.lock().expect("log");
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let address = || -> Option<SocketAddr> {
+            let log = log.lock().expect("log");
+            let started = log.lines().find(|line| line.contains("worker started"))?;
+            let json: serde_json::Value = serde_json::from_str(started).ok()?;
+            json["http_addr"].as_str()?.parse().ok()
+        };
+        let started = wait_until(Duration::from_secs(30), || async { address().is_some() }).await;
+        assert!(started, "worker started: {}", log.lock().expect("log"));
+        ChildWorker {
+            child,
+            http_addr: address().expect("address"),
+            log,
+        }
+    }
+
+    /// The owner of every lease row, by shard.
+    pub async fn owners(&self) -> BTreeMap<String, String> {
+        self.leases()
+            .await
+            .into_iter()
+            .map(|(shard, lease)| (shard, s(&lease, "owner").to_owned()))
+            .collect()
+    }
+}
+
+impl ChildWorker {
+    /// Sends a signal by name (TERM, KILL, STOP, CONT).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -{name} {pid}");
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait")
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = http_get(self.http_addr, "/metrics").await;
+        metric_value(&body, name, labels)
+    }
+}
+
+/// Watches the lease table in the background and checks what must always hold of it: every
+/// lease counter only ever increases.
+pub struct LeaseWatch {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl LeaseWatch {
+    pub fn start(db: &TestDb) -> Self {
+        let stop = CancellationToken::new();
+        let (client, table, token) = (db.client.clone(), db.lease_table.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut last: BTreeMap<String, u64> = BTreeMap::new();
+            let mut violations = Vec::new();
+            for _ in 0..6000 {
+                if token.is_cancelled() {
+                    break;
+                }
+                let scan = client.scan().table_name(&table).consistent_read(true);
+                if let Ok(items) = aws::scan_all(scan).await {
+                    for item in items {
+                        let shard = s(&item, LEASE_TABLE_KEY).to_owned();
+                        let counter = match item.get("lease_counter") {
+                            Some(AttributeValue::N(n)) => n.parse().unwrap_or(0),
+                            _ => 0,
+                        };
+                        if let Some(previous) = last.insert(shard.clone(), counter) {
+                            if counter < previous {
+                                violations.push(format!("{shard}: counter went from {previous} to {counter}"));
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            violations
+        });
+        Self { stop, task }
+    }
+
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let violations = self.task.await.expect("watch");
+        assert!(violations.is_empty(), "lease counters went backwards: {violations:?}");
+    }
+}

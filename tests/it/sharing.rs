@@ -1,0 +1,208 @@
+//! Several workers on one table, each its own process as on ECS: one reads the shard, the
+//! others stand by; the shard changes hands on a graceful stop, a crash, or a pause past the
+//! lease duration, and nothing is lost or checkpointed by a worker that no longer owns it.
+
+use std::time::Duration;
+
+use crate::support::{s, users, wait_until, ChildWorker, LeaseWatch, TestDb};
+
+/// Fast leases for tests: `lease_duration_ms` as given, rounds every 100 ms.
+fn args<'a>(id: &'a str, lease_duration_ms: &'a str) -> Vec<String> {
+    [
+        "--worker-id",
+        id,
+        "--set",
+        &format!("lease_duration_ms={lease_duration_ms}"),
+        "--set",
+        "lease_take_interval_ms=100",
+        "--set",
+        "idle_interval_ms=20",
+        "--set",
+        "shard_sync_interval_ms=500",
+        "--set",
+        "checkpoint_interval_ms=100",
+    ]
+    .iter()
+    .map(|arg| (*arg).to_owned())
+    .collect()
+}
+
+async fn spawn(db: &TestDb, id: &str, lease_duration_ms: &str) -> ChildWorker {
+    let args = args(id, lease_duration_ms);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    db.spawn_worker_process(&args).await
+}
+
+/// Waits until the table's one shard is owned by one of `candidates`; returns which.
+async fn owner_among(db: &TestDb, candidates: &[&str]) -> String {
+    let owner = std::sync::Mutex::new(String::new());
+    let owned = wait_until(Duration::from_secs(30), || async {
+        let now = db.owners().await.values().next().cloned().unwrap_or_default();
+        let found = candidates.contains(&now.as_str());
+        *owner.lock().expect("owner") = now;
+        found
+    })
+    .await;
+    let owner = owner.into_inner().expect("owner");
+    assert!(owned, "the shard is owned by one of {candidates:?}, not {owner:?}");
+    owner
+}
+
+#[tokio::test]
+async fn one_worker_reads_the_other_stands_by_and_takes_over_at_once_on_sigterm() {
+    let db = TestDb::new().await;
+    let watch = LeaseWatch::start(&db);
+    let people = users(&["ada", "bob"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-02-01T00:00:00", "open")
+        .await;
+    db.message(&group, &people[1], "2024-02-01T00:00:01", "one").await;
+    // A lease duration far beyond the test: only a release can move the lease.
+    let mut workers = [spawn(&db, "alpha", "600000").await, spawn(&db, "beta", "600000").await];
+    db.wait_for_group(&group, "2024-02-01T00:00:01", "one").await;
+    let reader = owner_among(&db, &["alpha", "beta"]).await;
+    let (reading, standing_by) = if reader == "alpha" { (0, 1) } else { (1, 0) };
+    for worker in &workers {
+        let ready = wait_until(Duration::from_secs(30), || async {
+            crate::support::http_get(worker.http_addr, "/readyz").await.0 == 200
+        })
+        .await;
+        assert!(ready, "both are ready: the reader and the one standing by");
+    }
+    assert_eq!(workers[reading].metric("stream_worker_leases_held", "").await, 1.0);
+    assert_eq!(workers[standing_by].metric("stream_worker_leases_held", "").await, 0.0);
+    assert_eq!(
+        workers[standing_by]
+            .metric("stream_worker_records_received_total", "")
+            .await,
+        0.0,
+        "stands by"
+    );
+
+    workers[reading].signal("TERM");
+    assert_eq!(workers[reading].wait_exit().await.code(), Some(0));
+    let successor = if reader == "alpha" { "beta" } else { "alpha" };
+    assert_eq!(
+        owner_among(&db, &[successor]).await,
+        successor,
+        "the released lease is taken, not left to expire"
+    );
+    let released = workers[standing_by]
+        .metric("stream_worker_lease_takeovers_total", r#"reason="released""#)
+        .await;
+    assert_eq!(released, 1.0);
+
+    db.message(&group, &people[0], "2024-02-01T00:00:02", "two").await;
+    db.wait_for_group(&group, "2024-02-01T00:00:02", "two").await;
+    workers[standing_by].signal("TERM");
+    assert_eq!(workers[standing_by].wait_exit().await.code(), Some(0));
+    watch.finish().await;
+}
+
+#[tokio::test]
+async fn a_killed_workers_shard_is_taken_over_after_expiry_and_nothing_is_lost() {
+    let db = TestDb::new().await;
+    let watch = LeaseWatch::start(&db);
+    let people = users(&["cid", "dee", "eli"]);
+    let first = db
+        .conversation(&people[0], &people[1], "2024-03-01T00:00:00", "open")
+        .await;
+    let second = db
+        .conversation(&people[1], &people[2], "2024-03-01T00:00:01", "open")
+        .await;
+    let mut workers = [spawn(&db, "alpha", "2000").await, spawn(&db, "beta", "2000").await];
+    db.message(&first, &people[0], "2024-03-01T00:01:00", "before the crash")
+        .await;
+    db.wait_for_group(&first, "2024-03-01T00:01:00", "before the crash")
+        .await;
+    let crashed = owner_among(&db, &["alpha", "beta"]).await;
+    let (dead, alive) = if crashed == "alpha" { (0, 1) } else { (1, 0) };
+
+    workers[dead].signal("KILL");
+    workers[dead].wait_exit().await;
+    // Written while nobody reads: the successor must resume from the checkpoint and apply them.
+    for minute in 2..6 {
+        db.message(
+            &first,
+            &people[1],
+            &format!("2024-03-01T00:0{minute}:00"),
+            &format!("minute {minute}"),
+        )
+        .await;
+        db.message(
+            &second,
+            &people[2],
+            &format!("2024-03-01T00:0{minute}:01"),
+            &format!("minute {minute}"),
+        )
+        .await;
+    }
+    let successor = if crashed == "alpha" { "beta" } else { "alpha" };
+    assert_eq!(owner_among(&db, &[successor]).await, successor);
+    db.wait_for_group(&first, "2024-03-01T00:05:00", "minute 5").await;
+    db.wait_for_group(&second, "2024-03-01T00:05:01", "minute 5").await;
+    let expired = workers[alive]
+        .metric("stream_worker_lease_takeovers_total", r#"reason="expired""#)
+        .await;
+    assert_eq!(expired, 1.0, "taken over because the lease expired");
+    workers[alive].signal("TERM");
+    assert_eq!(workers[alive].wait_exit().await.code(), Some(0));
+    watch.finish().await;
+}
+
+#[tokio::test]
+async fn a_paused_worker_cannot_checkpoint_over_its_successor_and_stops_reading() {
+    let db = TestDb::new().await;
+    let watch = LeaseWatch::start(&db);
+    let people = users(&["fay", "gil"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-04-01T00:00:00", "open")
+        .await;
+    let mut workers = [spawn(&db, "alpha", "2000").await, spawn(&db, "beta", "2000").await];
+    db.message(&group, &people[1], "2024-04-01T00:00:01", "one").await;
+    db.wait_for_group(&group, "2024-04-01T00:00:01", "one").await;
+    let paused_id = owner_among(&db, &["alpha", "beta"]).await;
+    let paused = if paused_id == "alpha" { 0 } else { 1 };
+    let successor = if paused_id == "alpha" { "beta" } else { "alpha" };
+
+    workers[paused].signal("STOP");
+    assert_eq!(
+        owner_among(&db, &[successor]).await,
+        successor,
+        "taken over while paused"
+    );
+    db.message(&group, &people[0], "2024-04-01T00:00:02", "two").await;
+    db.wait_for_group(&group, "2024-04-01T00:00:02", "two").await;
+
+    workers[paused].signal("CONT");
+    // The paused worker wakes up holding a lease it no longer owns: it must notice and stop.
+    let noticed = wait_until(Duration::from_secs(30), || async {
+        workers[paused].metric("stream_worker_lease_lost_total", "").await >= 1.0
+    })
+    .await;
+    assert!(noticed, "the paused worker noticed the loss: {}", workers[paused].log());
+    assert_eq!(workers[paused].metric("stream_worker_leases_held", "").await, 0.0);
+    let received_after_loss = workers[paused].metric("stream_worker_records_received_total", "").await;
+    db.message(&group, &people[1], "2024-04-01T00:00:03", "three").await;
+    db.wait_for_group(&group, "2024-04-01T00:00:03", "three").await;
+    db.wait_caught_up().await;
+    for _ in 0..10 {
+        let lease = db.leases().await.into_values().next().expect("lease");
+        assert_eq!(
+            s(&lease, "owner"),
+            successor,
+            "the paused worker never took the lease back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        workers[paused].metric("stream_worker_records_received_total", "").await,
+        received_after_loss,
+        "and read nothing more"
+    );
+    for worker in workers.iter_mut() {
+        worker.signal("TERM");
+        assert_eq!(worker.wait_exit().await.code(), Some(0));
+    }
+    watch.finish().await;
+}
