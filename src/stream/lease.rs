@@ -404,13 +404,8 @@ impl HeldLease {
         F: FnOnce(u64) -> Fut,
         Fut: std::future::Future<Output = Result<u64, StreamError>>,
     {
+        // Once the lease is gone the write's own condition rejects it: no local shortcut needed.
         let mut counter = self.counter.lock().await;
-        if self.lost.is_cancelled() {
-            return Err(StreamError::LeaseLost {
-                shard: self.shard.clone(),
-                owner: "another worker".into(),
-            });
-        }
         match write(*counter).await {
             Ok(next) => {
                 *counter = next;
