@@ -16,13 +16,13 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{Settings, Source};
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::groups::updater::GroupSummaryUpdater;
 use crate::retry::RetryPolicy;
 use crate::stream::{
-    DynamoDbStreamsSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings, StreamSource,
-    StreamWorker,
+    DynamoDbStreamsSource, KinesisSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings,
+    StreamSource, StreamWorker,
 };
 use crate::{aws, http, telemetry};
 
@@ -50,15 +50,23 @@ impl Running {
     }
 }
 
-/// Starts the worker on the table's DynamoDB stream: HTTP endpoints at once, then the stream
-/// (waiting for the table and its stream if they do not exist yet).
+/// Starts the worker on the configured source: HTTP endpoints at once, then the stream (waiting
+/// for the table or stream if it does not exist yet).
 pub async fn start(settings: &Settings, sdk: &SdkConfig, shutdown: CancellationToken) -> Result<Running, AppError> {
-    let source = DynamoDbStreamsSource::new(
-        aws::dynamodb_client(sdk),
-        aws::streams_client(sdk),
-        &settings.table_name,
-    );
-    start_with_source(settings, sdk, source, shutdown).await
+    match &settings.source {
+        Source::DynamoDb => {
+            let source = DynamoDbStreamsSource::new(
+                aws::dynamodb_client(sdk),
+                aws::streams_client(sdk),
+                &settings.table_name,
+            );
+            start_with_source(settings, sdk, source, shutdown).await
+        }
+        Source::Kinesis { stream_name } => {
+            let source = KinesisSource::new(aws::kinesis_client(sdk), stream_name);
+            start_with_source(settings, sdk, source, shutdown).await
+        }
+    }
 }
 
 /// Starts the worker on any source of the table's change records.

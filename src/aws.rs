@@ -74,6 +74,10 @@ pub fn streams_client(config: &SdkConfig) -> aws_sdk_dynamodbstreams::Client {
     aws_sdk_dynamodbstreams::Client::new(config)
 }
 
+pub fn kinesis_client(config: &SdkConfig) -> aws_sdk_kinesis::Client {
+    aws_sdk_kinesis::Client::new(config)
+}
+
 /// Creates a table unless it exists, then waits until it is ACTIVE. `shape` fills in keys,
 /// indexes and stream settings; the table name is set here. Safe to run concurrently with
 /// another creator of the same table.

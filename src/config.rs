@@ -21,6 +21,8 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Every key, with its environment variable.
 pub const KEYS: &[(&str, &str)] = &[
+    ("source", "WORKER_SOURCE"),
+    ("kinesis_stream_name", "WORKER_KINESIS_STREAM_NAME"),
     ("table_name", "WORKER_TABLE_NAME"),
     ("lease_table_name", "WORKER_LEASE_TABLE_NAME"),
     ("worker_id", "WORKER_ID"),
@@ -43,9 +45,19 @@ pub const KEYS: &[(&str, &str)] = &[
     ("log_level", "WORKER_LOG_LEVEL"),
 ];
 
+/// Where the table's change records are read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The table's own DynamoDB stream.
+    DynamoDb,
+    /// A Kinesis data stream the table streams into.
+    Kinesis { stream_name: String },
+}
+
 /// The validated settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
+    pub source: Source,
     pub table_name: String,
     pub lease_table_name: String,
     pub worker_id: String,
@@ -310,7 +322,19 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         0 => None,
         attempts => Some(u32::try_from(attempts).unwrap_or(u32::MAX)),
     };
+    let source = match layers.string("source")?.to_ascii_lowercase().as_str() {
+        "dynamodb" => Source::DynamoDb,
+        "kinesis" => {
+            let stream_name = layers.string("kinesis_stream_name")?.trim().to_owned();
+            if stream_name.is_empty() {
+                return Err(layers.invalid("kinesis_stream_name", "required when source is kinesis"));
+            }
+            Source::Kinesis { stream_name }
+        }
+        other => return Err(layers.invalid("source", format!("{other:?} is neither dynamodb nor kinesis"))),
+    };
     Ok(Settings {
+        source,
         table_name: table_name(layers, "table_name")?,
         lease_table_name: table_name(layers, "lease_table_name")?,
         worker_id,
@@ -435,6 +459,24 @@ mod tests {
         let mut missing = sources(&[], &[]);
         missing.environment = Some("nowhere".into());
         assert!(error_text(&missing).contains("nowhere.toml"));
+    }
+
+    #[test]
+    fn kinesis_needs_a_stream_name() {
+        let text = error_text(&sources(&[("WORKER_SOURCE", "kinesis")], &[]));
+        assert!(text.contains("kinesis_stream_name"), "{text}");
+        let settings = load(&sources(
+            &[("WORKER_SOURCE", "kinesis"), ("WORKER_KINESIS_STREAM_NAME", "changes")],
+            &[],
+        ))
+        .expect("valid");
+        assert_eq!(
+            settings.source,
+            Source::Kinesis {
+                stream_name: "changes".into()
+            }
+        );
+        assert!(error_text(&sources(&[("WORKER_SOURCE", "kafka")], &[])).contains("source"));
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl StreamSource for DynamoDbStreamsSource {
         Ok(Batch {
             records,
             next_iterator: output.next_shard_iterator,
+            behind: None,
         })
     }
 }

@@ -16,6 +16,7 @@
 
 mod balance;
 mod dynamodb;
+mod kinesis;
 mod lease;
 mod lineage;
 mod poller;
@@ -27,6 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use dynamodb::DynamoDbStreamsSource;
+pub use kinesis::KinesisSource;
 pub use lease::{HeldLease, Lease, LeaseStore, LEASE_TABLE_KEY};
 pub use record::{EventKind, Item, Record, SequenceNumber, ShardId};
 pub use worker::{ShardReport, StreamReport, StreamSettings, StreamWorker};
@@ -92,6 +94,9 @@ pub struct Batch {
     pub records: Vec<Record>,
     /// `None` once a closed shard has been read to its end.
     pub next_iterator: Option<String>,
+    /// How far the reader is behind the shard's tip, when the source says (Kinesis
+    /// `MillisBehindLatest`); otherwise the age of the newest record read stands in for it.
+    pub behind: Option<std::time::Duration>,
 }
 
 /// A stream of change records, read shard by shard.
@@ -136,6 +141,8 @@ pub enum StreamError {
     TableNotFound(String),
     #[error("table {0} has no stream (enable a stream with NEW_IMAGE)")]
     StreamDisabled(String),
+    #[error("stream {0} does not exist")]
+    StreamNotFound(String),
     #[error("shard iterator expired")]
     ExpiredIterator,
     #[error("records were trimmed before they were read: {0}")]
@@ -152,7 +159,7 @@ impl Retryable for StreamError {
     fn is_retryable(&self) -> bool {
         match self {
             // The table or its stream may appear: setup runs beside the worker.
-            StreamError::TableNotFound(_) | StreamError::StreamDisabled(_) => true,
+            StreamError::TableNotFound(_) | StreamError::StreamDisabled(_) | StreamError::StreamNotFound(_) => true,
             StreamError::Aws(error) => error.is_retryable(),
             StreamError::ExpiredIterator
             | StreamError::Trimmed(_)

@@ -113,7 +113,7 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
                 Ok(batch) => {
                     self.context.health.read_succeeded();
                     let got_records = !batch.records.is_empty();
-                    self.observe(&batch.records);
+                    self.observe(&batch.records, batch.behind);
                     if got_records {
                         self.lane.submit(batch.records).await;
                     }
@@ -195,15 +195,17 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         .await
     }
 
-    fn observe(&mut self, records: &[Record]) {
+    fn observe(&mut self, records: &[Record], behind: Option<std::time::Duration>) {
         for record in records {
             metrics::counter!(metric::RECORDS_RECEIVED, "event" => record.event.label()).increment(1);
         }
-        let age = records
-            .last()
-            .and_then(|record| record.created_at)
-            .and_then(|created| SystemTime::now().duration_since(created).ok())
-            .map_or(0.0, |age| age.as_secs_f64());
+        let newest_record_age = || {
+            records
+                .last()
+                .and_then(|record| record.created_at)
+                .and_then(|created| SystemTime::now().duration_since(created).ok())
+        };
+        let age = behind.or_else(newest_record_age).map_or(0.0, |age| age.as_secs_f64());
         self.context.ages.set(&self.shard, age);
         if let (Some(first), Some(last)) = (records.first(), records.last()) {
             self.report.records += records.len() as u64;

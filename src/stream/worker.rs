@@ -238,7 +238,10 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
                 state.next_sync = Instant::now() + sync_interval;
             }
             Err(error) => {
-                if matches!(error, StreamError::TableNotFound(_) | StreamError::StreamDisabled(_)) {
+                if matches!(
+                    error,
+                    StreamError::TableNotFound(_) | StreamError::StreamDisabled(_) | StreamError::StreamNotFound(_)
+                ) {
                     self.context.health.stream_lost();
                 }
                 tracing::warn!(error = %error, retryable = error.is_retryable(), "shard sync failed");

@@ -2,6 +2,7 @@
 //! Every test works in its own database (its own access key), so they run in parallel.
 
 mod faults;
+mod kinesis;
 mod lineage;
 mod operations;
 mod sharing;

@@ -116,6 +116,9 @@ impl TestDb {
             .env("WORKER_HTTP_ADDR", "127.0.0.1:0")
             .env("WORKER_LOG_FORMAT", "json")
             .kill_on_drop(true);
+        if let Ok(kinesis) = std::env::var("CRUDDUR_TEST_KINESIS") {
+            command.env("AWS_ENDPOINT_URL_KINESIS", kinesis);
+        }
         command
     }
 
@@ -591,4 +594,170 @@ impl LeaseWatch {
         let violations = self.task.await.expect("watch");
         assert!(violations.is_empty(), "lease counters went backwards: {violations:?}");
     }
+}
+
+/// A Kinesis data stream of this test's own on the kinesalite `scripts/test` starts, carrying
+/// the test table's changes as Kinesis Data Streams for DynamoDB would.
+pub struct TestKinesis {
+    pub client: aws_sdk_kinesis::Client,
+    pub name: String,
+}
+
+impl TestDb {
+    pub async fn kinesis_stream(&self, shards: i32) -> TestKinesis {
+        let endpoint = std::env::var("CRUDDUR_TEST_KINESIS")
+            .unwrap_or_else(|_| panic!("CRUDDUR_TEST_KINESIS is not set: run the suite with scripts/test"));
+        let sdk = aws::load_sdk_config(AwsOverrides {
+            endpoint_url: Some(endpoint),
+            region: Some(REGION.to_owned()),
+            credentials: Some((self.access_key.clone(), "secret".to_owned())),
+        })
+        .await;
+        let client = aws::kinesis_client(&sdk);
+        let name = format!("changes-{}", &self.access_key[4..16]);
+        client
+            .create_stream()
+            .stream_name(&name)
+            .shard_count(shards)
+            .send()
+            .await
+            .expect("create stream");
+        let stream = TestKinesis { client, name };
+        stream.wait_active().await;
+        stream
+    }
+
+    /// Writes a message the way the app does and publishes its change record.
+    pub async fn kinesis_message(&self, stream: &TestKinesis, group: &str, sender: &User, at: &str, text: &str) {
+        self.message(group, sender, at, text).await;
+        stream.publish_item(self, &format!("MSG#{group}"), at).await;
+    }
+
+    /// Opens a conversation the way the app does and publishes its three change records.
+    pub async fn kinesis_conversation(
+        &self,
+        stream: &TestKinesis,
+        from: &User,
+        to: &User,
+        at: &str,
+        text: &str,
+    ) -> String {
+        let group = self.conversation(from, to, at, text).await;
+        for pk in [
+            format!("GRP#{}", from.uuid),
+            format!("GRP#{}", to.uuid),
+            format!("MSG#{group}"),
+        ] {
+            stream.publish_item(self, &pk, at).await;
+        }
+        group
+    }
+
+    /// A worker in this process reading `stream`.
+    pub async fn start_kinesis_worker(&self, stream: &TestKinesis, overrides: &[(&str, &str)]) -> TestWorker {
+        let source = cruddur_stream_worker::stream::KinesisSource::new(stream.client.clone(), &stream.name);
+        self.start_worker_on(source, overrides).await
+    }
+}
+
+impl TestKinesis {
+    pub async fn wait_active(&self) {
+        let active = wait_until(Duration::from_secs(30), || async {
+            let summary = self
+                .client
+                .describe_stream_summary()
+                .stream_name(&self.name)
+                .send()
+                .await;
+            summary
+                .ok()
+                .and_then(|s| s.stream_description_summary)
+                .is_some_and(|s| s.stream_status.as_str() == "ACTIVE")
+        })
+        .await;
+        assert!(active, "stream {} active", self.name);
+    }
+
+    /// Publishes the INSERT change record of the item at (pk, sk), as read from the table,
+    /// partitioned by pk as DynamoDB does.
+    async fn publish_item(&self, db: &TestDb, pk: &str, sk: &str) {
+        let item = db
+            .client
+            .get_item()
+            .table_name(&db.table)
+            .key("pk", AttributeValue::S(pk.to_owned()))
+            .key("sk", AttributeValue::S(sk.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get item")
+            .item
+            .expect("the item exists");
+        let image = dynamodb_json(&item);
+        let keys = dynamodb_json(&Item::from([
+            ("pk".to_owned(), AttributeValue::S(pk.to_owned())),
+            ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
+        ]));
+        let change = serde_json::json!({
+            "eventName": "INSERT",
+            "eventSource": "aws:dynamodb",
+            "tableName": db.table,
+            "dynamodb": { "ApproximateCreationDateTime": chrono::Utc::now().timestamp_millis(), "Keys": keys, "NewImage": image },
+        });
+        self.client
+            .put_record()
+            .stream_name(&self.name)
+            .partition_key(pk)
+            .data(aws_sdk_kinesis::primitives::Blob::new(change.to_string()))
+            .send()
+            .await
+            .expect("put record");
+    }
+
+    /// Every shard: (id, parents, starting hash key, ending hash key, closed).
+    pub async fn shards(&self) -> Vec<(String, Vec<String>, u128, u128, bool)> {
+        let output = self
+            .client
+            .list_shards()
+            .stream_name(&self.name)
+            .send()
+            .await
+            .expect("list shards");
+        output
+            .shards
+            .unwrap_or_default()
+            .into_iter()
+            .map(|shard| {
+                let range = shard.hash_key_range.expect("hash range");
+                (
+                    shard.shard_id,
+                    [shard.parent_shard_id, shard.adjacent_parent_shard_id]
+                        .into_iter()
+                        .flatten()
+                        .collect(),
+                    range.starting_hash_key.parse().expect("hash key"),
+                    range.ending_hash_key.parse().expect("hash key"),
+                    shard
+                        .sequence_number_range
+                        .is_some_and(|r| r.ending_sequence_number.is_some()),
+                )
+            })
+            .collect()
+    }
+}
+
+/// An item in DynamoDB JSON (strings, numbers, booleans, lists, maps: what the tests write).
+fn dynamodb_json(item: &Item) -> serde_json::Value {
+    fn value(v: &AttributeValue) -> serde_json::Value {
+        match v {
+            AttributeValue::S(s) => serde_json::json!({ "S": s }),
+            AttributeValue::N(n) => serde_json::json!({ "N": n }),
+            AttributeValue::Bool(b) => serde_json::json!({ "BOOL": b }),
+            AttributeValue::Ss(ss) => serde_json::json!({ "SS": ss }),
+            AttributeValue::L(l) => serde_json::json!({ "L": l.iter().map(value).collect::<Vec<_>>() }),
+            AttributeValue::M(m) => serde_json::json!({ "M": dynamodb_json(m) }),
+            _ => serde_json::json!({ "NULL": true }),
+        }
+    }
+    serde_json::Value::Object(item.iter().map(|(k, v)| (k.clone(), value(v))).collect())
 }

@@ -1,0 +1,226 @@
+//! The Kinesis source on kinesalite: multi-shard streams, several workers, split and merge.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use crate::support::{s, users, wait_until, TestDb, TestKinesis};
+
+/// `count` conversations among `people`, each with its own opening second.
+async fn conversations(db: &TestDb, stream: &TestKinesis, count: usize) -> Vec<(String, usize)> {
+    let people = users(&["ka", "kb", "kc", "kd", "ke"]);
+    let mut groups = Vec::new();
+    for index in 0..count {
+        let (a, b) = (index % people.len(), (index + 1 + index / people.len()) % people.len());
+        let opened = format!("2024-05-01T00:00:{index:02}");
+        groups.push((
+            db.kinesis_conversation(stream, &people[a], &people[b], &opened, "open")
+                .await,
+            a,
+        ));
+    }
+    groups
+}
+
+/// One message to every conversation at `minute` (each conversation's own second); returns
+/// what every conversation must end at.
+async fn wave(
+    db: &TestDb,
+    stream: &TestKinesis,
+    groups: &[(String, usize)],
+    minute: u32,
+) -> Vec<(String, String, String)> {
+    let people = users(&["ka", "kb", "kc", "kd", "ke"]);
+    let mut expected = Vec::new();
+    for (index, (group, sender)) in groups.iter().enumerate() {
+        let sk = format!("2024-05-01T00:{minute:02}:{index:02}");
+        let text = format!("minute {minute}");
+        db.kinesis_message(stream, group, &people[*sender], &sk, &text).await;
+        expected.push((group.clone(), sk, text));
+    }
+    expected
+}
+
+async fn converge(db: &TestDb, expected: &[(String, String, String)]) {
+    for (group, sk, text) in expected {
+        db.wait_for_group(group, sk, text).await;
+    }
+}
+
+#[tokio::test]
+async fn a_four_shard_stream_is_read_in_full() {
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(4).await;
+    let groups = conversations(&db, &stream, 8).await;
+    wave(&db, &stream, &groups, 1).await;
+    let expected = wave(&db, &stream, &groups, 2).await;
+    let worker = db.start_kinesis_worker(&stream, &[]).await;
+    converge(&db, &expected).await;
+    assert_eq!(worker.metric("stream_worker_leases_held", "").await, 4.0);
+    let report = worker.stop().await;
+    // 8 conversations x 3 rows + 16 messages, each read once, across the four shards.
+    assert_eq!(report.records(), 8 * 3 + 16);
+    let leases = db.leases().await;
+    assert_eq!(leases.len(), 4);
+}
+
+/// Waits until every shard is owned and the owners' shares are as `expected` (sorted).
+async fn shares_settle(db: &TestDb, expected: &[usize]) -> BTreeMap<String, usize> {
+    let last = std::sync::Mutex::new(BTreeMap::new());
+    let settled = wait_until(Duration::from_secs(60), || async {
+        let owners = db.owners().await;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for owner in owners.values() {
+            *counts.entry(owner.clone()).or_default() += 1;
+        }
+        let mut shares: Vec<usize> = counts
+            .iter()
+            .filter(|(owner, _)| !owner.is_empty())
+            .map(|(_, n)| *n)
+            .collect();
+        shares.sort_unstable();
+        *last.lock().expect("last") = counts;
+        shares == expected
+    })
+    .await;
+    let last = last.into_inner().expect("last");
+    assert!(settled, "shares never became {expected:?}: {last:?}");
+    last
+}
+
+#[tokio::test]
+async fn two_then_three_workers_share_four_shards_within_one() {
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(4).await;
+    let groups = conversations(&db, &stream, 8).await;
+    let args = |id: &'static str, name: String| -> Vec<String> {
+        [
+            "--worker-id",
+            id,
+            "--set",
+            "source=kinesis",
+            "--set",
+            &format!("kinesis_stream_name={name}"),
+            "--set",
+            "lease_duration_ms=3000",
+            "--set",
+            "lease_take_interval_ms=100",
+            "--set",
+            "idle_interval_ms=20",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    };
+    let spawn = |id: &'static str| {
+        let args = args(id, stream.name.clone());
+        let db = &db;
+        async move {
+            db.spawn_worker_process(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .await
+        }
+    };
+    let mut workers = vec![spawn("alpha").await, spawn("beta").await];
+    shares_settle(&db, &[2, 2]).await;
+    converge(&db, &wave(&db, &stream, &groups, 1).await).await;
+
+    workers.push(spawn("gamma").await);
+    shares_settle(&db, &[1, 1, 2]).await;
+    converge(&db, &wave(&db, &stream, &groups, 2).await).await;
+    // Still one reader per shard after the move: held leases add up to the shard count.
+    let mut held = 0.0;
+    for worker in &workers {
+        held += worker.metric("stream_worker_leases_held", "").await;
+    }
+    assert_eq!(held, 4.0);
+    for worker in workers.iter_mut() {
+        worker.signal("TERM");
+        assert_eq!(worker.wait_exit().await.code(), Some(0));
+    }
+}
+
+#[tokio::test]
+async fn a_split_and_a_merge_while_writing_lose_nothing_and_parents_finish_first() {
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(2).await;
+    let groups = conversations(&db, &stream, 6).await;
+    wave(&db, &stream, &groups, 1).await;
+    let worker = db.start_kinesis_worker(&stream, &[]).await;
+
+    // Split the first shard at the middle of its hash range.
+    let shards = stream.shards().await;
+    let (first, _, start, end, _) = shards[0].clone();
+    stream
+        .client
+        .split_shard()
+        .stream_name(&stream.name)
+        .shard_to_split(&first)
+        .new_starting_hash_key((start + (end - start) / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    stream.wait_active().await;
+    wave(&db, &stream, &groups, 2).await;
+
+    // Merge the upper child of the split with the second original shard (adjacent ranges).
+    let shards = stream.shards().await;
+    let second = shards[1].0.clone();
+    let upper_child = shards
+        .iter()
+        .filter(|(_, parents, _, _, closed)| parents == &vec![first.clone()] && !closed)
+        .max_by_key(|(_, _, start, _, _)| *start)
+        .map(|(id, ..)| id.clone())
+        .expect("split children");
+    stream
+        .client
+        .merge_shards()
+        .stream_name(&stream.name)
+        .shard_to_merge(&upper_child)
+        .adjacent_shard_to_merge(&second)
+        .send()
+        .await
+        .expect("merge");
+    stream.wait_active().await;
+    let expected = wave(&db, &stream, &groups, 3).await;
+    converge(&db, &expected).await;
+    let report = worker.stop().await;
+
+    let shards = stream.shards().await;
+    let merged = shards
+        .iter()
+        .find(|(_, parents, ..)| parents.len() == 2)
+        .expect("the merged shard");
+    let leases = db.leases().await;
+    for parent in &merged.1 {
+        assert_eq!(
+            leases[parent].get("shard_end"),
+            Some(&AttributeValue::Bool(true)),
+            "{parent} finished"
+        );
+    }
+    assert_eq!(leases[&first].get("shard_end"), Some(&AttributeValue::Bool(true)));
+    // Children started only after every parent's reader finished.
+    let reader = |id: &str| report.shards.iter().find(|r| r.shard.0 == id).cloned();
+    for (id, parents, ..) in &shards {
+        let Some(child) = reader(id) else { continue };
+        for parent in parents {
+            let parent = reader(parent).expect("the parent was read by this worker");
+            assert!(parent.ended);
+            assert!(
+                child.started_at >= parent.finished_at,
+                "{id} started before {} finished",
+                parent.shard
+            );
+        }
+    }
+    // 6 conversations x 3 rows + 18 messages, each read exactly once.
+    assert_eq!(report.records(), 6 * 3 + 18);
+    let mut open = leases
+        .values()
+        .filter(|lease| lease.get("shard_end") == Some(&AttributeValue::Bool(false)));
+    assert!(
+        open.all(|lease| s(lease, "owner").is_empty()),
+        "unfinished leases are released on stop"
+    );
+}
