@@ -126,10 +126,13 @@ pub async fn start_with_source<S: StreamSource>(
     let readiness: http::Readiness = Arc::new(move || health.readiness(max_poll_age));
     let server = tokio::spawn(http::serve(listener, metrics.clone(), readiness, http_stop.clone()));
     let upkeep_stop = http_stop.clone();
+    let in_flight = dispatcher.clone();
     tokio::spawn(async move {
-        // Histograms need draining now and then when the exporter's own listener is not used.
+        // Histograms need draining now and then when the exporter's own listener is not used,
+        // and gauges setting now and then or they go idle.
         let mut every = tokio::time::interval(Duration::from_secs(5));
         while upkeep_stop.run_until_cancelled(every.tick()).await.is_some() {
+            metrics::gauge!(telemetry::metric::IN_FLIGHT).set(in_flight.in_flight() as f64);
             metrics.run_upkeep();
         }
     });

@@ -71,6 +71,8 @@ enum Command {
     Messages { group_uuid: String },
     /// Every item of the messages table, one JSON object per line (for debugging).
     Scan,
+    /// The lease table: each shard's owner, lease counter, checkpoint and lineage.
+    Leases,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +215,32 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
                     field(&row, "sk"),
                     field(&row, "user_handle"),
                     field(&row, "message")
+                );
+            }
+            Ok(())
+        }
+        Command::Leases => {
+            let store = LeaseStore::new(client, &settings.lease_table_name, &settings.worker_id);
+            let mut leases: Vec<_> = store.load_all().await?.into_values().collect();
+            leases.sort_by(|a, b| a.shard.cmp(&b.shard));
+            println!(
+                "{:<40}  {:<24}  {:>7}  {:<5}  {:<26}  parents",
+                "shard", "owner", "counter", "ended", "checkpoint"
+            );
+            for lease in leases {
+                let parents: Vec<&str> = lease.parents.iter().map(|p| p.0.as_str()).collect();
+                println!(
+                    "{:<40}  {:<24}  {:>7}  {:<5}  {:<26}  {}",
+                    lease.shard.0,
+                    lease.owner.as_deref().unwrap_or("-"),
+                    lease.counter,
+                    lease.shard_end,
+                    lease.checkpoint.encode(),
+                    if parents.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        parents.join(",")
+                    }
                 );
             }
             Ok(())

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use tracing_subscriber::EnvFilter;
 
 /// Metric names, one constant each.
@@ -27,6 +28,7 @@ pub mod metric {
     pub const RETRIES: &str = "stream_worker_retries_total";
     pub const CHECKPOINTS: &str = "stream_worker_checkpoints_total";
     pub const ITERATOR_AGE: &str = "stream_worker_iterator_age_seconds";
+    pub const SHARD_ITERATOR_AGE: &str = "stream_worker_shard_iterator_age_seconds";
     pub const GETRECORDS_DURATION: &str = "stream_worker_getrecords_duration_seconds";
     pub const IN_FLIGHT: &str = "stream_worker_in_flight";
     pub const SHARDS_READING: &str = "stream_worker_shards_reading";
@@ -42,6 +44,9 @@ pub mod metric {
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// A gauge not set for this long leaves `/metrics`.
+pub const GAUGE_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Registers the `# HELP` text of every metric.
 pub fn describe() {
@@ -81,6 +86,12 @@ pub fn describe() {
         ITERATOR_AGE,
         Unit::Seconds,
         "Age of the newest record read, maximum over shards (0 when caught up)."
+    );
+    describe_gauge!(
+        SHARD_ITERATOR_AGE,
+        Unit::Seconds,
+        "Per shard this worker reads: how far behind the tip (MillisBehindLatest, or the newest record's age); \
+         the series goes once the shard is released or finished."
     );
     describe_histogram!(
         GETRECORDS_DURATION,
@@ -135,7 +146,11 @@ pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            // Gauges not set for a while disappear: that is how a released shard's series goes
+            // (the metrics API has no removal). Every other gauge is set at least every few
+            // seconds while the worker runs.
             let builder = PrometheusBuilder::new()
+                .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT))
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
                 .expect("bucket list is not empty");
             let handle = match builder.install_recorder() {

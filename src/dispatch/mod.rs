@@ -99,6 +99,15 @@ impl<H: Handler> Dispatcher<H> {
         }
     }
 
+    /// Updates running or waiting for their key's turn now.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .settings
+            .max_in_flight
+            .max(1)
+            .saturating_sub(self.shared.permits.available_permits())
+    }
+
     /// Waits until every update ever submitted has finished.
     pub async fn wait_idle(&self) {
         self.shared.tracker.close();

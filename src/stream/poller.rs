@@ -37,14 +37,21 @@ pub(super) struct ShardAges(Mutex<HashMap<ShardId, f64>>);
 
 impl ShardAges {
     fn set(&self, shard: &ShardId, seconds: f64) {
+        metrics::gauge!(metric::SHARD_ITERATOR_AGE, "shard" => shard.0.clone()).set(seconds);
         let mut ages = lock(&self.0);
         ages.insert(shard.clone(), seconds);
         metrics::gauge!(metric::ITERATOR_AGE).set(ages.values().copied().fold(0.0, f64::max));
     }
 
-    fn remove(&self, shard: &ShardId) {
-        let mut ages = lock(&self.0);
-        ages.remove(shard);
+    /// The shard's series stops being set, so it leaves `/metrics` after the gauge idle timeout.
+    pub(super) fn remove(&self, shard: &ShardId) {
+        lock(&self.0).remove(shard);
+        self.publish();
+    }
+
+    /// Sets the maximum again (also keeps the gauge from going idle while no shard is read).
+    pub(super) fn publish(&self) {
+        let ages = lock(&self.0);
         metrics::gauge!(metric::ITERATOR_AGE).set(ages.values().copied().fold(0.0, f64::max));
     }
 }

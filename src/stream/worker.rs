@@ -190,6 +190,10 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             if let Err(error) = self.lease_round(&mut state).await {
                 tracing::warn!(error = %error, "lease round failed");
             }
+            // Set every round, stream found or not, so that they never go idle.
+            metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
+            metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
+            self.context.ages.publish();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}
@@ -410,8 +414,7 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         for (shard_state, count) in counts {
             metrics::gauge!(metric::SHARDS, "state" => shard_state).set(count as f64);
         }
-        metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
-        metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
+
         self.context.health.lease_round_succeeded(!state.held.is_empty());
     }
 

@@ -58,6 +58,12 @@ async fn a_four_shard_stream_is_read_in_full() {
     let worker = db.start_kinesis_worker(&stream, &[]).await;
     converge(&db, &expected).await;
     assert_eq!(worker.metric("stream_worker_leases_held", "").await, 4.0);
+    let (_, metrics) = worker.get("/metrics").await;
+    let per_shard = metrics
+        .lines()
+        .filter(|line| line.starts_with("stream_worker_shard_iterator_age_seconds{shard="))
+        .count();
+    assert_eq!(per_shard, 4, "one lag series per shard read");
     let report = worker.stop().await;
     // 8 conversations x 3 rows + 16 messages, each read once, across the four shards.
     assert_eq!(report.records(), 8 * 3 + 16);
