@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::support::{s, users, wait_until, TestDb, TestKinesis};
+use crate::support::{s, users, wait_until, LeaseWatch, TestDb, TestKinesis};
 
 /// `count` conversations among `people`, each with its own opening second.
 async fn conversations(db: &TestDb, stream: &TestKinesis, count: usize) -> Vec<(String, usize)> {
@@ -96,9 +96,10 @@ async fn shares_settle(db: &TestDb, expected: &[usize]) -> BTreeMap<String, usiz
 }
 
 #[tokio::test]
-async fn two_then_three_workers_share_four_shards_within_one() {
+async fn two_then_three_workers_share_four_shards_within_one_and_survive_a_crash() {
     let db = TestDb::new().await;
     let stream = db.kinesis_stream(4).await;
+    let watch = LeaseWatch::start(&db);
     let groups = conversations(&db, &stream, 8).await;
     let args = |id: &'static str, name: String| -> Vec<String> {
         [
@@ -140,10 +141,24 @@ async fn two_then_three_workers_share_four_shards_within_one() {
         held += worker.metric("stream_worker_leases_held", "").await;
     }
     assert_eq!(held, 4.0);
+
+    // A crash: the survivors take the dead worker's shards once its leases expire, resume from
+    // its checkpoints, and lose nothing written meanwhile.
+    let mut dead = workers.pop().expect("gamma");
+    dead.signal("KILL");
+    dead.wait_exit().await;
+    let expected = wave(&db, &stream, &groups, 3).await;
+    let shares = shares_settle(&db, &[2, 2]).await;
+    assert!(
+        !shares.contains_key("gamma"),
+        "nothing left with the dead worker: {shares:?}"
+    );
+    converge(&db, &expected).await;
     for worker in workers.iter_mut() {
         worker.signal("TERM");
         assert_eq!(worker.wait_exit().await.code(), Some(0));
     }
+    watch.finish().await;
 }
 
 #[tokio::test]
