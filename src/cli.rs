@@ -73,6 +73,12 @@ enum Command {
     Scan,
     /// The lease table: each shard's owner, lease counter, checkpoint and lineage.
     Leases,
+    /// Probe a running worker's /healthz (for container health checks; exit 0 when healthy).
+    Healthcheck {
+        /// The worker's address; default: http_addr from the settings, on loopback.
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +161,10 @@ fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
 }
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
+    if let Command::Healthcheck { addr } = command {
+        // No AWS needed: only the worker's own endpoint.
+        return healthcheck(addr.unwrap_or_else(|| loopback(settings.http_addr))).await;
+    }
     let sdk = aws::load_sdk_config(AwsOverrides::default()).await;
     if sdk.region().is_none_or(|region| region.as_ref().trim().is_empty()) {
         return Err(NoRegion.into());
@@ -245,6 +255,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Healthcheck { .. } => Ok(()),
         Command::Scan => {
             for item in admin::scan(&client, table).await? {
                 println!("{}", item_to_json(&item));
@@ -288,6 +299,43 @@ async fn run(settings: &Settings, sdk: &aws_config::SdkConfig) -> anyhow::Result
             settings.shutdown_grace.as_secs()
         ),
     }
+}
+
+/// Where a worker listening on `addr` answers on this machine (0.0.0.0 means every interface).
+fn loopback(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    }
+}
+
+/// GET /healthz with a 3 s limit; Ok only on 200.
+async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(3), probe)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr}: no answer within 3 s"))?
+        .with_context(|| format!("cannot reach {addr}"))?;
+    let status_line = String::from_utf8_lossy(&response)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    anyhow::ensure!(
+        status_line.split(' ').nth(1) == Some("200"),
+        "{addr}/healthz answered {status_line:?}"
+    );
+    println!("healthy");
+    Ok(())
 }
 
 async fn shutdown_signal() -> &'static str {

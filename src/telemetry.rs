@@ -37,6 +37,29 @@ pub mod metric {
     pub const LEASE_TAKEOVERS: &str = "stream_worker_lease_takeovers_total";
     pub const LEASE_LOST: &str = "stream_worker_lease_lost_total";
     pub const SHARDS: &str = "stream_worker_shards";
+
+    /// Every metric the worker exports.
+    pub const ALL: &[&str] = &[
+        RECORDS_RECEIVED,
+        RECORDS_IGNORED,
+        RECORDS_COALESCED,
+        RECORDS_FAILED,
+        GROUP_UPDATES,
+        GROUP_UPDATE_RACES,
+        GROUP_UPDATE_DURATION,
+        RETRIES,
+        CHECKPOINTS,
+        ITERATOR_AGE,
+        SHARD_ITERATOR_AGE,
+        GETRECORDS_DURATION,
+        IN_FLIGHT,
+        SHARDS_READING,
+        STREAM_GAPS,
+        LEASES_HELD,
+        LEASE_TAKEOVERS,
+        LEASE_LOST,
+        SHARDS,
+    ];
 }
 
 /// Histogram buckets for latencies, in seconds: DynamoDB round trips are milliseconds, retries
@@ -192,4 +215,48 @@ pub fn init_logging(format: LogFormat, filter: &str) {
     } else {
         builder.with_target(false).try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric;
+
+    /// Names that look like this project's metrics in a text file.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("stream_worker_") {
+            let tail = &rest[start..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            names.push(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../README.md");
+        for name in metric::ALL {
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "README's metrics tables lack {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn alert_rules_use_only_exported_metrics() {
+        let rules = include_str!("../deploy/prometheus/alerts.yml");
+        let used = names_in(rules);
+        assert!(!used.is_empty());
+        for name in used {
+            assert!(
+                metric::ALL.contains(&name.as_str()),
+                "alerts.yml uses {name}, which the worker does not export"
+            );
+        }
+    }
 }

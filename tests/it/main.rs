@@ -4,6 +4,7 @@
 mod faults;
 mod kinesis;
 mod lineage;
+mod observability;
 mod operations;
 mod sharing;
 mod support;
