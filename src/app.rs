@@ -117,6 +117,7 @@ pub async fn start_with_source<S: StreamSource>(
         lease_duration: settings.lease_duration,
         lease_take_interval: settings.lease_take_interval,
         max_steals_per_round: settings.max_steals_per_round,
+        status_interval: settings.status_log_interval,
         retry: stream_retry,
     };
     let worker = StreamWorker::new(source, dispatcher.clone(), leases, stream_settings, health.clone());

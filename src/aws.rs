@@ -92,18 +92,34 @@ pub async fn create_table_if_missing(
     use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
     use aws_sdk_dynamodb::types::TableStatus;
 
-    let created = match shape(client.create_table().table_name(table)).send().await {
+    // Look before creating: a worker whose role may not create tables (least privilege, the
+    // table made by CloudFormation) must still start.
+    let exists = match client.describe_table().table_name(table).send().await {
         Ok(_) => true,
         Err(error)
             if matches!(
                 error.as_service_error(),
-                Some(CreateTableError::ResourceInUseException(_))
+                Some(DescribeTableError::ResourceNotFoundException(_))
             ) =>
         {
             false
         }
-        Err(error) => return Err(AwsError::from_sdk("CreateTable", &error)),
+        Err(error) => return Err(AwsError::from_sdk("DescribeTable", &error)),
     };
+    let created = !exists
+        && match shape(client.create_table().table_name(table)).send().await {
+            Ok(_) => true,
+            // Someone else created it meanwhile.
+            Err(error)
+                if matches!(
+                    error.as_service_error(),
+                    Some(CreateTableError::ResourceInUseException(_))
+                ) =>
+            {
+                false
+            }
+            Err(error) => return Err(AwsError::from_sdk("CreateTable", &error)),
+        };
     // Bounded wait: DynamoDB Local is ACTIVE at once, real DynamoDB within seconds.
     for _ in 0..600 {
         match client.describe_table().table_name(table).send().await {

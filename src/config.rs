@@ -36,6 +36,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("lease_duration_ms", "WORKER_LEASE_DURATION_MS"),
     ("lease_take_interval_ms", "WORKER_LEASE_TAKE_INTERVAL_MS"),
     ("max_steals_per_round", "WORKER_MAX_STEALS_PER_ROUND"),
+    ("status_log_interval_ms", "WORKER_STATUS_LOG_INTERVAL_MS"),
     ("retry_base_delay_ms", "WORKER_RETRY_BASE_DELAY_MS"),
     ("retry_max_delay_ms", "WORKER_RETRY_MAX_DELAY_MS"),
     ("retry_max_attempts", "WORKER_RETRY_MAX_ATTEMPTS"),
@@ -71,6 +72,7 @@ pub struct Settings {
     pub lease_duration: Duration,
     pub lease_take_interval: Duration,
     pub max_steals_per_round: usize,
+    pub status_log_interval: Duration,
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
     /// `None`: unbounded.
@@ -347,6 +349,7 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         max_in_flight: usize::try_from(layers.integer("max_in_flight", 1, 100_000)?).unwrap_or(100_000),
         lease_duration,
         lease_take_interval,
+        status_log_interval: layers.millis("status_log_interval_ms", 100, 3_600_000)?,
         max_steals_per_round: usize::try_from(layers.integer("max_steals_per_round", 0, 1_000)?).unwrap_or(1_000),
         retry_base_delay,
         retry_max_delay,

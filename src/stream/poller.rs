@@ -51,8 +51,12 @@ impl ShardAges {
 
     /// Sets the maximum again (also keeps the gauge from going idle while no shard is read).
     pub(super) fn publish(&self) {
-        let ages = lock(&self.0);
-        metrics::gauge!(metric::ITERATOR_AGE).set(ages.values().copied().fold(0.0, f64::max));
+        metrics::gauge!(metric::ITERATOR_AGE).set(self.max());
+    }
+
+    /// The oldest lag over the shards read, in seconds.
+    pub(super) fn max(&self) -> f64 {
+        lock(&self.0).values().copied().fold(0.0, f64::max)
     }
 }
 

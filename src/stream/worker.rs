@@ -53,6 +53,9 @@ pub struct StreamSettings {
     /// How often the lease table is read to take, steal and renew.
     pub lease_take_interval: Duration,
     pub max_steals_per_round: usize,
+    /// How often a status line (iterator age, leases, shards) is logged: a log-based metric
+    /// source where Prometheus is not scraped (CloudWatch Logs metric filters).
+    pub status_interval: Duration,
     /// For AWS calls of this layer; reads retry until shutdown, so leave attempts unbounded.
     pub retry: RetryPolicy,
 }
@@ -128,6 +131,7 @@ struct State {
     last_renewal: Instant,
     next_sync: Instant,
     failed_syncs: u32,
+    last_status: Instant,
     report: StreamReport,
 }
 
@@ -145,6 +149,7 @@ impl State {
             last_renewal: now,
             next_sync: now,
             failed_syncs: 0,
+            last_status: now,
             report: StreamReport::default(),
         }
     }
@@ -194,6 +199,15 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
             metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
             self.context.ages.publish();
+            if state.last_status.elapsed() >= self.context.settings.status_interval {
+                state.last_status = Instant::now();
+                tracing::info!(
+                    iterator_age_seconds = self.context.ages.max(),
+                    leases_held = state.held.len(),
+                    shards_reading = state.readers.len(),
+                    "status"
+                );
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}

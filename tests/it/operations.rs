@@ -245,7 +245,14 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
     db.message(&group, &people[1], "2023-08-01T00:00:05", "two").await;
     // No periodic checkpoint within the test: the only one is the shutdown's.
     let mut worker = db
-        .spawn_worker_process(&["--set", "checkpoint_interval_ms=600000", "--set", "idle_interval_ms=20"])
+        .spawn_worker_process(&[
+            "--set",
+            "checkpoint_interval_ms=600000",
+            "--set",
+            "idle_interval_ms=20",
+            "--set",
+            "status_log_interval_ms=100",
+        ])
         .await;
     db.wait_for_group(&group, "2023-08-01T00:00:05", "two").await;
     // Wait until the worker has read everything, its own group-row rewrites included.
@@ -260,6 +267,13 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         leases.values().all(|lease| s(lease, "checkpoint") == "TRIM_HORIZON"),
         "no checkpoint before the signal"
     );
+
+    // The status line (the CloudWatch alarm's source) comes every status_log_interval_ms.
+    let status_logged = wait_until(Duration::from_secs(30), || async {
+        worker.log().contains("\"message\":\"status\"")
+    })
+    .await;
+    assert!(status_logged, "{}", worker.log());
 
     worker.signal("TERM");
     assert_eq!(worker.wait_exit().await.code(), Some(0), "SIGTERM exits 0");
@@ -284,6 +298,14 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
     })
     .await;
     assert!(logged, "{}", worker.log());
+    let status = worker
+        .log()
+        .lines()
+        .find(|line| line.contains("\"message\":\"status\""))
+        .map(str::to_owned);
+    let status: serde_json::Value = serde_json::from_str(&status.expect("a status line")).expect("JSON");
+    assert!(status["iterator_age_seconds"].is_number(), "{status}");
+    assert!(status["leases_held"].is_number());
     assert!(!worker.log().contains("\"two\""), "message text never reaches the log");
 }
 
