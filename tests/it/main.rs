@@ -1,6 +1,7 @@
 //! End-to-end tests against the real DynamoDB Local (started by `scripts/test`), one binary.
 //! Every test works in its own database (its own access key), so they run in parallel.
 
+mod deploy;
 mod faults;
 mod kinesis;
 mod lineage;

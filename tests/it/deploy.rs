@@ -1,0 +1,101 @@
+//! The deploy files agree with the worker: the dashboard graphs only metrics it exports, the
+//! task definition leaves the worker its shutdown grace, the image checks itself and runs as a
+//! non-root user. (cfn-lint, promtool and a compose parse run in scripts/test.)
+
+use cruddur_stream_worker::telemetry::metric;
+
+use crate::support::repo;
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|error| panic!("{path}: {error}"))
+}
+
+/// `stream_worker_*` names in a text, with Prometheus' histogram suffixes taken off.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("stream_worker_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        names.push(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn the_dashboard_parses_and_graphs_only_exported_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("deploy/grafana/dashboards/cruddur-stream-worker.json")).expect("dashboard JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 6);
+    let mut graphed = Vec::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has a query", panel["title"]);
+        for target in targets {
+            graphed.extend(metric_names(target["expr"].as_str().expect("expr")));
+        }
+    }
+    for name in &graphed {
+        assert!(
+            metric::ALL.contains(&name.as_str()),
+            "the dashboard graphs {name}, which the worker does not export"
+        );
+    }
+    for wanted in [
+        metric::RECORDS_RECEIVED,
+        metric::SHARD_ITERATOR_AGE,
+        metric::GROUP_UPDATE_DURATION,
+        metric::RETRIES,
+        metric::LEASES_HELD,
+    ] {
+        assert!(
+            graphed.iter().any(|name| name == wanted),
+            "the dashboard shows {wanted}"
+        );
+    }
+}
+
+#[test]
+fn the_task_definition_leaves_the_worker_its_grace_and_checks_its_health() {
+    let task: serde_json::Value = serde_json::from_str(&read("deploy/ecs/task-definition.json")).expect("task JSON");
+    assert_eq!(task["networkMode"], "awsvpc");
+    let container = &task["containerDefinitions"][0];
+    let grace = container["environment"]
+        .as_array()
+        .expect("environment")
+        .iter()
+        .find(|pair| pair["name"] == "WORKER_SHUTDOWN_GRACE_SECONDS")
+        .and_then(|pair| pair["value"].as_str()?.parse::<u64>().ok())
+        .expect("the grace is set");
+    assert!(
+        container["stopTimeout"].as_u64().expect("stopTimeout") > grace,
+        "ECS must wait longer than the grace"
+    );
+    assert_eq!(container["healthCheck"]["command"][2], "healthcheck");
+    assert_eq!(container["readonlyRootFilesystem"], true);
+    let template = read("deploy/ecs/cloudformation.yaml");
+    assert!(
+        template.contains(&format!("StopTimeout: {}", container["stopTimeout"])),
+        "the template agrees"
+    );
+}
+
+#[test]
+fn the_image_runs_as_non_root_and_checks_itself() {
+    let dockerfile = read("deploy/Dockerfile");
+    assert!(dockerfile.contains("USER nonroot"));
+    assert!(dockerfile.contains(r#"CMD ["/app/cruddur-stream-worker", "healthcheck"]"#));
+    assert!(
+        dockerfile.contains(r#"ENTRYPOINT ["/app/cruddur-stream-worker"]"#),
+        "the binary is PID 1 and gets SIGTERM"
+    );
+}
