@@ -65,6 +65,18 @@ fn the_dashboard_parses_and_graphs_only_exported_metrics() {
 }
 
 #[test]
+fn alert_rules_use_only_exported_metrics() {
+    let used = metric_names(&read("deploy/prometheus/alerts.yml"));
+    assert!(!used.is_empty());
+    for name in used {
+        assert!(
+            metric::ALL.contains(&name.as_str()),
+            "alerts.yml uses {name}, which the worker does not export"
+        );
+    }
+}
+
+#[test]
 fn the_task_definition_leaves_the_worker_its_grace_and_checks_its_health() {
     let task: serde_json::Value = serde_json::from_str(&read("deploy/ecs/task-definition.json")).expect("task JSON");
     assert_eq!(task["networkMode"], "awsvpc");
