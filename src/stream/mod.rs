@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 pub use dynamodb::DynamoDbStreamsSource;
 pub use kinesis::KinesisSource;
-pub use lease::{HeldLease, Lease, LeaseStore, LEASE_TABLE_KEY};
+pub use lease::{Lease, LeaseStore, LEASE_TABLE_KEY};
 pub use record::{EventKind, Item, Record, SequenceNumber, ShardId};
 pub use worker::{ShardReport, StreamReport, StreamSettings, StreamWorker};
 
