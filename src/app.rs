@@ -16,7 +16,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Settings, Source};
+use crate::config::{DeadLetterTarget, Settings, Source};
+use crate::deadletter::{DeadLetterDestination, DeadLetterError};
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::groups::updater::GroupSummaryUpdater;
 use crate::retry::RetryPolicy;
@@ -34,6 +35,44 @@ pub enum AppError {
     Stream(#[from] StreamError),
     #[error("worker task failed: {0}")]
     Task(String),
+    #[error(
+        "no dead-letter destination: set dead_letter_queue_url (WORKER_DEAD_LETTER_QUEUE_URL) \
+         or dead_letter_file (WORKER_DEAD_LETTER_FILE)"
+    )]
+    NoDeadLetters,
+    #[error("dead-letter destination {destination} cannot be written: {source}")]
+    DeadLetters {
+        destination: String,
+        source: DeadLetterError,
+    },
+}
+
+impl AppError {
+    /// Bad configuration rather than a runtime failure.
+    pub fn is_config(&self) -> bool {
+        matches!(self, AppError::NoDeadLetters)
+    }
+}
+
+/// The configured dead-letter destination, with its client.
+pub fn dead_letter_destination(settings: &Settings, sdk: &SdkConfig) -> Result<DeadLetterDestination, AppError> {
+    match &settings.dead_letters {
+        None => Err(AppError::NoDeadLetters),
+        Some(DeadLetterTarget::File(path)) => Ok(DeadLetterDestination::File(path.clone())),
+        Some(DeadLetterTarget::Queue(url)) => Ok(DeadLetterDestination::Queue {
+            client: aws::sqs_client(sdk),
+            url: url.clone(),
+        }),
+    }
+}
+
+/// The retry policy of group updates, from the settings.
+pub fn handler_retry(settings: &Settings) -> RetryPolicy {
+    RetryPolicy {
+        base_delay: settings.retry_base_delay,
+        max_delay: settings.retry_max_delay,
+        max_attempts: settings.retry_max_attempts,
+    }
 }
 
 /// A started worker.
@@ -77,6 +116,11 @@ pub async fn start_with_source<S: StreamSource>(
     shutdown: CancellationToken,
 ) -> Result<Running, AppError> {
     let metrics = telemetry::prometheus();
+    let dead_letters = dead_letter_destination(settings, sdk)?;
+    dead_letters.check().await.map_err(|source| AppError::DeadLetters {
+        destination: dead_letters.describe(),
+        source,
+    })?;
     let listener = TcpListener::bind(settings.http_addr)
         .await
         .map_err(|source| AppError::Bind {
@@ -90,11 +134,7 @@ pub async fn start_with_source<S: StreamSource>(
 
     let tables = aws::dynamodb_client(sdk);
     let updater = Arc::new(GroupSummaryUpdater::new(tables.clone(), &settings.table_name));
-    let handler_retry = RetryPolicy {
-        base_delay: settings.retry_base_delay,
-        max_delay: settings.retry_max_delay,
-        max_attempts: settings.retry_max_attempts,
-    };
+    let handler_retry = handler_retry(settings);
     let stream_retry = RetryPolicy {
         max_attempts: None,
         ..handler_retry.clone()
@@ -104,6 +144,9 @@ pub async fn start_with_source<S: StreamSource>(
         DispatchSettings {
             max_in_flight: settings.max_in_flight,
             retry: handler_retry,
+            max_record_age: settings.max_record_age,
+            dead_letters: dead_letters.clone(),
+            worker_id: settings.worker_id.clone(),
         },
     ));
     let leases = LeaseStore::new(tables, &settings.lease_table_name, &settings.worker_id);
@@ -137,7 +180,7 @@ pub async fn start_with_source<S: StreamSource>(
             metrics.run_upkeep();
         }
     });
-    tracing::info!(%http_addr, worker_id = %settings.worker_id, table = %settings.table_name, "worker started");
+    tracing::info!(%http_addr, worker_id = %settings.worker_id, table = %settings.table_name, dead_letters = %dead_letters.describe(), "worker started");
 
     let task = tokio::spawn(async move {
         let result = worker.run(shutdown).await;

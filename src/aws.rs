@@ -18,7 +18,7 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 
 use crate::retry::Retryable;
 
-/// Error codes that mean "try again later" across DynamoDB and DynamoDB Streams.
+/// Error codes that mean "try again later" across DynamoDB, DynamoDB Streams, Kinesis and SQS.
 const RETRYABLE_CODES: &[&str] = &[
     "ThrottlingException",
     "ProvisionedThroughputExceededException",
@@ -76,6 +76,10 @@ pub fn streams_client(config: &SdkConfig) -> aws_sdk_dynamodbstreams::Client {
 
 pub fn kinesis_client(config: &SdkConfig) -> aws_sdk_kinesis::Client {
     aws_sdk_kinesis::Client::new(config)
+}
+
+pub fn sqs_client(config: &SdkConfig) -> aws_sdk_sqs::Client {
+    aws_sdk_sqs::Client::new(config)
 }
 
 /// Creates a table unless it exists, then waits until it is ACTIVE. `shape` fills in keys,

@@ -123,8 +123,11 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            // A missing region is bad configuration, like a bad key.
-            if error.is::<NoRegion>() {
+            // A missing region or dead-letter destination is bad configuration, like a bad key.
+            let bad_config = error
+                .downcast_ref::<app::AppError>()
+                .is_some_and(app::AppError::is_config);
+            if error.is::<NoRegion>() || bad_config {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

@@ -40,6 +40,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("retry_base_delay_ms", "WORKER_RETRY_BASE_DELAY_MS"),
     ("retry_max_delay_ms", "WORKER_RETRY_MAX_DELAY_MS"),
     ("retry_max_attempts", "WORKER_RETRY_MAX_ATTEMPTS"),
+    ("max_record_age_seconds", "WORKER_MAX_RECORD_AGE_SECONDS"),
+    ("dead_letter_file", "WORKER_DEAD_LETTER_FILE"),
+    ("dead_letter_queue_url", "WORKER_DEAD_LETTER_QUEUE_URL"),
     ("ready_max_poll_age_ms", "WORKER_READY_MAX_POLL_AGE_MS"),
     ("shutdown_grace_seconds", "WORKER_SHUTDOWN_GRACE_SECONDS"),
     ("log_format", "WORKER_LOG_FORMAT"),
@@ -53,6 +56,15 @@ pub enum Source {
     DynamoDb,
     /// A Kinesis data stream the table streams into.
     Kinesis { stream_name: String },
+}
+
+/// Where records that fail for good are written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterTarget {
+    /// JSON lines appended to this file.
+    File(PathBuf),
+    /// An SQS queue URL.
+    Queue(String),
 }
 
 /// The validated settings.
@@ -77,6 +89,10 @@ pub struct Settings {
     pub retry_max_delay: Duration,
     /// `None`: unbounded.
     pub retry_max_attempts: Option<u32>,
+    /// `None`: unbounded.
+    pub max_record_age: Option<Duration>,
+    /// `None` when neither key is set: commands that need one say so.
+    pub dead_letters: Option<DeadLetterTarget>,
     pub ready_max_poll_age: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
@@ -324,6 +340,31 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         0 => None,
         attempts => Some(u32::try_from(attempts).unwrap_or(u32::MAX)),
     };
+    let max_record_age = match layers.integer("max_record_age_seconds", 0, 604_800)? {
+        0 => None,
+        seconds => Some(Duration::from_secs(seconds)),
+    };
+    let dead_letter_file = layers.string("dead_letter_file")?.trim().to_owned();
+    let dead_letter_queue_url = layers.string("dead_letter_queue_url")?.trim().to_owned();
+    let dead_letters = match (dead_letter_file.is_empty(), dead_letter_queue_url.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(DeadLetterTarget::File(PathBuf::from(dead_letter_file))),
+        (true, false) => {
+            if !(dead_letter_queue_url.starts_with("https://") || dead_letter_queue_url.starts_with("http://")) {
+                return Err(layers.invalid(
+                    "dead_letter_queue_url",
+                    format!("{dead_letter_queue_url:?} is not a queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)"),
+                ));
+            }
+            Some(DeadLetterTarget::Queue(dead_letter_queue_url))
+        }
+        (false, false) => {
+            return Err(layers.invalid(
+                "dead_letter_queue_url",
+                "set either dead_letter_file or dead_letter_queue_url, not both",
+            ))
+        }
+    };
     let source = match layers.string("source")?.to_ascii_lowercase().as_str() {
         "dynamodb" => Source::DynamoDb,
         "kinesis" => {
@@ -354,6 +395,8 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         retry_base_delay,
         retry_max_delay,
         retry_max_attempts,
+        max_record_age,
+        dead_letters,
         ready_max_poll_age: layers.millis("ready_max_poll_age_ms", 1_000, 3_600_000)?,
         shutdown_grace: Duration::from_secs(layers.integer("shutdown_grace_seconds", 1, 3_600)?),
         log_format,
@@ -483,9 +526,31 @@ mod tests {
     }
 
     #[test]
-    fn zero_attempts_means_unbounded() {
-        assert_eq!(load(&sources(&[], &[])).expect("valid").retry_max_attempts, None);
-        let bounded = load(&sources(&[("WORKER_RETRY_MAX_ATTEMPTS", "5")], &[])).expect("valid");
-        assert_eq!(bounded.retry_max_attempts, Some(5));
+    fn zero_attempts_or_age_means_unbounded() {
+        let defaults = load(&sources(&[], &[])).expect("valid");
+        assert_eq!(defaults.retry_max_attempts, Some(20));
+        assert_eq!(defaults.max_record_age, None);
+        let unbounded = load(&sources(&[("WORKER_RETRY_MAX_ATTEMPTS", "0")], &[])).expect("valid");
+        assert_eq!(unbounded.retry_max_attempts, None);
+        let aged = load(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "60")], &[])).expect("valid");
+        assert_eq!(aged.max_record_age, Some(Duration::from_secs(60)));
+        assert!(error_text(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "-1")], &[])).contains("max_record_age_seconds"));
+    }
+
+    #[test]
+    fn one_dead_letter_destination_at_most() {
+        assert_eq!(load(&sources(&[], &[])).expect("valid").dead_letters, None);
+        let file = load(&sources(&[("WORKER_DEAD_LETTER_FILE", "/tmp/dl.jsonl")], &[])).expect("valid");
+        assert_eq!(file.dead_letters, Some(DeadLetterTarget::File("/tmp/dl.jsonl".into())));
+        let url = "https://sqs.eu-west-1.amazonaws.com/123456789012/dlq";
+        let queue = load(&sources(&[("WORKER_DEAD_LETTER_QUEUE_URL", url)], &[])).expect("valid");
+        assert_eq!(queue.dead_letters, Some(DeadLetterTarget::Queue(url.into())));
+        let both = error_text(&sources(
+            &[("WORKER_DEAD_LETTER_FILE", "x"), ("WORKER_DEAD_LETTER_QUEUE_URL", url)],
+            &[],
+        ));
+        assert!(both.contains("not both"), "{both}");
+        let bad = error_text(&sources(&[("WORKER_DEAD_LETTER_QUEUE_URL", "dlq")], &[]));
+        assert!(bad.contains("dead_letter_queue_url") && bad.contains("WORKER_DEAD_LETTER_QUEUE_URL"), "{bad}");
     }
 }

@@ -29,6 +29,7 @@ pub mod app;
 pub mod aws;
 pub mod cli;
 pub mod config;
+pub mod deadletter;
 pub mod dispatch;
 pub mod groups;
 pub mod http;

@@ -15,7 +15,8 @@
 
 use std::fmt::Display;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
 
 use backon::Retryable as _;
 
@@ -80,6 +81,25 @@ impl Iterator for FullJitter {
     }
 }
 
+/// Why a retry loop stopped without success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveUp {
+    /// The error said another attempt cannot help.
+    Permanent,
+    /// The policy's attempts ran out.
+    Attempts,
+    /// The deadline passed (checked after each failed attempt).
+    Deadline,
+}
+
+/// The last error of a retry loop that gave up, with how many attempts were made and why.
+#[derive(Debug)]
+pub struct Failure<E> {
+    pub error: E,
+    pub attempts: u32,
+    pub gave_up: GaveUp,
+}
+
 /// Runs `attempt` until it succeeds, fails permanently, or the policy runs out of attempts.
 /// Every retry is counted in `stream_worker_retries_total{operation}` and logged.
 pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, operation: &'static str, attempt: F) -> Result<T, E>
@@ -88,20 +108,56 @@ where
     Fut: Future<Output = Result<T, E>>,
     E: Retryable + Display,
 {
-    attempt
+    retry_until(policy, operation, None, attempt)
+        .await
+        .map_err(|failure| failure.error)
+}
+
+/// [`retry`], also giving up once `deadline` has passed, and saying how the loop ended.
+pub async fn retry_until<T, E, F, Fut>(
+    policy: &RetryPolicy,
+    operation: &'static str,
+    deadline: Option<SystemTime>,
+    mut attempt: F,
+) -> Result<T, Failure<E>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: Retryable + Display,
+{
+    let attempts = AtomicU32::new(0);
+    let past_deadline = || deadline.is_some_and(|deadline| SystemTime::now() >= deadline);
+    let counted = || {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        attempt()
+    };
+    counted
         .retry(policy.delays())
-        .when(|error: &E| error.is_retryable())
+        .when(|error: &E| error.is_retryable() && !past_deadline())
         .notify(|error: &E, delay: Duration| {
             metrics::counter!(metric::RETRIES, "operation" => operation).increment(1);
             tracing::warn!(operation, error = %error, delay_ms = delay.as_millis() as u64, "retrying");
         })
         .await
+        .map_err(|error| {
+            let gave_up = if !error.is_retryable() {
+                GaveUp::Permanent
+            } else if past_deadline() {
+                GaveUp::Deadline
+            } else {
+                GaveUp::Attempts
+            };
+            Failure {
+                error,
+                attempts: attempts.load(Ordering::Relaxed),
+                gave_up,
+            }
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     fn policy(max_attempts: Option<u32>) -> RetryPolicy {
         RetryPolicy {
@@ -137,13 +193,13 @@ mod tests {
     }
 
     #[derive(Debug)]
-    struct Failure(bool);
-    impl Retryable for Failure {
+    struct TestError(bool);
+    impl Retryable for TestError {
         fn is_retryable(&self) -> bool {
             self.0
         }
     }
-    impl Display for Failure {
+    impl Display for TestError {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             write!(f, "failure(retryable={})", self.0)
         }
@@ -154,7 +210,7 @@ mod tests {
         let calls = AtomicU32::new(0);
         let result = retry(&policy(None), "test", || async {
             if calls.fetch_add(1, Ordering::SeqCst) < 3 {
-                Err(Failure(true))
+                Err(TestError(true))
             } else {
                 Ok(7)
             }
@@ -167,12 +223,36 @@ mod tests {
     #[tokio::test]
     async fn permanent_errors_return_at_once() {
         let calls = AtomicU32::new(0);
-        let result: Result<(), Failure> = retry(&policy(None), "test", || async {
+        let result: Result<(), TestError> = retry(&policy(None), "test", || async {
             calls.fetch_add(1, Ordering::SeqCst);
-            Err(Failure(false))
+            Err(TestError(false))
         })
         .await;
         assert!(result.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failure_says_how_many_attempts_and_why() {
+        let failure = retry_until(&policy(Some(3)), "test", None, || async { Err::<(), _>(TestError(true)) })
+            .await
+            .expect_err("always fails");
+        assert_eq!((failure.attempts, failure.gave_up), (3, GaveUp::Attempts));
+
+        let failure = retry_until(&policy(Some(3)), "test", None, || async { Err::<(), _>(TestError(false)) })
+            .await
+            .expect_err("always fails");
+        assert_eq!((failure.attempts, failure.gave_up), (1, GaveUp::Permanent));
+    }
+
+    #[tokio::test]
+    async fn a_passed_deadline_stops_retrying() {
+        let deadline = SystemTime::now() + Duration::from_millis(100);
+        let failure = retry_until(&policy(None), "test", Some(deadline), || async { Err::<(), _>(TestError(true)) })
+            .await
+            .expect_err("always fails");
+        assert_eq!(failure.gave_up, GaveUp::Deadline);
+        assert!(failure.attempts > 1, "retried until the deadline: {}", failure.attempts);
+        assert!(SystemTime::now() >= deadline);
     }
 }

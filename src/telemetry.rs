@@ -21,7 +21,7 @@ pub mod metric {
     pub const RECORDS_RECEIVED: &str = "stream_worker_records_received_total";
     pub const RECORDS_IGNORED: &str = "stream_worker_records_ignored_total";
     pub const RECORDS_COALESCED: &str = "stream_worker_records_coalesced_total";
-    pub const RECORDS_FAILED: &str = "stream_worker_records_failed_total";
+    pub const DEAD_LETTERS: &str = "stream_worker_dead_letters_total";
     pub const GROUP_UPDATES: &str = "stream_worker_group_updates_total";
     pub const GROUP_UPDATE_RACES: &str = "stream_worker_group_update_races_total";
     pub const GROUP_UPDATE_DURATION: &str = "stream_worker_group_update_duration_seconds";
@@ -43,7 +43,7 @@ pub mod metric {
         RECORDS_RECEIVED,
         RECORDS_IGNORED,
         RECORDS_COALESCED,
-        RECORDS_FAILED,
+        DEAD_LETTERS,
         GROUP_UPDATES,
         GROUP_UPDATE_RACES,
         GROUP_UPDATE_DURATION,
@@ -87,7 +87,7 @@ pub fn describe() {
         "Records folded into a newer record for the same key in the same batch."
     );
     describe_counter!(
-        RECORDS_FAILED,
+        DEAD_LETTERS,
         "Records whose handling failed for good (logged with shard and sequence number), by reason."
     );
     describe_counter!(

@@ -4,7 +4,8 @@
 //! Owns: routing each record (the handler names its key, or why it needs no work), coalescing
 //! records of one batch with the same key into one update (the handler picks the survivor),
 //! running updates for one key strictly one after another in stream order while different keys
-//! run concurrently, and retrying failed updates through [`crate::retry`].
+//! run concurrently, retrying failed updates through [`crate::retry`] (bounded by attempts and
+//! record age), and sending what fails for good to the dead-letter destination.
 //!
 //! Invariants:
 //! - Per key, an update starts only after the previous update for that key (from any batch or
@@ -12,7 +13,9 @@
 //! - At most `max_in_flight` updates exist at once; `submit` waits for room (backpressure, no
 //!   unbounded queue).
 //! - A record counts as handled (for the watermark) only once the update that covers it has
-//!   finished, succeeded or failed for good; ignored records are handled at once.
+//!   succeeded, or has failed for good *and* its dead letter is stored; ignored records are
+//!   handled at once. A dead letter that cannot be stored is retried until it is (the shard
+//!   waits), never skipped.
 //!
 //! Must not: know the records' meaning (that is the handler's) or write checkpoints (that is
 //! the stream's, which asks the lane for its watermark).
@@ -24,14 +27,15 @@ use std::fmt::Display;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 
 pub use watermark::{Ticket, Watermark};
 
-use crate::retry::{retry, RetryPolicy, Retryable};
+use crate::deadletter::{DeadLetter, DeadLetterDestination, DeadLetterError};
+use crate::retry::{retry, retry_until, RetryPolicy, Retryable};
 use crate::stream::{lock, Consumer, Record, SequenceNumber, ShardId, ShardLane};
 use crate::telemetry::metric;
 
@@ -40,7 +44,8 @@ use crate::telemetry::metric;
 pub enum Route<E> {
     /// Needs no work; the reason is a metric label.
     Ignore(&'static str),
-    /// Cannot be handled, ever (it does not decode); counted under the reason and logged.
+    /// Cannot be handled, ever (it does not decode): dead-lettered under the reason (a metric
+    /// label) with the detail.
     Reject { reason: &'static str, detail: String },
     /// An update for `key`.
     Apply { key: String, event: E },
@@ -62,11 +67,35 @@ pub trait Handler: Send + Sync + 'static {
     fn handle(&self, event: &Self::Event) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
-/// How much may run at once and how failures retry.
+/// How much may run at once, how failures retry, and where what fails for good goes.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     pub max_in_flight: usize,
+    /// Retries of a failed update (its attempts bound included).
     pub retry: RetryPolicy,
+    /// A failing update is not retried once its oldest record is older than this.
+    pub max_record_age: Option<Duration>,
+    pub dead_letters: DeadLetterDestination,
+    /// Written into dead letters.
+    pub worker_id: String,
+}
+
+/// Dead-letter reasons for updates that failed (rejected records use the handler's reason).
+pub mod reason {
+    /// The handler's error said another attempt cannot help.
+    pub const PERMANENT_ERROR: &str = "permanent_error";
+    /// `retry_max_attempts` ran out.
+    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+    /// The record passed `max_record_age_seconds` while failing.
+    pub const RECORD_TOO_OLD: &str = "record_too_old";
+
+    pub(super) fn of(gave_up: crate::retry::GaveUp) -> &'static str {
+        match gave_up {
+            crate::retry::GaveUp::Permanent => PERMANENT_ERROR,
+            crate::retry::GaveUp::Attempts => RETRIES_EXHAUSTED,
+            crate::retry::GaveUp::Deadline => RECORD_TOO_OLD,
+        }
+    }
 }
 
 /// The consumer side of the stream: open one lane per shard.
@@ -77,6 +106,8 @@ pub struct Dispatcher<H> {
 struct Shared<H> {
     handler: Arc<H>,
     settings: DispatchSettings,
+    /// Dead-letter writes: never out of attempts.
+    dead_letter_retry: RetryPolicy,
     permits: Arc<Semaphore>,
     /// Per key, the completion signal of the newest update, which the next update awaits.
     tails: Mutex<HashMap<String, (u64, oneshot::Receiver<()>)>>,
@@ -87,10 +118,15 @@ struct Shared<H> {
 impl<H: Handler> Dispatcher<H> {
     pub fn new(handler: Arc<H>, settings: DispatchSettings) -> Self {
         let permits = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+        let dead_letter_retry = RetryPolicy {
+            max_attempts: None,
+            ..settings.retry.clone()
+        };
         Self {
             shared: Arc::new(Shared {
                 handler,
                 settings,
+                dead_letter_retry,
                 permits,
                 tails: Mutex::new(HashMap::new()),
                 next_unit: AtomicU64::new(0),
@@ -160,17 +196,59 @@ struct Unit<E> {
     key: String,
     event: E,
     tickets: Vec<Ticket>,
-    /// The sequence number of the surviving record, for logs.
-    sequence: SequenceNumber,
+    /// The surviving record: what a dead letter keeps.
+    record: Record,
+    /// The other records it covers, folded into it.
+    folded: Vec<SequenceNumber>,
+    /// Creation time of its oldest record, where the record-age limit counts from.
+    oldest: Option<SystemTime>,
+}
+
+/// A record the handler rejected, on its way to the dead-letter destination.
+struct Rejected {
+    letter: DeadLetter,
+    reason: &'static str,
+    ticket: Ticket,
+}
+
+/// A dead-letter write error, retried whatever its kind: giving up would let the checkpoint
+/// pass a record that is stored nowhere.
+struct KeepTrying(DeadLetterError);
+
+impl Retryable for KeepTrying {
+    fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+impl Display for KeepTrying {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<H> Shared<H> {
+    /// Stores a dead letter, retrying until it is stored, then counts it.
+    async fn dead_letter(&self, letter: &DeadLetter, reason: &'static str) {
+        let destination = &self.settings.dead_letters;
+        let stored = retry(&self.dead_letter_retry, "write_dead_letter", || async {
+            destination.write(letter).await.map_err(KeepTrying)
+        })
+        .await;
+        if stored.is_ok() {
+            metrics::counter!(metric::DEAD_LETTERS, "reason" => reason).increment(1);
+        }
+    }
 }
 
 impl<H: Handler> DispatchLane<H> {
-    /// Routes a batch into one unit per key (in order of each key's first record) and the
-    /// tickets of records that need no update.
-    fn plan(&self, records: Vec<Record>) -> (Vec<Unit<H::Event>>, Vec<Ticket>) {
+    /// Routes a batch into one unit per key (in order of each key's first record), the
+    /// rejected records, and the tickets of records that need no update.
+    fn plan(&self, records: Vec<Record>) -> (Vec<Unit<H::Event>>, Vec<Rejected>, Vec<Ticket>) {
         let handler = &self.shared.handler;
         let mut units: Vec<Unit<H::Event>> = Vec::new();
         let mut unit_of_key: HashMap<String, usize> = HashMap::new();
+        let mut rejected = Vec::new();
         let mut done_now = Vec::new();
         let mut watermark = lock(&self.progress.watermark);
         for record in records {
@@ -181,18 +259,22 @@ impl<H: Handler> DispatchLane<H> {
                     done_now.push(ticket);
                 }
                 Route::Reject { reason, detail } => {
-                    metrics::counter!(metric::RECORDS_FAILED, "reason" => reason).increment(1);
-                    tracing::error!(shard = %self.shard, sequence = %record.sequence_number, reason, detail, "record cannot be handled; skipped");
-                    done_now.push(ticket);
+                    tracing::error!(shard = %self.shard, sequence = %record.sequence_number, reason, detail, "record cannot be handled; dead-lettering it");
+                    let letter = DeadLetter::new(&self.shard, &record, reason, detail, 0, &self.shared.settings.worker_id);
+                    rejected.push(Rejected { letter, reason, ticket });
                 }
                 Route::Apply { key, event } => match unit_of_key.get(&key) {
                     Some(&index) => {
                         let unit = &mut units[index];
                         unit.tickets.push(ticket);
+                        unit.oldest = earliest(unit.oldest, record.created_at);
                         metrics::counter!(metric::RECORDS_COALESCED).increment(1);
                         if handler.supersedes(&event, &unit.event) {
                             unit.event = event;
-                            unit.sequence = record.sequence_number;
+                            let folded = std::mem::replace(&mut unit.record, record);
+                            unit.folded.push(folded.sequence_number);
+                        } else {
+                            unit.folded.push(record.sequence_number);
                         }
                     }
                     None => {
@@ -201,13 +283,26 @@ impl<H: Handler> DispatchLane<H> {
                             key,
                             event,
                             tickets: vec![ticket],
-                            sequence: record.sequence_number,
+                            oldest: record.created_at,
+                            record,
+                            folded: Vec::new(),
                         });
                     }
                 },
             }
         }
-        (units, done_now)
+        (units, rejected, done_now)
+    }
+
+    /// Stores a rejected record's dead letter, then marks it handled; holds `permit` meanwhile.
+    fn spawn_rejected(&self, rejected: Rejected, permit: Option<OwnedSemaphorePermit>) {
+        let shared = self.shared.clone();
+        let progress = self.progress.clone();
+        self.shared.tracker.spawn(async move {
+            let _permit = permit;
+            shared.dead_letter(&rejected.letter, rejected.reason).await;
+            progress.complete(&[rejected.ticket]);
+        });
     }
 
     /// Starts one unit after the key's previous one; holds `permit` until it finishes.
@@ -230,11 +325,17 @@ impl<H: Handler> DispatchLane<H> {
             }
             let started = Instant::now();
             let handler = &shared.handler;
-            let result = retry(&shared.settings.retry, "handle_update", || handler.handle(&unit.event)).await;
+            let settings = &shared.settings;
+            let deadline = settings.max_record_age.zip(unit.oldest).map(|(age, oldest)| oldest + age);
+            let result = retry_until(&settings.retry, "handle_update", deadline, || handler.handle(&unit.event)).await;
             metrics::histogram!(metric::GROUP_UPDATE_DURATION).record(started.elapsed().as_secs_f64());
-            if let Err(error) = result {
-                metrics::counter!(metric::RECORDS_FAILED, "reason" => "handler").increment(unit.tickets.len() as u64);
-                tracing::error!(shard = %shard, sequence = %unit.sequence, key = %unit.key, error = %error, "update failed for good; records skipped");
+            if let Err(failure) = result {
+                let reason = reason::of(failure.gave_up);
+                let error = failure.error.to_string();
+                tracing::error!(shard = %shard, sequence = %unit.record.sequence_number, key = %unit.key, reason, attempts = failure.attempts, error, "update failed for good; dead-lettering it");
+                let mut letter = DeadLetter::new(&shard, &unit.record, reason, error, failure.attempts, &settings.worker_id);
+                letter.covers = unit.folded.iter().map(|sequence| sequence.as_str().to_owned()).collect();
+                shared.dead_letter(&letter, reason).await;
             }
             progress.complete(&unit.tickets);
             drop(finished);
@@ -250,12 +351,16 @@ impl<H: Handler> DispatchLane<H> {
 
 impl<H: Handler> ShardLane for DispatchLane<H> {
     async fn submit(&mut self, records: Vec<Record>) {
-        let (units, done_now) = self.plan(records);
+        let (units, rejected, done_now) = self.plan(records);
         self.progress.complete(&done_now);
+        // The semaphore is never closed; were it, running unbounded beats losing work.
         for unit in units {
-            // The semaphore is never closed; were it, running unbounded beats losing work.
             let permit = self.shared.permits.clone().acquire_owned().await.ok();
             self.spawn(unit, permit);
+        }
+        for rejected in rejected {
+            let permit = self.shared.permits.clone().acquire_owned().await.ok();
+            self.spawn_rejected(rejected, permit);
         }
     }
 
@@ -273,6 +378,34 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
             }
             drained.await;
         }
+    }
+}
+
+fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Replays one dead letter through the handler (for `redrive`): `Ok` with what happened
+/// (`applied`, or the reason it needs no work any more), or the letter back, updated, when it
+/// fails again. No record-age limit applies: an operator asked for it.
+pub async fn replay<H: Handler>(handler: &H, policy: &RetryPolicy, letter: DeadLetter) -> Result<&'static str, DeadLetter> {
+    let record = match letter.record() {
+        Ok(record) => record,
+        Err(error) => return Err(letter.failed_again("unreadable", error.to_string(), 0)),
+    };
+    match handler.route(&record) {
+        Route::Ignore(reason) => Ok(reason),
+        Route::Reject { reason, detail } => Err(letter.failed_again(reason, detail, 0)),
+        Route::Apply { event, .. } => match retry_until(policy, "redrive", None, || handler.handle(&event)).await {
+            Ok(()) => Ok("applied"),
+            Err(failure) => {
+                let error = failure.error.to_string();
+                Err(letter.failed_again(reason::of(failure.gave_up), error, failure.attempts))
+            }
+        },
     }
 }
 
@@ -306,22 +439,23 @@ mod tests {
         }
     }
 
+    /// Values 990-998 fail: 998 and 997 permanently, the others transiently.
     #[derive(Debug)]
-    struct Never;
-    impl Display for Never {
+    struct Broken(u32);
+    impl Display for Broken {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("never")
+            write!(f, "broken {}", self.0)
         }
     }
-    impl Retryable for Never {
+    impl Retryable for Broken {
         fn is_retryable(&self) -> bool {
-            false
+            self.0 < 997
         }
     }
 
     impl Handler for Recorder {
         type Event = (String, u32);
-        type Error = Never;
+        type Error = Broken;
 
         fn route(&self, record: &Record) -> Route<(String, u32)> {
             let image = record.new_image.as_ref().expect("test records have images");
@@ -346,7 +480,10 @@ mod tests {
             candidate.1 >= current.1
         }
 
-        async fn handle(&self, event: &(String, u32)) -> Result<(), Never> {
+        async fn handle(&self, event: &(String, u32)) -> Result<(), Broken> {
+            if (990..999).contains(&event.1) {
+                return Err(Broken(event.1));
+            }
             assert!(
                 lock(&self.active).insert(event.0.clone()),
                 "two updates for {} at once",
@@ -377,13 +514,148 @@ mod tests {
         }
     }
 
+    fn settings(max_in_flight: usize, dead_letters: DeadLetterDestination) -> DispatchSettings {
+        DispatchSettings {
+            max_in_flight,
+            retry: RetryPolicy {
+                base_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(1),
+                max_attempts: Some(1),
+            },
+            max_record_age: None,
+            dead_letters,
+            worker_id: "test".into(),
+        }
+    }
+
+    fn scratch_file() -> std::path::PathBuf {
+        std::env::temp_dir()
+            .join(format!("dispatch-test-{}", fastrand::u64(..)))
+            .join("dead-letters.jsonl")
+    }
+
+    fn letters(path: &std::path::Path) -> Vec<DeadLetter> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a dead letter"))
+            .collect()
+    }
+
     fn dispatcher(handler: Arc<Recorder>, max_in_flight: usize) -> Dispatcher<Recorder> {
-        let retry = RetryPolicy {
-            base_delay: Duration::from_millis(1),
-            max_delay: Duration::from_millis(1),
-            max_attempts: Some(1),
-        };
-        Dispatcher::new(handler, DispatchSettings { max_in_flight, retry })
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        Dispatcher::new(handler, settings(max_in_flight, DeadLetterDestination::File(path)))
+    }
+
+    fn through(lane: &DispatchLane<Recorder>) -> Option<String> {
+        lane.handled_through().map(|s| s.as_str().trim_start_matches('0').to_owned())
+    }
+
+    #[tokio::test]
+    async fn what_fails_for_good_is_dead_lettered_once_and_passed() {
+        let handler = Recorder::new(true, &[]);
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        let dispatcher = Dispatcher::new(
+            handler.clone(),
+            settings(8, DeadLetterDestination::File(path.clone())),
+        );
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        lane.submit(vec![
+            record(1, "a", 1),
+            record(2, "b", 999),
+            record(3, "c", 998),
+            record(4, "c", 5),
+            record(5, "d", 990),
+            record(6, "a", 2),
+        ])
+        .await;
+        lane.drain().await;
+        assert_eq!(through(&lane).as_deref(), Some("6"), "the shard moves on");
+        let mut applied = handler.applied();
+        applied.sort();
+        assert_eq!(applied, vec![("a".to_owned(), 2)]);
+        let mut letters = letters(&path);
+        letters.sort_by(|a, b| a.sequence_number.cmp(&b.sequence_number));
+        let summary: Vec<(String, &str, u32, Vec<String>)> = letters
+            .iter()
+            .map(|l| {
+                let covers = l.covers.iter().map(|c| c.trim_start_matches('0').to_owned()).collect();
+                (l.sequence_number.trim_start_matches('0').to_owned(), l.reason.as_str(), l.attempts, covers)
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("2".to_owned(), "poison", 0, vec![]),
+                ("3".to_owned(), reason::PERMANENT_ERROR, 1, vec!["4".to_owned()]),
+                ("5".to_owned(), reason::RETRIES_EXHAUSTED, 1, vec![]),
+            ]
+        );
+        assert_eq!(letters[1].error, "broken 998");
+        let replayable = letters[1].record().expect("record");
+        assert_eq!(replayable.new_image, record(3, "c", 998).new_image);
+    }
+
+    #[tokio::test]
+    async fn a_failing_update_stops_retrying_once_its_record_is_too_old() {
+        let handler = Recorder::new(true, &[]);
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        let mut settings = settings(8, DeadLetterDestination::File(path.clone()));
+        settings.retry.max_attempts = None;
+        settings.max_record_age = Some(Duration::from_millis(200));
+        let dispatcher = Dispatcher::new(handler.clone(), settings);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let mut old = record(1, "a", 991);
+        old.created_at = Some(SystemTime::now() - Duration::from_millis(100));
+        lane.submit(vec![old]).await;
+        tokio::time::timeout(Duration::from_secs(10), lane.drain())
+            .await
+            .expect("gives up after the age limit, not never");
+        let letters = letters(&path);
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].reason, reason::RECORD_TOO_OLD);
+        assert!(letters[0].attempts > 1, "retried while young enough: {}", letters[0].attempts);
+    }
+
+    #[tokio::test]
+    async fn the_watermark_waits_for_a_dead_letter_that_cannot_be_stored() {
+        let handler = Recorder::new(true, &[]);
+        let path = scratch_file();
+        let dispatcher = Dispatcher::new(handler.clone(), settings(8, DeadLetterDestination::File(path.clone())));
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        lane.submit(vec![record(1, "a", 1), record(2, "b", 999), record(3, "c", 1)])
+            .await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while handler.applied().len() < 2 || through(&lane).is_none() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the good records are applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(through(&lane).as_deref(), Some("1"), "not past the record with no dead letter");
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("the destination comes back");
+        tokio::time::timeout(Duration::from_secs(5), lane.drain())
+            .await
+            .expect("proceeds once the destination is back");
+        assert_eq!(through(&lane).as_deref(), Some("3"));
+        assert_eq!(letters(&path).len(), 1, "written once");
+    }
+
+    #[tokio::test]
+    async fn a_replay_applies_or_hands_the_letter_back() {
+        let handler = Recorder::new(true, &[]);
+        let policy = settings(1, DeadLetterDestination::File(scratch_file())).retry;
+        let shard = ShardId("s".into());
+        let letter = |value| DeadLetter::new(&shard, &record(1, "a", value), "x", "e".into(), 2, "w");
+        assert_eq!(replay(handler.as_ref(), &policy, letter(4)).await, Ok("applied"));
+        assert_eq!(replay(handler.as_ref(), &policy, letter(0)).await, Ok("zero"));
+        let again = replay(handler.as_ref(), &policy, letter(998)).await.expect_err("fails again");
+        assert_eq!((again.reason.as_str(), again.attempts), (reason::PERMANENT_ERROR, 3));
+        assert_eq!(handler.applied(), vec![("a".to_owned(), 4)]);
     }
 
     #[tokio::test]

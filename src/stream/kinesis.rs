@@ -9,17 +9,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_dynamodb::primitives::Blob;
-use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::operation::list_shards::ListShardsError;
 use aws_sdk_kinesis::types::ShardIteratorType;
-use base64::Engine as _;
 use serde_json::Value as Json;
 
 use super::{
-    Batch, EventKind, Item, Position, Record, SequenceNumber, ShardId, ShardInfo, StreamError, StreamShards,
+    change, Batch, EventKind, Item, Position, Record, SequenceNumber, ShardId, ShardInfo, StreamError, StreamShards,
     StreamSource,
 };
 use crate::aws::AwsError;
@@ -151,61 +148,7 @@ fn convert_record(record: aws_sdk_kinesis::types::Record) -> Option<Record> {
             });
         }
     };
-    let change_record = &change["dynamodb"];
-    let created_at = change_record["ApproximateCreationDateTime"]
-        .as_u64()
-        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
-        .or(arrived);
-    Some(Record {
-        sequence_number,
-        event: change["eventName"]
-            .as_str()
-            .map_or(EventKind::Other, EventKind::from_name),
-        keys: item_from_json(&change_record["Keys"]).unwrap_or_default(),
-        new_image: item_from_json(&change_record["NewImage"]),
-        created_at,
-    })
-}
-
-/// A DynamoDB-JSON map (`{"name": {"S": "..."}, ...}`); `None` when it is not a map.
-fn item_from_json(value: &Json) -> Option<Item> {
-    let map = value.as_object()?;
-    Some(
-        map.iter()
-            .filter_map(|(name, value)| Some((name.clone(), value_from_json(value)?)))
-            .collect(),
-    )
-}
-
-/// One DynamoDB-JSON value; `None` for a shape that is not one.
-fn value_from_json(value: &Json) -> Option<AttributeValue> {
-    let (kind, inner) = value.as_object()?.iter().next()?;
-    let strings = |inner: &Json| -> Option<Vec<String>> {
-        inner
-            .as_array()?
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect()
-    };
-    let blob = |inner: &Json| -> Option<Blob> {
-        base64::engine::general_purpose::STANDARD
-            .decode(inner.as_str()?)
-            .ok()
-            .map(Blob::new)
-    };
-    Some(match kind.as_str() {
-        "S" => AttributeValue::S(inner.as_str()?.to_owned()),
-        "N" => AttributeValue::N(inner.as_str()?.to_owned()),
-        "BOOL" => AttributeValue::Bool(inner.as_bool()?),
-        "NULL" => AttributeValue::Null(inner.as_bool()?),
-        "SS" => AttributeValue::Ss(strings(inner)?),
-        "NS" => AttributeValue::Ns(strings(inner)?),
-        "B" => AttributeValue::B(blob(inner)?),
-        "BS" => AttributeValue::Bs(inner.as_array()?.iter().map(blob).collect::<Option<_>>()?),
-        "L" => AttributeValue::L(inner.as_array()?.iter().map(value_from_json).collect::<Option<_>>()?),
-        "M" => AttributeValue::M(item_from_json(inner)?),
-        _ => return None,
-    })
+    Some(change::from_json(sequence_number, &change, arrived))
 }
 
 #[cfg(test)]
@@ -219,32 +162,6 @@ mod tests {
             .partition_key("MSG#g")
             .build()
             .expect("record")
-    }
-
-    #[test]
-    fn change_records_decode_from_dynamodb_json() {
-        let data = r#"{"eventName":"INSERT","tableName":"cruddur-messages","dynamodb":{
-            "ApproximateCreationDateTime":1700000000000,
-            "Keys":{"pk":{"S":"MSG#g"},"sk":{"S":"2023-01-01T00:00:00"}},
-            "NewImage":{"pk":{"S":"MSG#g"},"n":{"N":"4"},"ok":{"BOOL":true},"tags":{"SS":["a"]},
-                        "raw":{"B":"aGk="},"list":{"L":[{"NULL":true},{"M":{"x":{"S":"y"}}}]}}}}"#;
-        let record = convert_record(kinesis_record(data)).expect("converts");
-        assert_eq!(record.event, EventKind::Insert);
-        assert_eq!(record.keys.get("pk"), Some(&AttributeValue::S("MSG#g".into())));
-        let image = record.new_image.expect("image");
-        assert_eq!(image.get("n"), Some(&AttributeValue::N("4".into())));
-        assert_eq!(image.get("ok"), Some(&AttributeValue::Bool(true)));
-        assert_eq!(image.get("tags"), Some(&AttributeValue::Ss(vec!["a".into()])));
-        assert_eq!(image.get("raw"), Some(&AttributeValue::B(Blob::new("hi"))));
-        let nested = AttributeValue::M(Item::from([("x".to_owned(), AttributeValue::S("y".into()))]));
-        assert_eq!(
-            image.get("list"),
-            Some(&AttributeValue::L(vec![AttributeValue::Null(true), nested]))
-        );
-        assert_eq!(
-            record.created_at,
-            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000))
-        );
     }
 
     #[test]

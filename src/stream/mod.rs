@@ -15,6 +15,7 @@
 //! its consumer implements the traits defined here.
 
 mod balance;
+pub mod change;
 mod dynamodb;
 mod kinesis;
 mod lease;

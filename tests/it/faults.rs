@@ -208,7 +208,7 @@ async fn a_row_key_held_by_another_conversation_is_never_overwritten() {
     db.wait_caught_up().await;
     assert!(
         worker
-            .metric("stream_worker_records_failed_total", r#"reason="handler""#)
+            .metric("stream_worker_dead_letters_total", r#"reason="retries_exhausted""#)
             .await
             == 0.0
     );
@@ -229,7 +229,7 @@ async fn a_row_key_held_by_another_conversation_is_never_overwritten() {
     let worker = db.start_worker(&[("retry_max_attempts", "2")]).await;
     let gave_up = wait_until(Duration::from_secs(30), || async {
         worker
-            .metric("stream_worker_records_failed_total", r#"reason="handler""#)
+            .metric("stream_worker_dead_letters_total", r#"reason="retries_exhausted""#)
             .await
             >= 1.0
     })

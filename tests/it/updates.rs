@@ -194,7 +194,7 @@ async fn a_new_conversation_needs_no_change_and_causes_no_error() {
             .await,
         0.0
     );
-    assert_eq!(worker.metric("stream_worker_records_failed_total", "").await, 0.0);
+    assert_eq!(worker.metric("stream_worker_dead_letters_total", "").await, 0.0);
     worker.stop().await;
     assert_eq!(db.snapshot().await, before);
     let rows = db.group_rows(&group).await;

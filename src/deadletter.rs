@@ -1,0 +1,442 @@
+//! Dead letters: records the worker gave up on, kept with everything needed to replay them.
+//!
+//! Owns the dead-letter format (one JSON object per letter: shard, sequence number, reason,
+//! error, attempts, and the change record itself in DynamoDB JSON, so `redrive` can replay it)
+//! and its two destinations: an SQS queue (production) and a JSON-lines file (local runs).
+//!
+//! Invariants:
+//! - [`DeadLetterDestination::write`] returns only once the letter is stored (the file synced
+//!   to disk, the queue's SendMessage answered); the caller must not checkpoint past a record
+//!   before that.
+//! - Redrive never loses a letter: a file is claimed by renaming it under a lock (writers lock
+//!   too and follow the rename), and is deleted only after every letter in it was replayed or
+//!   written back; a queue message is deleted only after its letter was replayed or written back.
+//!
+//! Must not: decide what fails (that is dispatch's) or what a record means. Letters hold message
+//! text; they are data, never logged.
+
+use std::fs::{self, OpenOptions};
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::aws::AwsError;
+use crate::retry::Retryable;
+use crate::stream::{change, Record, SequenceNumber, ShardId};
+
+/// One record the worker gave up on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub shard: String,
+    pub sequence_number: String,
+    /// Why it failed for good: a low-cardinality label (the metric's `reason`).
+    pub reason: String,
+    /// The last error, for people.
+    pub error: String,
+    /// Attempts made to apply it; 0 when it was rejected without one (it does not decode).
+    pub attempts: u32,
+    /// RFC 3339, UTC.
+    pub failed_at: String,
+    pub worker_id: String,
+    /// Earlier records of the same key and batch folded into this one: replaying this letter
+    /// covers them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub covers: Vec<String>,
+    /// The change record, as Kinesis carries DynamoDB change records.
+    pub record: serde_json::Value,
+}
+
+impl DeadLetter {
+    pub fn new(shard: &ShardId, record: &Record, reason: &str, error: String, attempts: u32, worker_id: &str) -> Self {
+        Self {
+            shard: shard.0.clone(),
+            sequence_number: record.sequence_number.as_str().to_owned(),
+            reason: reason.to_owned(),
+            error,
+            attempts,
+            failed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            worker_id: worker_id.to_owned(),
+            covers: Vec::new(),
+            record: change::to_json(record),
+        }
+    }
+
+    /// The record to replay.
+    pub fn record(&self) -> Result<Record, DeadLetterError> {
+        let sequence = SequenceNumber::parse(&self.sequence_number)
+            .ok_or_else(|| DeadLetterError::Invalid(format!("sequence number {:?}", self.sequence_number)))?;
+        Ok(change::from_json(sequence, &self.record, None))
+    }
+
+    /// The same letter after another failed attempt (by `redrive`).
+    pub fn failed_again(mut self, reason: &str, error: String, attempts: u32) -> Self {
+        self.reason = reason.to_owned();
+        self.error = error;
+        self.attempts = self.attempts.saturating_add(attempts);
+        self.failed_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        self
+    }
+
+    fn to_json_line(&self) -> Result<String, DeadLetterError> {
+        let mut line = serde_json::to_string(self).map_err(|error| DeadLetterError::Invalid(error.to_string()))?;
+        line.push('\n');
+        Ok(line)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("dead-letter file {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Aws(#[from] AwsError),
+    #[error("not a dead letter: {0}")]
+    Invalid(String),
+}
+
+impl Retryable for DeadLetterError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            DeadLetterError::Io { .. } => true,
+            DeadLetterError::Aws(error) => error.is_retryable(),
+            DeadLetterError::Invalid(_) => false,
+        }
+    }
+}
+
+/// Where dead letters go.
+#[derive(Debug, Clone)]
+pub enum DeadLetterDestination {
+    /// JSON lines appended to a file.
+    File(PathBuf),
+    /// One SQS message per letter.
+    Queue { client: aws_sdk_sqs::Client, url: String },
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveCounts {
+    /// Letters replayed successfully, and removed.
+    pub replayed: usize,
+    /// Letters that failed again and were written back.
+    pub kept: usize,
+    /// Entries that are not dead letters, left where they were (file) or in the queue.
+    pub unreadable: usize,
+}
+
+impl DeadLetterDestination {
+    /// For logs and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            DeadLetterDestination::File(path) => format!("file {}", path.display()),
+            DeadLetterDestination::Queue { url, .. } => format!("queue {url}"),
+        }
+    }
+
+    /// Checks at start-up that the destination can be written, where that can be checked
+    /// without writing a letter (a file's directory exists and the file opens for appending).
+    pub async fn check(&self) -> Result<(), DeadLetterError> {
+        match self {
+            DeadLetterDestination::File(path) => {
+                let path = path.clone();
+                blocking(&path.clone(), move || {
+                    OpenOptions::new().create(true).append(true).open(&path).map(drop)
+                })
+                .await
+            }
+            DeadLetterDestination::Queue { .. } => Ok(()),
+        }
+    }
+
+    /// Stores one letter; returns once it is durable.
+    pub async fn write(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
+        let line = letter.to_json_line()?;
+        match self {
+            DeadLetterDestination::File(path) => {
+                let owned = path.clone();
+                blocking(path, move || append_line(&owned, line.as_bytes())).await
+            }
+            DeadLetterDestination::Queue { client, url } => {
+                client
+                    .send_message()
+                    .queue_url(url)
+                    .message_body(line.trim_end())
+                    .send()
+                    .await
+                    .map_err(|error| AwsError::from_sdk("SendMessage", &error))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes every stored letter and hands it to `replay`: `Ok` removes it, `Err` hands back
+    /// the letter to store again (after another failure).
+    pub async fn redrive<F, Fut>(&self, mut replay: F) -> Result<RedriveCounts, DeadLetterError>
+    where
+        F: FnMut(DeadLetter) -> Fut,
+        Fut: Future<Output = Result<(), DeadLetter>>,
+    {
+        let mut counts = RedriveCounts::default();
+        match self {
+            DeadLetterDestination::File(path) => {
+                let owned = path.clone();
+                let claimed = blocking(path, move || claim(&owned)).await?;
+                for file in claimed {
+                    let text = fs::read_to_string(&file).map_err(|source| DeadLetterError::Io {
+                        path: file.clone(),
+                        source,
+                    })?;
+                    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+                        let Ok(letter) = serde_json::from_str::<DeadLetter>(line) else {
+                            counts.unreadable += 1;
+                            let (owned, raw) = (path.clone(), format!("{line}\n"));
+                            blocking(path, move || append_line(&owned, raw.as_bytes())).await?;
+                            continue;
+                        };
+                        match replay(letter).await {
+                            Ok(()) => counts.replayed += 1,
+                            Err(again) => {
+                                counts.kept += 1;
+                                self.write(&again).await?;
+                            }
+                        }
+                    }
+                    fs::remove_file(&file).map_err(|source| DeadLetterError::Io { path: file, source })?;
+                }
+            }
+            DeadLetterDestination::Queue { client, url } => {
+                let mut seen = std::collections::HashSet::new();
+                loop {
+                    let output = client
+                        .receive_message()
+                        .queue_url(url)
+                        .max_number_of_messages(10)
+                        .visibility_timeout(120)
+                        .wait_time_seconds(1)
+                        .send()
+                        .await
+                        .map_err(|error| AwsError::from_sdk("ReceiveMessage", &error))?;
+                    let mut fresh = 0;
+                    for message in output.messages.unwrap_or_default() {
+                        let (Some(body), Some(receipt)) = (message.body(), message.receipt_handle()) else {
+                            continue;
+                        };
+                        let Ok(letter) = serde_json::from_str::<DeadLetter>(body) else {
+                            // Left in the queue (it turns visible again): someone should look at it.
+                            if seen.insert(message.message_id().unwrap_or(receipt).to_owned()) {
+                                counts.unreadable += 1;
+                            }
+                            continue;
+                        };
+                        // A letter written back by this run comes round again: leave it for the next.
+                        if !seen.insert(format!("{}/{}", letter.shard, letter.sequence_number)) {
+                            continue;
+                        }
+                        fresh += 1;
+                        match replay(letter).await {
+                            Ok(()) => counts.replayed += 1,
+                            Err(again) => {
+                                counts.kept += 1;
+                                self.write(&again).await?;
+                            }
+                        }
+                        client
+                            .delete_message()
+                            .queue_url(url)
+                            .receipt_handle(receipt)
+                            .send()
+                            .await
+                            .map_err(|error| AwsError::from_sdk("DeleteMessage", &error))?;
+                    }
+                    if fresh == 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// Runs file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, DeadLetterError> {
+    let io_error = |source| DeadLetterError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|join| io_error(io::Error::other(join.to_string())))?
+        .map_err(io_error)
+}
+
+/// Appends one line under the file's lock, following a redrive that renamed the file away
+/// between our open and our lock, then syncs it to disk.
+fn append_line(path: &Path, line: &[u8]) -> io::Result<()> {
+    for _ in 0..10 {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        file.lock()?;
+        if !is_still_at(&file, path)? {
+            continue;
+        }
+        (&file).write_all(line)?;
+        file.sync_data()?;
+        return Ok(());
+    }
+    Err(io::Error::other("the file kept being renamed away while writing"))
+}
+
+fn is_still_at(file: &fs::File, path: &Path) -> io::Result<bool> {
+    let opened = file.metadata()?;
+    match fs::metadata(path) {
+        Ok(current) => Ok(current.ino() == opened.ino() && current.dev() == opened.dev()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Files a redrive must process: those an interrupted redrive left (`<name>.redrive-*`), then
+/// the live file, renamed under its lock so that writers move on to a fresh one.
+fn claim(path: &Path) -> io::Result<Vec<PathBuf>> {
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .ok_or_else(|| io::Error::other("the dead-letter path names no file"))?;
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = format!("{name}.redrive-");
+    let mut claimed: Vec<PathBuf> = fs::read_dir(&directory)?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path())
+        .collect();
+    claimed.sort();
+    match fs::File::open(path) {
+        Ok(file) => {
+            file.lock()?;
+            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+            let target = directory.join(format!("{prefix}{stamp}-{}", std::process::id()));
+            fs::rename(path, &target)?;
+            claimed.push(target);
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    Ok(claimed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::{EventKind, Item};
+    use aws_sdk_dynamodb::types::AttributeValue;
+
+    fn record(sequence: &str) -> Record {
+        let keys = Item::from([("pk".to_owned(), AttributeValue::S("MSG#g".into()))]);
+        Record {
+            sequence_number: SequenceNumber::parse(sequence).expect("digits"),
+            event: EventKind::Insert,
+            keys: keys.clone(),
+            new_image: Some(keys),
+            created_at: None,
+        }
+    }
+
+    fn letter(sequence: &str) -> DeadLetter {
+        DeadLetter::new(&ShardId("s".into()), &record(sequence), "test", "boom".into(), 3, "w")
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("deadletter-{name}-{}", fastrand::u64(..)));
+        fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("letters.jsonl")
+    }
+
+    #[test]
+    fn a_letter_keeps_its_record() {
+        let letter = letter("0007");
+        let line = letter.to_json_line().expect("serializes");
+        let back: DeadLetter = serde_json::from_str(&line).expect("parses");
+        assert_eq!(back, letter);
+        let record = back.record().expect("record");
+        assert_eq!(record.sequence_number.as_str(), "0007");
+        assert_eq!(record.keys.get("pk"), Some(&AttributeValue::S("MSG#g".into())));
+    }
+
+    #[tokio::test]
+    async fn a_redrive_replays_and_writes_back_what_fails_again() {
+        let path = scratch("redrive");
+        let destination = DeadLetterDestination::File(path.clone());
+        for sequence in ["1", "2", "3"] {
+            destination.write(&letter(sequence)).await.expect("written");
+        }
+        append_line(&path, b"not a letter\n").expect("raw line");
+        let counts = destination
+            .redrive(|letter| async move {
+                if letter.sequence_number == "2" {
+                    Err(letter.failed_again("again", "still broken".into(), 1))
+                } else {
+                    Ok(())
+                }
+            })
+            .await
+            .expect("redrive");
+        assert_eq!(
+            counts,
+            RedriveCounts {
+                replayed: 2,
+                kept: 1,
+                unreadable: 1
+            }
+        );
+        let left = fs::read_to_string(&path).expect("live file");
+        let lines: Vec<&str> = left.lines().collect();
+        assert_eq!(lines.len(), 2, "{left}");
+        assert!(lines.contains(&"not a letter"));
+        let kept: DeadLetter = serde_json::from_str(lines.iter().find(|l| l.starts_with('{')).expect("letter"))
+            .expect("parses");
+        assert_eq!((kept.sequence_number.as_str(), kept.attempts), ("2", 4));
+        let directory = path.parent().expect("dir");
+        assert_eq!(fs::read_dir(directory).expect("dir").count(), 1, "claimed file removed");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_redrive_is_picked_up_again() {
+        let path = scratch("leftover");
+        let destination = DeadLetterDestination::File(path.clone());
+        destination.write(&letter("1")).await.expect("written");
+        let claimed = claim(&path).expect("claimed");
+        assert_eq!(claimed.len(), 1);
+        assert!(!path.exists(), "writers start a fresh file");
+        destination.write(&letter("2")).await.expect("written");
+        let mut seen = Vec::new();
+        let counts = destination
+            .redrive(|letter| {
+                seen.push(letter.sequence_number.clone());
+                async { Ok(()) }
+            })
+            .await
+            .expect("redrive");
+        assert_eq!(counts.replayed, 2);
+        assert_eq!(seen, vec!["1", "2"], "the leftover first, then the live file");
+    }
+
+    #[test]
+    fn a_writer_follows_a_rename_between_open_and_lock() {
+        let path = scratch("follow");
+        fs::write(&path, "").expect("file");
+        let stale = OpenOptions::new().append(true).open(&path).expect("open");
+        fs::rename(&path, path.with_extension("moved")).expect("rename");
+        assert!(!is_still_at(&stale, &path).expect("stat"));
+        append_line(&path, b"x\n").expect("append");
+        assert_eq!(fs::read_to_string(&path).expect("new file"), "x\n");
+    }
+}
