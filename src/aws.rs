@@ -152,22 +152,59 @@ pub async fn create_table_if_missing(
 /// A DynamoDB item as the DynamoDB client represents it.
 pub type Item = std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>;
 
-/// Follows `LastEvaluatedKey` until the last page; `page` fetches the page after a key.
-async fn collect_pages<F, Fut>(mut page: F) -> Result<Vec<Item>, AwsError>
+/// Follows `LastEvaluatedKey` until the last page; `page` fetches the page after a key and
+/// `each` takes its items.
+async fn for_each_page<F, Fut>(mut page: F, mut each: impl FnMut(Vec<Item>)) -> Result<(), AwsError>
+where
+    F: FnMut(Option<Item>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Option<Vec<Item>>, Option<Item>), AwsError>>,
+{
+    let mut start_key = None;
+    loop {
+        let (page_items, last_key) = page(start_key.take()).await?;
+        each(page_items.unwrap_or_default());
+        match last_key {
+            Some(key) if !key.is_empty() => start_key = Some(key),
+            _ => return Ok(()),
+        }
+    }
+}
+
+async fn collect_pages<F, Fut>(page: F) -> Result<Vec<Item>, AwsError>
 where
     F: FnMut(Option<Item>) -> Fut,
     Fut: std::future::Future<Output = Result<(Option<Vec<Item>>, Option<Item>), AwsError>>,
 {
     let mut items = Vec::new();
-    let mut start_key = None;
-    loop {
-        let (page_items, last_key) = page(start_key.take()).await?;
-        items.extend(page_items.unwrap_or_default());
-        match last_key {
-            Some(key) if !key.is_empty() => start_key = Some(key),
-            _ => return Ok(items),
-        }
-    }
+    for_each_page(page, |page| items.extend(page)).await?;
+    Ok(items)
+}
+
+/// Every page of a Scan, handed to `each` as it arrives (for tables too big to hold at once);
+/// each page is retried under `policy`.
+pub async fn scan_pages(
+    scan: aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder,
+    policy: &crate::retry::RetryPolicy,
+    each: impl FnMut(Vec<Item>),
+) -> Result<(), AwsError> {
+    for_each_page(
+        |start| {
+            let request = scan.clone().set_exclusive_start_key(start);
+            async move {
+                let output = crate::retry::retry(policy, "scan", || async {
+                    request
+                        .clone()
+                        .send()
+                        .await
+                        .map_err(|error| AwsError::from_sdk("Scan", &error))
+                })
+                .await?;
+                Ok((output.items, output.last_evaluated_key))
+            }
+        },
+        each,
+    )
+    .await
 }
 
 /// Every item a Query returns, all pages.

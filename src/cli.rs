@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::aws::{self, AwsOverrides, Item};
 use crate::config::{self, Settings, Sources};
 use crate::groups::admin::{self, User};
+use crate::groups::reconcile;
+use crate::groups::updater::GroupSummaryUpdater;
 use crate::stream::LeaseStore;
-use crate::{app, telemetry};
+use crate::{app, dispatch, telemetry};
 
 /// Keeps Cruddur's conversation list ("message groups") current from the messages table's
 /// DynamoDB stream.
@@ -73,6 +75,19 @@ enum Command {
     Scan,
     /// The lease table: each shard's owner, lease counter, checkpoint and lineage.
     Leases,
+    /// Rebuild every conversation's group rows from its message rows: move stale rows to the
+    /// newest message, create missing rows, delete duplicates. Safe while workers run. Run it
+    /// after a stream gap (the worker logs when). Progress goes to stderr, changes to stdout.
+    Reconcile {
+        /// Report what would change without writing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Replay dead letters from the configured destination (dead_letter_file or
+    /// dead_letter_queue_url; e.g. --set dead_letter_file=PATH) once their cause is fixed.
+    /// Replayed letters are removed; those that fail again are written back with the new error.
+    /// Exit 1 when any failed again.
+    Redrive,
     /// Probe a running worker's /healthz (for container health checks; exit 0 when healthy).
     Healthcheck {
         /// The worker's address; default: http_addr from the settings, on loopback.
@@ -259,11 +274,112 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Healthcheck { .. } => Ok(()),
+        Command::Reconcile { dry_run } => {
+            let updater = GroupSummaryUpdater::new(client, table);
+            let mut progress = Progress::new(dry_run);
+            let totals = reconcile::reconcile(&updater, &app::handler_retry(&settings), dry_run, &mut progress).await?;
+            let verb = if dry_run { "would be " } else { "" };
+            println!(
+                "reconcile{}: {} items, {} conversations; {} {verb}repaired ({} stale rows moved, {} missing rows created, \
+                 {} duplicate rows deleted); {} not repairable",
+                if dry_run { " (dry run, nothing written)" } else { "" },
+                totals.items,
+                totals.conversations,
+                totals.repaired,
+                totals.moved,
+                totals.created,
+                totals.duplicates,
+                totals.problems
+            );
+            Ok(())
+        }
+        Command::Redrive => {
+            let destination = app::dead_letter_destination(&settings, &sdk)?;
+            let updater = GroupSummaryUpdater::new(client, table);
+            let policy = app::handler_retry(&settings);
+            eprintln!("redrive: replaying dead letters from {}", destination.describe());
+            let counts = destination
+                .redrive(|letter| {
+                    let (updater, policy) = (&updater, &policy);
+                    async move {
+                        let (shard, sequence) = (letter.shard.clone(), letter.sequence_number.clone());
+                        match dispatch::replay(updater, policy, letter).await {
+                            Ok(outcome) => {
+                                println!("{shard} {sequence}: {outcome}");
+                                Ok(())
+                            }
+                            Err(again) => {
+                                println!("{shard} {sequence}: failed again, kept ({}: {})", again.reason, again.error);
+                                Err(again)
+                            }
+                        }
+                    }
+                })
+                .await?;
+            println!(
+                "redrive: {} replayed, {} failed again and kept, {} unreadable entries left in place",
+                counts.replayed, counts.kept, counts.unreadable
+            );
+            anyhow::ensure!(counts.kept == 0, "{} dead letters failed again", counts.kept);
+            Ok(())
+        }
         Command::Scan => {
             for item in admin::scan(&client, table).await? {
                 println!("{}", item_to_json(&item));
             }
             Ok(())
+        }
+    }
+}
+
+/// Reconcile's progress on stderr (at most every 2 s) and its changes on stdout.
+struct Progress {
+    dry_run: bool,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+    fn new(dry_run: bool) -> Self {
+        Self {
+            dry_run,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn due(&mut self) -> bool {
+        let due = self.last.elapsed() >= Self::EVERY;
+        if due {
+            self.last = std::time::Instant::now();
+        }
+        due
+    }
+}
+
+impl reconcile::Observer for Progress {
+    fn scanned(&mut self, items: u64) {
+        if self.due() {
+            eprintln!("reconcile: scanned {items} items");
+        }
+    }
+
+    fn repaired(&mut self, group_uuid: &str, repair: &reconcile::Repair) {
+        let verb = if self.dry_run { "would " } else { "" };
+        if repair.moved + repair.created + repair.duplicates > 0 {
+            println!(
+                "{group_uuid}: {verb}move {} stale, {verb}create {} missing, {verb}delete {} duplicate row(s)",
+                repair.moved, repair.created, repair.duplicates
+            );
+        }
+        if let Some(problem) = &repair.problem {
+            println!("{group_uuid}: not repaired: {problem}");
+        }
+    }
+
+    fn checked(&mut self, done: usize, total: usize) {
+        if done == total || self.due() {
+            eprintln!("reconcile: checked {done}/{total} conversations");
         }
     }
 }

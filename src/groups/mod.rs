@@ -8,5 +8,6 @@
 pub mod admin;
 pub mod model;
 pub mod plan;
+pub mod reconcile;
 pub mod timestamp;
 pub mod updater;

@@ -52,52 +52,94 @@ pub(crate) fn text<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
     }
 }
 
+/// Why a message record cannot be handled: dead-letter reasons (metric labels).
+pub mod reject {
+    /// A required attribute is absent (pk, sk, message).
+    pub const MISSING_ATTRIBUTE: &str = "missing_attribute";
+    /// A required attribute is not a string.
+    pub const WRONG_TYPE: &str = "wrong_type";
+    /// `pk` is `MSG#` and nothing more.
+    pub const EMPTY_GROUP_UUID: &str = "empty_group_uuid";
+    /// `sk` is not a timestamp.
+    pub const BAD_TIMESTAMP: &str = "bad_timestamp";
+    /// The record has no new image: the stream does not include NEW_IMAGE.
+    pub const NO_NEW_IMAGE: &str = "no_new_image";
+}
+
+/// A required string attribute, or the reason it is not one.
+fn required<'a>(item: &'a Item, name: &str, what: &str) -> Result<&'a str, (&'static str, String)> {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => Ok(value),
+        Some(other) => Err((reject::WRONG_TYPE, format!("{what} `{name}` is not a string: {}", type_name(other)))),
+        None => Err((reject::MISSING_ATTRIBUTE, format!("{what} has no `{name}`"))),
+    }
+}
+
+fn type_name(value: &AttributeValue) -> &'static str {
+    match value {
+        AttributeValue::N(_) => "N",
+        AttributeValue::B(_) => "B",
+        AttributeValue::Bool(_) => "BOOL",
+        AttributeValue::Null(_) => "NULL",
+        AttributeValue::L(_) => "L",
+        AttributeValue::M(_) => "M",
+        AttributeValue::Ss(_) => "SS",
+        AttributeValue::Ns(_) => "NS",
+        AttributeValue::Bs(_) => "BS",
+        _ => "unknown",
+    }
+}
+
 /// What a stream record means for group summaries.
 pub fn route(record: &Record) -> Route<MessageInserted> {
-    let reject = |detail: String| Route::Reject {
-        reason: "undecodable",
-        detail,
-    };
+    match decode(record) {
+        Ok(route) => route,
+        Err((reason, detail)) => Route::Reject { reason, detail },
+    }
+}
+
+fn decode(record: &Record) -> Result<Route<MessageInserted>, (&'static str, String)> {
     match record.event {
         EventKind::Insert => {}
-        EventKind::Modify => return Route::Ignore("modify"),
-        EventKind::Remove => return Route::Ignore("remove"),
-        EventKind::Other => return Route::Ignore("other_event"),
+        EventKind::Modify => return Ok(Route::Ignore("modify")),
+        EventKind::Remove => return Ok(Route::Ignore("remove")),
+        EventKind::Other => return Ok(Route::Ignore("other_event")),
     }
-    let Some(pk) = text(&record.keys, "pk") else {
-        return reject("no string pk in the record's keys".into());
-    };
+    let pk = required(&record.keys, "pk", "the record's keys")?;
     if pk.starts_with(GROUP_PREFIX) {
-        return Route::Ignore("group_row");
+        return Ok(Route::Ignore("group_row"));
     }
     let Some(group_uuid) = pk.strip_prefix(MESSAGE_PREFIX) else {
-        return Route::Ignore("other_item");
+        return Ok(Route::Ignore("other_item"));
     };
-    if group_uuid.is_empty() {
-        return reject("message row with an empty group uuid".into());
+    if group_uuid.trim().is_empty() {
+        return Err((reject::EMPTY_GROUP_UUID, format!("message row with pk {pk:?}")));
     }
-    let Some(sk) = text(&record.keys, "sk") else {
-        return reject("message row without a string sk".into());
-    };
+    let sk = required(&record.keys, "sk", "the message row's keys")?;
     let Some(at) = timestamp::parse(sk) else {
-        return reject(format!("message sk {sk:?} is not a timestamp"));
+        return Err((reject::BAD_TIMESTAMP, format!("message sk {sk:?} is not a timestamp")));
     };
     let Some(image) = record.new_image.as_ref() else {
-        return reject("no new image: the stream must include NEW_IMAGE".into());
+        return Err((
+            reject::NO_NEW_IMAGE,
+            "no new image: the stream must include NEW_IMAGE".into(),
+        ));
     };
-    let Some(message) = text(image, "message") else {
-        return reject("message row without a string `message`".into());
+    let message = required(image, "message", "the message row")?;
+    let sender_uuid = match image.get("user_uuid") {
+        None => None,
+        Some(_) => Some(required(image, "user_uuid", "the message row")?.to_owned()),
     };
-    Route::Apply {
+    Ok(Route::Apply {
         key: group_uuid.to_owned(),
         event: MessageInserted {
             group_uuid: group_uuid.to_owned(),
             sk: sk.to_owned(),
             at,
             text: message.to_owned(),
-            sender_uuid: text(image, "user_uuid").map(str::to_owned),
+            sender_uuid,
         },
-    }
+    })
 }
 
 /// A participant's group row as read from the table.
@@ -191,24 +233,30 @@ mod tests {
     }
 
     #[test]
-    fn undecodable_messages_are_rejected() {
+    fn undecodable_messages_are_rejected_with_a_reason() {
+        let mut wrong_type = record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[]);
+        wrong_type
+            .new_image
+            .as_mut()
+            .expect("image")
+            .insert("message".into(), AttributeValue::N("7".into()));
+        let mut no_image = record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[("message", "x")]);
+        no_image.new_image = None;
+        let mut no_sk = record(EventKind::Insert, "MSG#g", "x", &[("message", "x")]);
+        no_sk.keys.remove("sk");
         let cases = [
-            record(EventKind::Insert, "MSG#", "2023-03-20T22:52:11", &[("message", "x")]),
-            record(EventKind::Insert, "MSG#g", "not a time", &[("message", "x")]),
-            record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[]),
+            (record(EventKind::Insert, "MSG#", "2023-03-20T22:52:11", &[("message", "x")]), reject::EMPTY_GROUP_UUID),
+            (record(EventKind::Insert, "MSG#g", "not a time", &[("message", "x")]), reject::BAD_TIMESTAMP),
+            (record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[]), reject::MISSING_ATTRIBUTE),
+            (wrong_type, reject::WRONG_TYPE),
+            (no_image, reject::NO_NEW_IMAGE),
+            (no_sk, reject::MISSING_ATTRIBUTE),
         ];
-        for r in cases {
-            assert!(
-                matches!(
-                    route(&r),
-                    Route::Reject {
-                        reason: "undecodable",
-                        ..
-                    }
-                ),
-                "{:?}",
-                r.keys
-            );
+        for (r, expected) in cases {
+            match route(&r) {
+                Route::Reject { reason, .. } => assert_eq!(reason, expected, "{:?}", r.keys),
+                other => panic!("expected reject({expected}), got {other:?}"),
+            }
         }
     }
 

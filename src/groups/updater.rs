@@ -65,6 +65,24 @@ impl GroupSummaryUpdater {
         }
     }
 
+    pub(crate) fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Writes `writes` in one conditional transaction: `Ok(false)` when a condition failed
+    /// (someone changed the rows first).
+    pub(crate) async fn write_or_lose(&self, writes: Writes) -> Result<bool, UpdateError> {
+        match self.write(writes).await {
+            Ok(()) => Ok(true),
+            Err(WriteFailure::LostRace) => Ok(false),
+            Err(WriteFailure::Error(error)) => Err(error),
+        }
+    }
+
     /// Brings the message's conversation up to it; returns the outcome label.
     pub async fn apply(&self, message: &MessageInserted) -> Result<&'static str, UpdateError> {
         let mut consistent = false;
@@ -136,7 +154,7 @@ impl GroupSummaryUpdater {
         Ok(rows)
     }
 
-    async fn rows_of_owner(&self, owner: &str, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
+    pub(crate) async fn rows_of_owner(&self, owner: &str, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
         let query = self
             .client
             .query()

@@ -2,11 +2,13 @@
 //! Every test works in its own database (its own access key), so they run in parallel.
 
 mod deploy;
+mod failures;
 mod faults;
 mod kinesis;
 mod lineage;
 mod observability;
 mod operations;
+mod proxy;
 mod sharing;
 mod support;
 mod updates;

@@ -12,7 +12,7 @@ use cruddur_stream_worker::app;
 use cruddur_stream_worker::aws::{self, AwsOverrides, Item};
 use cruddur_stream_worker::config::{self, Settings, Sources};
 use cruddur_stream_worker::groups::admin::{self, User};
-use cruddur_stream_worker::stream::{StreamReport, LEASE_TABLE_KEY};
+use cruddur_stream_worker::stream::{SequenceNumber, StreamReport, LEASE_TABLE_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
@@ -26,12 +26,15 @@ pub fn endpoint() -> String {
 }
 
 /// One test's own database: DynamoDB Local keeps one per access key.
+#[derive(Clone)]
 pub struct TestDb {
     pub access_key: String,
     pub sdk: SdkConfig,
     pub client: aws_sdk_dynamodb::Client,
     pub table: String,
     pub lease_table: String,
+    /// Where this test's workers write dead letters (unless told to use a queue).
+    pub dead_letter_file: PathBuf,
 }
 
 impl TestDb {
@@ -59,12 +62,15 @@ impl TestDb {
         })
         .await;
         let client = aws::dynamodb_client(&sdk);
+        let scratch = std::env::temp_dir().join(format!("cruddur-it-{access_key}"));
+        std::fs::create_dir_all(&scratch).expect("scratch directory");
         Self {
             access_key,
             sdk,
             client,
             table: "cruddur-messages".into(),
             lease_table: "cruddur-stream-worker-leases".into(),
+            dead_letter_file: scratch.join("dead-letters.jsonl"),
         }
     }
 
@@ -79,11 +85,15 @@ impl TestDb {
             ("retry_base_delay_ms", "10"),
             ("retry_max_delay_ms", "200"),
             ("worker_id", "test-worker"),
+            ("dead_letter_file", self.dead_letter_file.to_str().expect("utf-8 path")),
         ]
         .iter()
         .chain(overrides)
         .map(|(key, value)| ((*key).to_owned(), (*value).to_owned(), format!("test override {key}")))
         .collect();
+        if overrides.iter().any(|(key, _)| *key == "dead_letter_queue_url") {
+            flags.push(("dead_letter_file".into(), String::new(), "test".into()));
+        }
         flags.push(("table_name".into(), self.table.clone(), "test".into()));
         flags.push(("lease_table_name".into(), self.lease_table.clone(), "test".into()));
         config::load(&Sources {
@@ -115,6 +125,7 @@ impl TestDb {
             .env("AWS_SECRET_ACCESS_KEY", "secret")
             .env("WORKER_HTTP_ADDR", "127.0.0.1:0")
             .env("WORKER_LOG_FORMAT", "json")
+            .env("WORKER_DEAD_LETTER_FILE", &self.dead_letter_file)
             .kill_on_drop(true);
         if let Ok(kinesis) = std::env::var("CRUDDUR_TEST_KINESIS") {
             command.env("AWS_ENDPOINT_URL_KINESIS", kinesis);
@@ -220,8 +231,13 @@ impl TestDb {
             .last()
             .map(|(seq, _, _)| seq.clone())
             .expect("records in the stream");
+        let target = SequenceNumber::parse(&last).expect("a sequence number");
+        // At or past it: the worker's own group-row writes add records after it.
         let caught_up = wait_until(Duration::from_secs(30), || async {
-            self.leases().await.values().any(|lease| s(lease, "checkpoint") == last)
+            self.leases()
+                .await
+                .values()
+                .any(|lease| SequenceNumber::parse(s(lease, "checkpoint")).is_some_and(|at| at >= target))
         })
         .await;
         assert!(
@@ -479,9 +495,15 @@ pub struct ChildWorker {
 impl TestDb {
     /// Starts `cruddur-stream-worker run ARGS` and waits until it listens.
     pub async fn spawn_worker_process(&self, args: &[&str]) -> ChildWorker {
+        self.spawn_worker_process_with(args, &[]).await
+    }
+
+    /// [`Self::spawn_worker_process`] with extra environment variables.
+    pub async fn spawn_worker_process_with(&self, args: &[&str], env: &[(&str, &str)]) -> ChildWorker {
         use tokio::io::AsyncBufReadExt;
-        let mut child = self
-            .command(&[&["run"], args].concat())
+        let mut command = self.command(&[&["run"], args].concat());
+        command.envs(env.iter().copied());
+        let mut child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -760,4 +782,95 @@ fn dynamodb_json(item: &Item) -> serde_json::Value {
         }
     }
     serde_json::Value::Object(item.iter().map(|(k, v)| (k.clone(), value(v))).collect())
+}
+
+impl TestDb {
+    /// The dead letters in this test's file, in the order written.
+    pub fn dead_letters(&self) -> Vec<cruddur_stream_worker::deadletter::DeadLetter> {
+        std::fs::read_to_string(&self.dead_letter_file)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a dead letter ({e}): {line}")))
+            .collect()
+    }
+
+    /// The SDK configuration of this database, sent to `endpoint` (a proxy) instead.
+    pub async fn sdk_via(&self, endpoint: &str) -> SdkConfig {
+        aws::load_sdk_config(AwsOverrides {
+            endpoint_url: Some(endpoint.to_owned()),
+            region: Some(REGION.to_owned()),
+            credentials: Some((self.access_key.clone(), "secret".to_owned())),
+        })
+        .await
+    }
+
+    /// Starts a worker in this process whose every AWS call goes through `endpoint`.
+    pub async fn start_worker_via(&self, endpoint: &str, overrides: &[(&str, &str)]) -> TestWorker {
+        let sdk = self.sdk_via(endpoint).await;
+        let source = cruddur_stream_worker::stream::DynamoDbStreamsSource::new(
+            aws::dynamodb_client(&sdk),
+            aws::streams_client(&sdk),
+            &self.table,
+        );
+        let shutdown = CancellationToken::new();
+        let running = app::start_with_source(&self.settings(overrides), &sdk, source, shutdown.clone())
+            .await
+            .expect("worker starts");
+        TestWorker {
+            http_addr: running.http_addr,
+            running: Some(running),
+            shutdown,
+        }
+    }
+}
+
+/// The moto server `scripts/test` started (a real local SQS).
+pub fn sqs_endpoint() -> String {
+    std::env::var("CRUDDUR_TEST_SQS")
+        .unwrap_or_else(|_| panic!("CRUDDUR_TEST_SQS is not set: run the suite with scripts/test (it starts moto)"))
+}
+
+/// A queue of this test's own on the local SQS.
+pub struct TestQueue {
+    pub client: aws_sdk_sqs::Client,
+    pub url: String,
+}
+
+impl TestQueue {
+    pub async fn create() -> Self {
+        let sdk = aws::load_sdk_config(AwsOverrides {
+            endpoint_url: Some(sqs_endpoint()),
+            region: Some(REGION.to_owned()),
+            credentials: Some(("test".to_owned(), "secret".to_owned())),
+        })
+        .await;
+        let client = aws::sqs_client(&sdk);
+        let name = format!("dead-letters-{}", uuid::Uuid::new_v4().simple());
+        let created = client.create_queue().queue_name(name).send().await.expect("create queue");
+        Self {
+            client,
+            url: created.queue_url.expect("queue url"),
+        }
+    }
+
+    /// Every message body in the queue, leaving them there (invisible for a while).
+    pub async fn bodies(&self) -> Vec<String> {
+        let mut bodies = Vec::new();
+        loop {
+            let received = self
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(10)
+                .visibility_timeout(30)
+                .send()
+                .await
+                .expect("receive");
+            let messages = received.messages.unwrap_or_default();
+            if messages.is_empty() {
+                return bodies;
+            }
+            bodies.extend(messages.into_iter().filter_map(|m| m.body));
+        }
+    }
 }
