@@ -309,7 +309,10 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
                                 Ok(())
                             }
                             Err(again) => {
-                                println!("{shard} {sequence}: failed again, kept ({}: {})", again.reason, again.error);
+                                println!(
+                                    "{shard} {sequence}: failed again, kept ({}: {})",
+                                    again.reason, again.error
+                                );
                                 Err(again)
                             }
                         }

@@ -534,7 +534,9 @@ mod tests {
         assert_eq!(unbounded.retry_max_attempts, None);
         let aged = load(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "60")], &[])).expect("valid");
         assert_eq!(aged.max_record_age, Some(Duration::from_secs(60)));
-        assert!(error_text(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "-1")], &[])).contains("max_record_age_seconds"));
+        assert!(
+            error_text(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "-1")], &[])).contains("max_record_age_seconds")
+        );
     }
 
     #[test]
@@ -551,6 +553,9 @@ mod tests {
         ));
         assert!(both.contains("not both"), "{both}");
         let bad = error_text(&sources(&[("WORKER_DEAD_LETTER_QUEUE_URL", "dlq")], &[]));
-        assert!(bad.contains("dead_letter_queue_url") && bad.contains("WORKER_DEAD_LETTER_QUEUE_URL"), "{bad}");
+        assert!(
+            bad.contains("dead_letter_queue_url") && bad.contains("WORKER_DEAD_LETTER_QUEUE_URL"),
+            "{bad}"
+        );
     }
 }

@@ -401,8 +401,8 @@ mod tests {
         let lines: Vec<&str> = left.lines().collect();
         assert_eq!(lines.len(), 2, "{left}");
         assert!(lines.contains(&"not a letter"));
-        let kept: DeadLetter = serde_json::from_str(lines.iter().find(|l| l.starts_with('{')).expect("letter"))
-            .expect("parses");
+        let kept: DeadLetter =
+            serde_json::from_str(lines.iter().find(|l| l.starts_with('{')).expect("letter")).expect("parses");
         assert_eq!((kept.sequence_number.as_str(), kept.attempts), ("2", 4));
         let directory = path.parent().expect("dir");
         assert_eq!(fs::read_dir(directory).expect("dir").count(), 1, "claimed file removed");

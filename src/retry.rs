@@ -234,23 +234,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_says_how_many_attempts_and_why() {
-        let failure = retry_until(&policy(Some(3)), "test", None, || async { Err::<(), _>(TestError(true)) })
-            .await
-            .expect_err("always fails");
+        let failure = retry_until(&policy(Some(3)), "test", None, || async {
+            Err::<(), _>(TestError(true))
+        })
+        .await
+        .expect_err("always fails");
         assert_eq!((failure.attempts, failure.gave_up), (3, GaveUp::Attempts));
 
-        let failure = retry_until(&policy(Some(3)), "test", None, || async { Err::<(), _>(TestError(false)) })
-            .await
-            .expect_err("always fails");
+        let failure = retry_until(&policy(Some(3)), "test", None, || async {
+            Err::<(), _>(TestError(false))
+        })
+        .await
+        .expect_err("always fails");
         assert_eq!((failure.attempts, failure.gave_up), (1, GaveUp::Permanent));
     }
 
     #[tokio::test]
     async fn a_passed_deadline_stops_retrying() {
         let deadline = SystemTime::now() + Duration::from_millis(100);
-        let failure = retry_until(&policy(None), "test", Some(deadline), || async { Err::<(), _>(TestError(true)) })
-            .await
-            .expect_err("always fails");
+        let failure = retry_until(&policy(None), "test", Some(deadline), || async {
+            Err::<(), _>(TestError(true))
+        })
+        .await
+        .expect_err("always fails");
         assert_eq!(failure.gave_up, GaveUp::Deadline);
         assert!(failure.attempts > 1, "retried until the deadline: {}", failure.attempts);
         assert!(SystemTime::now() >= deadline);

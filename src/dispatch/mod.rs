@@ -260,7 +260,8 @@ impl<H: Handler> DispatchLane<H> {
                 }
                 Route::Reject { reason, detail } => {
                     tracing::error!(shard = %self.shard, sequence = %record.sequence_number, reason, detail, "record cannot be handled; dead-lettering it");
-                    let letter = DeadLetter::new(&self.shard, &record, reason, detail, 0, &self.shared.settings.worker_id);
+                    let letter =
+                        DeadLetter::new(&self.shard, &record, reason, detail, 0, &self.shared.settings.worker_id);
                     rejected.push(Rejected { letter, reason, ticket });
                 }
                 Route::Apply { key, event } => match unit_of_key.get(&key) {
@@ -391,7 +392,11 @@ fn earliest(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> 
 /// Replays one dead letter through the handler (for `redrive`): `Ok` with what happened
 /// (`applied`, or the reason it needs no work any more), or the letter back, updated, when it
 /// fails again. No record-age limit applies: an operator asked for it.
-pub async fn replay<H: Handler>(handler: &H, policy: &RetryPolicy, letter: DeadLetter) -> Result<&'static str, DeadLetter> {
+pub async fn replay<H: Handler>(
+    handler: &H,
+    policy: &RetryPolicy,
+    letter: DeadLetter,
+) -> Result<&'static str, DeadLetter> {
     let record = match letter.record() {
         Ok(record) => record,
         Err(error) => return Err(letter.failed_again("unreadable", error.to_string(), 0)),
@@ -549,7 +554,8 @@ mod tests {
     }
 
     fn through(lane: &DispatchLane<Recorder>) -> Option<String> {
-        lane.handled_through().map(|s| s.as_str().trim_start_matches('0').to_owned())
+        lane.handled_through()
+            .map(|s| s.as_str().trim_start_matches('0').to_owned())
     }
 
     #[tokio::test]
@@ -557,10 +563,7 @@ mod tests {
         let handler = Recorder::new(true, &[]);
         let path = scratch_file();
         std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
-        let dispatcher = Dispatcher::new(
-            handler.clone(),
-            settings(8, DeadLetterDestination::File(path.clone())),
-        );
+        let dispatcher = Dispatcher::new(handler.clone(), settings(8, DeadLetterDestination::File(path.clone())));
         let mut lane = dispatcher.open_lane(&ShardId("s".into()));
         lane.submit(vec![
             record(1, "a", 1),
@@ -582,7 +585,12 @@ mod tests {
             .iter()
             .map(|l| {
                 let covers = l.covers.iter().map(|c| c.trim_start_matches('0').to_owned()).collect();
-                (l.sequence_number.trim_start_matches('0').to_owned(), l.reason.as_str(), l.attempts, covers)
+                (
+                    l.sequence_number.trim_start_matches('0').to_owned(),
+                    l.reason.as_str(),
+                    l.attempts,
+                    covers,
+                )
             })
             .collect();
         assert_eq!(
@@ -617,7 +625,11 @@ mod tests {
         let letters = letters(&path);
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].reason, reason::RECORD_TOO_OLD);
-        assert!(letters[0].attempts > 1, "retried while young enough: {}", letters[0].attempts);
+        assert!(
+            letters[0].attempts > 1,
+            "retried while young enough: {}",
+            letters[0].attempts
+        );
     }
 
     #[tokio::test]
@@ -636,7 +648,11 @@ mod tests {
         .await
         .expect("the good records are applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(through(&lane).as_deref(), Some("1"), "not past the record with no dead letter");
+        assert_eq!(
+            through(&lane).as_deref(),
+            Some("1"),
+            "not past the record with no dead letter"
+        );
         std::fs::create_dir_all(path.parent().expect("dir")).expect("the destination comes back");
         tokio::time::timeout(Duration::from_secs(5), lane.drain())
             .await
@@ -653,7 +669,9 @@ mod tests {
         let letter = |value| DeadLetter::new(&shard, &record(1, "a", value), "x", "e".into(), 2, "w");
         assert_eq!(replay(handler.as_ref(), &policy, letter(4)).await, Ok("applied"));
         assert_eq!(replay(handler.as_ref(), &policy, letter(0)).await, Ok("zero"));
-        let again = replay(handler.as_ref(), &policy, letter(998)).await.expect_err("fails again");
+        let again = replay(handler.as_ref(), &policy, letter(998))
+            .await
+            .expect_err("fails again");
         assert_eq!((again.reason.as_str(), again.attempts), (reason::PERMANENT_ERROR, 3));
         assert_eq!(handler.applied(), vec![("a".to_owned(), 4)]);
     }

@@ -70,7 +70,10 @@ pub mod reject {
 fn required<'a>(item: &'a Item, name: &str, what: &str) -> Result<&'a str, (&'static str, String)> {
     match item.get(name) {
         Some(AttributeValue::S(value)) => Ok(value),
-        Some(other) => Err((reject::WRONG_TYPE, format!("{what} `{name}` is not a string: {}", type_name(other)))),
+        Some(other) => Err((
+            reject::WRONG_TYPE,
+            format!("{what} `{name}` is not a string: {}", type_name(other)),
+        )),
         None => Err((reject::MISSING_ATTRIBUTE, format!("{what} has no `{name}`"))),
     }
 }
@@ -245,9 +248,18 @@ mod tests {
         let mut no_sk = record(EventKind::Insert, "MSG#g", "x", &[("message", "x")]);
         no_sk.keys.remove("sk");
         let cases = [
-            (record(EventKind::Insert, "MSG#", "2023-03-20T22:52:11", &[("message", "x")]), reject::EMPTY_GROUP_UUID),
-            (record(EventKind::Insert, "MSG#g", "not a time", &[("message", "x")]), reject::BAD_TIMESTAMP),
-            (record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[]), reject::MISSING_ATTRIBUTE),
+            (
+                record(EventKind::Insert, "MSG#", "2023-03-20T22:52:11", &[("message", "x")]),
+                reject::EMPTY_GROUP_UUID,
+            ),
+            (
+                record(EventKind::Insert, "MSG#g", "not a time", &[("message", "x")]),
+                reject::BAD_TIMESTAMP,
+            ),
+            (
+                record(EventKind::Insert, "MSG#g", "2023-03-20T22:52:11", &[]),
+                reject::MISSING_ATTRIBUTE,
+            ),
             (wrong_type, reject::WRONG_TYPE),
             (no_image, reject::NO_NEW_IMAGE),
             (no_sk, reject::MISSING_ATTRIBUTE),

@@ -451,7 +451,11 @@ mod tests {
         assert_eq!(text(created, "sk"), Some("2023-01-02T00:00:00"));
         assert_eq!(text(created, "message"), Some("two"));
         assert_eq!(text(created, "user_uuid"), Some("a"));
-        assert_eq!(text(created, "user_handle"), Some("h-a"), "a's identity from a's message");
+        assert_eq!(
+            text(created, "user_handle"),
+            Some("h-a"),
+            "a's identity from a's message"
+        );
         assert_eq!(fixed.writes.deletes.len(), 2, "the stale row and the duplicate");
         assert!(fixed.problem.is_none());
     }

@@ -111,3 +111,26 @@ fn the_image_runs_as_non_root_and_checks_itself() {
         "the binary is PID 1 and gets SIGTERM"
     );
 }
+
+#[test]
+fn every_deployment_names_a_dead_letter_destination() {
+    // `run` refuses to start without one: a deploy file without it would never start.
+    let task: serde_json::Value = serde_json::from_str(&read("deploy/ecs/task-definition.json")).expect("JSON");
+    let names: Vec<&str> = task["containerDefinitions"][0]["environment"]
+        .as_array()
+        .expect("environment")
+        .iter()
+        .filter_map(|variable| variable["name"].as_str())
+        .collect();
+    assert!(names.contains(&"WORKER_DEAD_LETTER_QUEUE_URL"), "{names:?}");
+    assert!(read("deploy/ecs/cloudformation.yaml")
+        .contains("{ Name: WORKER_DEAD_LETTER_QUEUE_URL, Value: !Ref DeadLetterQueue }"));
+    let compose = read("deploy/docker-compose.yml");
+    assert!(compose.contains("WORKER_DEAD_LETTER_FILE: /var/lib/cruddur-stream-worker/"));
+    assert!(
+        compose.contains("dead-letters:/var/lib/cruddur-stream-worker"),
+        "on a volume: the root is read-only"
+    );
+    assert!(read("deploy/Dockerfile")
+        .contains("--chown=nonroot:nonroot /data/cruddur-stream-worker /var/lib/cruddur-stream-worker"));
+}

@@ -44,7 +44,9 @@ impl TestDb {
         let wanted: BTreeSet<String> = owners.iter().map(|u| format!("GRP#{}", u.uuid)).collect();
         rows.len() == owners.len()
             && row_owners == wanted.iter().map(String::as_str).collect()
-            && rows.iter().all(|row| s(row, "sk") == sk && s(row, "message") == message)
+            && rows
+                .iter()
+                .all(|row| s(row, "sk") == sk && s(row, "message") == message)
     }
 }
 
@@ -57,7 +59,8 @@ async fn poison_records_are_dead_lettered_once_and_the_shard_moves_on() {
     let first = db.conversation(pia, quin, "2024-01-01T00:00:00", "first").await;
     let second = db.conversation(pia, rex, "2024-01-01T00:00:00.5", "second").await;
     let pk = text(&format!("MSG#{first}"));
-    db.put_raw(&[("pk", pk.clone()), ("sk", text("2024-01-01T00:00:01"))]).await;
+    db.put_raw(&[("pk", pk.clone()), ("sk", text("2024-01-01T00:00:01"))])
+        .await;
     db.message(&second, rex, "2024-01-01T00:00:02", "good one").await;
     db.put_raw(&[
         ("pk", pk.clone()),
@@ -65,8 +68,12 @@ async fn poison_records_are_dead_lettered_once_and_the_shard_moves_on() {
         ("message", AttributeValue::N("5".into())),
     ])
     .await;
-    db.put_raw(&[("pk", text("MSG#")), ("sk", text("2024-01-01T00:00:04")), ("message", text("x"))])
-        .await;
+    db.put_raw(&[
+        ("pk", text("MSG#")),
+        ("sk", text("2024-01-01T00:00:04")),
+        ("message", text("x")),
+    ])
+    .await;
     let big = "b".repeat(390_000);
     db.message(&first, quin, "2024-01-01T00:00:05", &big).await;
     db.put_raw(&[("pk", pk.clone()), ("sk", text("not a time")), ("message", text("x"))])
@@ -76,8 +83,14 @@ async fn poison_records_are_dead_lettered_once_and_the_shard_moves_on() {
     // The last record in the stream is poison: catching up means the checkpoint passed it.
     db.wait_caught_up().await;
     assert_eq!(worker.get("/healthz").await.0, 200, "the worker never crashed");
-    assert!(db.group_is_at(&first, &[pia, quin], "2024-01-01T00:00:05", &big).await, "390 KB applied");
-    assert!(db.group_is_at(&second, &[pia, rex], "2024-01-01T00:00:02", "good one").await);
+    assert!(
+        db.group_is_at(&first, &[pia, quin], "2024-01-01T00:00:05", &big).await,
+        "390 KB applied"
+    );
+    assert!(
+        db.group_is_at(&second, &[pia, rex], "2024-01-01T00:00:02", "good one")
+            .await
+    );
 
     let letters = db.dead_letters();
     let reasons: BTreeMap<&str, usize> = letters.iter().fold(BTreeMap::new(), |mut counts, letter| {
@@ -143,8 +156,14 @@ async fn at_twenty_percent_faults_every_group_converges_and_nothing_is_dead_lett
     .await;
     assert!(converged, "every group reaches its newest message");
     let (requests, injected) = proxy.counts();
-    assert!(injected > 0 && injected < requests, "{injected} faults in {requests} requests");
-    assert!(worker.metric("stream_worker_retries_total", "").await > 0.0, "retries are counted");
+    assert!(
+        injected > 0 && injected < requests,
+        "{injected} faults in {requests} requests"
+    );
+    assert!(
+        worker.metric("stream_worker_retries_total", "").await > 0.0,
+        "retries are counted"
+    );
     assert_eq!(worker.metric("stream_worker_dead_letters_total", "").await, 0.0);
     worker.stop().await;
     assert!(db.dead_letters().is_empty(), "nothing transient was dead-lettered");
@@ -174,7 +193,9 @@ async fn crashes_during_a_storm_never_lose_or_double_a_row() {
                     break;
                 }
                 let (group, a, b) = &groups[(n as usize) % groups.len()];
-                let at = (start + chrono::Duration::milliseconds(n)).format("%Y-%m-%dT%H:%M:%S%.3f").to_string();
+                let at = (start + chrono::Duration::milliseconds(n))
+                    .format("%Y-%m-%dT%H:%M:%S%.3f")
+                    .to_string();
                 let body = format!("storm {n}");
                 db.message(group, if n % 2 == 0 { a } else { b }, &at, &body).await;
                 newest.insert(group.clone(), (at, body));
@@ -210,7 +231,10 @@ async fn crashes_during_a_storm_never_lose_or_double_a_row() {
     let mut detail = String::new();
     for (group, _, _) in &groups {
         let rows = db.group_rows(group).await;
-        detail.push_str(&format!("{group}: {:?}\n", rows.iter().map(|r| (s(r, "pk"), s(r, "sk"))).collect::<Vec<_>>()));
+        detail.push_str(&format!(
+            "{group}: {:?}\n",
+            rows.iter().map(|r| (s(r, "pk"), s(r, "sk"))).collect::<Vec<_>>()
+        ));
     }
     assert!(converged, "one row per participant at the newest message:\n{detail}");
     drop(worker);
@@ -234,11 +258,22 @@ async fn a_dead_letter_queue_that_is_down_holds_the_checkpoint_until_it_is_back(
     )
     .await;
     let people = users(&["qa", "qb"]);
-    let group = db.conversation(&people[0], &people[1], "2024-04-01T00:00:00", "open").await;
-    db.put_raw(&[("pk", text(&format!("MSG#{group}"))), ("sk", text("2024-04-01T00:00:01"))])
+    let group = db
+        .conversation(&people[0], &people[1], "2024-04-01T00:00:00", "open")
         .await;
-    let poison = db.stream_records().await.last().map(|(seq, _, _)| seq.clone()).expect("poison record");
-    db.message(&group, &people[1], "2024-04-01T00:00:02", "after the poison").await;
+    db.put_raw(&[
+        ("pk", text(&format!("MSG#{group}"))),
+        ("sk", text("2024-04-01T00:00:01")),
+    ])
+    .await;
+    let poison = db
+        .stream_records()
+        .await
+        .last()
+        .map(|(seq, _, _)| seq.clone())
+        .expect("poison record");
+    db.message(&group, &people[1], "2024-04-01T00:00:02", "after the poison")
+        .await;
 
     let proxy_url = proxy.url();
     let worker = db
@@ -249,10 +284,12 @@ async fn a_dead_letter_queue_that_is_down_holds_the_checkpoint_until_it_is_back(
                 ("WORKER_DEAD_LETTER_FILE", ""),
                 ("WORKER_DEAD_LETTER_QUEUE_URL", queue.url.as_str()),
                 ("WORKER_RETRY_MAX_DELAY_MS", "100"),
+                ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
             ],
         )
         .await;
-    db.wait_for_group(&group, "2024-04-01T00:00:02", "after the poison").await;
+    db.wait_for_group(&group, "2024-04-01T00:00:02", "after the poison")
+        .await;
     let retried = wait_until(Duration::from_secs(30), || async {
         worker
             .metric("stream_worker_retries_total", r#"operation="write_dead_letter""#)
@@ -261,6 +298,8 @@ async fn a_dead_letter_queue_that_is_down_holds_the_checkpoint_until_it_is_back(
     })
     .await;
     assert!(retried, "the dead letter is retried: {}", worker.log());
+    // Several checkpoint intervals pass while the letter cannot be stored.
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let poison = SequenceNumber::parse(&poison).expect("sequence");
     assert!(
         db.checkpoint().await.is_none_or(|checkpoint| checkpoint < poison),
@@ -347,7 +386,11 @@ async fn reconcile_repairs_a_damaged_table_and_then_finds_nothing_to_do() {
         .find(|row| s(row, "pk") == format!("GRP#{}", rc.uuid))
         .expect("rc's row is back");
     assert_eq!(
-        (s(rc_row, "user_uuid"), s(rc_row, "user_handle"), s(rc_row, "user_display_name")),
+        (
+            s(rc_row, "user_uuid"),
+            s(rc_row, "user_handle"),
+            s(rc_row, "user_display_name")
+        ),
         (ra.uuid.as_str(), ra.handle.as_str(), ra.display_name.as_str()),
         "it names the other participant"
     );
@@ -365,10 +408,15 @@ async fn reconcile_repairs_a_damaged_table_and_then_finds_nothing_to_do() {
 async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
     let db = TestDb::new().await;
     let people = users(&["da", "db"]);
-    let group = db.conversation(&people[0], &people[1], "2024-06-01T00:00:00", "open").await;
-    db.message(&group, &people[1], "2024-06-01T00:00:01", "stuck").await;
-    db.put_raw(&[("pk", text(&format!("MSG#{group}"))), ("sk", text("2024-06-01T00:00:02"))])
+    let group = db
+        .conversation(&people[0], &people[1], "2024-06-01T00:00:00", "open")
         .await;
+    db.message(&group, &people[1], "2024-06-01T00:00:01", "stuck").await;
+    db.put_raw(&[
+        ("pk", text(&format!("MSG#{group}"))),
+        ("sk", text("2024-06-01T00:00:02")),
+    ])
+    .await;
     let proxy = FaultProxy::start(
         &endpoint(),
         Faults {
@@ -387,17 +435,26 @@ async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
         1.0
     );
     worker.stop().await;
-    assert!(db.group_is_at(&group, &[&people[0], &people[1]], "2024-06-01T00:00:00", "open").await);
+    assert!(
+        db.group_is_at(&group, &[&people[0], &people[1]], "2024-06-01T00:00:00", "open")
+            .await
+    );
     let letters = db.dead_letters();
     assert_eq!(letters.len(), 2, "{letters:#?}");
-    let stuck = letters.iter().find(|l| l.reason == "retries_exhausted").expect("the failed update");
+    let stuck = letters
+        .iter()
+        .find(|l| l.reason == "retries_exhausted")
+        .expect("the failed update");
     assert_eq!(stuck.attempts, 3);
 
     // The cause is fixed: DynamoDB is reached directly.
     let (code, out, err) = run_command(&db, &["redrive"]).await;
     assert_eq!(code, 1, "one letter still fails: {out}{err}");
     assert!(out.contains("1 replayed, 1 failed again and kept"), "{out}");
-    assert!(db.group_is_at(&group, &[&people[0], &people[1]], "2024-06-01T00:00:01", "stuck").await);
+    assert!(
+        db.group_is_at(&group, &[&people[0], &people[1]], "2024-06-01T00:00:01", "stuck")
+            .await
+    );
     let left = db.dead_letters();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].reason, "missing_attribute");

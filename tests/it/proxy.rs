@@ -137,7 +137,8 @@ impl Drop for FaultProxy {
 }
 
 fn error_response(status: u16, code: &str) -> Response<Full<Bytes>> {
-    let body = format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{code}","message":"injected by the test proxy"}}"#);
+    let body =
+        format!(r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{code}","message":"injected by the test proxy"}}"#);
     Response::builder()
         .status(status)
         .header("content-type", "application/x-amz-json-1.0")

@@ -846,7 +846,12 @@ impl TestQueue {
         .await;
         let client = aws::sqs_client(&sdk);
         let name = format!("dead-letters-{}", uuid::Uuid::new_v4().simple());
-        let created = client.create_queue().queue_name(name).send().await.expect("create queue");
+        let created = client
+            .create_queue()
+            .queue_name(name)
+            .send()
+            .await
+            .expect("create queue");
         Self {
             client,
             url: created.queue_url.expect("queue url"),
