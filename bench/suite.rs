@@ -1,0 +1,604 @@
+//! The end-to-end benchmark driver: each scenario runs against a DynamoDB Local (`--endpoint`),
+//! in databases of its own (a fresh access key per contender, so one never reads another's
+//! records and each stays under DynamoDB Local's ~15 k stream-record slowdown), and prints one
+//! JSON object. `bench/run` orchestrates the scenarios and writes docs/BENCHMARKS.md.
+//!
+//!   cargo bench --bench suite -- read-path --endpoint URL --records N
+//!   cargo bench --bench suite -- drain     --endpoint URL --messages N --groups G --worker BIN
+//!   cargo bench --bench suite -- latency   --endpoint URL --rate R --groups G --seconds S
+//!                                          --idle-ms I --worker BIN
+//!   cargo bench --bench suite -- drain-ceiling | drain-lambda (see bench/run)
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, TransactWriteItem};
+use cruddur_stream_worker::aws::{self, AwsOverrides, Item};
+use cruddur_stream_worker::deadletter::DeadLetterDestination;
+use cruddur_stream_worker::dispatch::{DispatchSettings, Dispatcher, Handler, Route};
+use cruddur_stream_worker::groups::admin::{self, User};
+use cruddur_stream_worker::retry::{RetryPolicy, Retryable};
+use cruddur_stream_worker::stream::{
+    DynamoDbStreamsSource, LeaseStore, Record, StartingPosition, StreamHealth, StreamSettings, StreamWorker,
+};
+use futures::StreamExt as _;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+const REGION: &str = "us-east-1";
+const TABLE: &str = "cruddur-messages";
+
+/// Flags as `--name value` pairs.
+struct Flags(HashMap<String, String>);
+
+impl Flags {
+    fn parse(args: &[String]) -> Self {
+        let mut flags = HashMap::new();
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            if let Some(name) = arg.strip_prefix("--") {
+                if let Some(value) = iter.next() {
+                    flags.insert(name.to_owned(), value.clone());
+                }
+            }
+        }
+        Self(flags)
+    }
+
+    fn text(&self, name: &str) -> Result<String, Failure> {
+        self.0.get(name).cloned().ok_or_else(|| format!("--{name} is required").into())
+    }
+
+    fn number(&self, name: &str, default: u64) -> Result<u64, Failure> {
+        match self.0.get(name) {
+            None => Ok(default),
+            Some(text) => text.parse().map_err(|_| format!("--{name} {text:?} is not a number").into()),
+        }
+    }
+}
+
+/// A database of its own on the endpoint.
+struct Db {
+    access_key: String,
+    endpoint: String,
+    client: aws_sdk_dynamodb::Client,
+    sdk: aws_config::SdkConfig,
+}
+
+impl Db {
+    async fn fresh(endpoint: &str) -> Result<Self, Failure> {
+        let access_key = format!("bench{}", uuid::Uuid::new_v4().simple());
+        let sdk = aws::load_sdk_config(AwsOverrides {
+            endpoint_url: Some(endpoint.to_owned()),
+            region: Some(REGION.to_owned()),
+            credentials: Some((access_key.clone(), "secret".to_owned())),
+        })
+        .await;
+        let client = aws::dynamodb_client(&sdk);
+        admin::create_messages_table(&client, TABLE).await?;
+        Ok(Self {
+            access_key,
+            endpoint: endpoint.to_owned(),
+            client,
+            sdk,
+        })
+    }
+
+    /// The worker binary on this database.
+    fn worker(&self, binary: &str, idle_ms: u64, dead_letters: &str) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("run")
+            .env_clear()
+            .env("AWS_ENDPOINT_URL_DYNAMODB", &self.endpoint)
+            .env("AWS_ENDPOINT_URL_DYNAMODB_STREAMS", &self.endpoint)
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .env("WORKER_HTTP_ADDR", "127.0.0.1:0")
+            .env("WORKER_LOG_FORMAT", "json")
+            .env("WORKER_LOG_LEVEL", "warn")
+            .env("WORKER_IDLE_INTERVAL_MS", idle_ms.to_string())
+            .env("WORKER_DEAD_LETTER_FILE", dead_letters)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        command
+    }
+}
+
+/// `n` distinct users and conversations between neighbours; timestamps unique per user.
+fn people(count: usize) -> Vec<User> {
+    (0..count).map(|i| User::from_handle(&format!("bench{i}"))).collect()
+}
+
+fn stamp(base: i64, offset_ms: i64) -> String {
+    let at = chrono::DateTime::from_timestamp_millis(base + offset_ms).unwrap_or_default();
+    at.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
+}
+
+/// Creates `groups` conversations (user 2i with user 2i+1) at distinct times.
+async fn conversations(db: &Db, groups: usize) -> Result<Vec<(String, User, User)>, Failure> {
+    let users = people(groups * 2);
+    let base = chrono::Utc::now().timestamp_millis() - 86_400_000;
+    let created = futures::stream::iter(0..groups)
+        .map(|index| {
+            let (a, b) = (users[index * 2].clone(), users[index * 2 + 1].clone());
+            let group = uuid::Uuid::new_v4().to_string();
+            async move {
+                let at = stamp(base, index as i64);
+                let message = uuid::Uuid::new_v4().to_string();
+                admin::create_conversation(&db.client, TABLE, &group, &at, &message, &a, &b, "hello").await?;
+                Ok::<_, Failure>((group, a, b))
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await;
+    created.into_iter().collect()
+}
+
+/// Writes `count` messages round-robin over the groups, 16 in flight, timestamps increasing by
+/// 1 ms from now; returns the newest (sk, text) per group.
+async fn messages(
+    db: &Db,
+    groups: &[(String, User, User)],
+    count: usize,
+) -> Result<HashMap<String, (String, String)>, Failure> {
+    let base = chrono::Utc::now().timestamp_millis();
+    let written = futures::stream::iter(0..count)
+        .map(|n| {
+            let (group, a, b) = &groups[n % groups.len()];
+            let sender = if n % 2 == 0 { a } else { b };
+            let (at, text) = (stamp(base, n as i64), format!("message {n}"));
+            async move {
+                let id = uuid::Uuid::new_v4().to_string();
+                admin::put_message(&db.client, TABLE, group, &at, &id, sender, &text).await?;
+                Ok::<_, Failure>((group.clone(), at, text))
+            }
+        })
+        .buffered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let mut newest = HashMap::new();
+    for result in written {
+        let (group, at, text) = result?;
+        newest.insert(group, (at, text));
+    }
+    Ok(newest)
+}
+
+/// Keys of both final group rows of every group.
+fn final_keys(groups: &[(String, User, User)], newest: &HashMap<String, (String, String)>) -> Vec<(Item, String)> {
+    let mut keys = Vec::new();
+    for (group, a, b) in groups {
+        let (at, text) = &newest[group];
+        for owner in [a, b] {
+            let key = Item::from([
+                ("pk".to_owned(), AttributeValue::S(format!("GRP#{}", owner.uuid))),
+                ("sk".to_owned(), AttributeValue::S(at.clone())),
+            ]);
+            keys.push((key, text.clone()));
+        }
+    }
+    keys
+}
+
+/// How many of `keys` exist with their text (BatchGetItem, 100 at a time).
+async fn present(db: &Db, keys: &[(Item, String)]) -> Result<usize, Failure> {
+    let mut found = 0;
+    for chunk in keys.chunks(100) {
+        let mut wanted: HashMap<(String, String), &str> = HashMap::new();
+        let mut request = KeysAndAttributes::builder();
+        for (key, text) in chunk {
+            let pk = key["pk"].as_s().map_err(|_| "pk")?.clone();
+            let sk = key["sk"].as_s().map_err(|_| "sk")?.clone();
+            wanted.insert((pk, sk), text.as_str());
+            request = request.keys(key.clone());
+        }
+        let mut pending = Some(request.build()?);
+        while let Some(keys) = pending.take() {
+            let output = db.client.batch_get_item().request_items(TABLE, keys).send().await?;
+            for item in output.responses.and_then(|mut r| r.remove(TABLE)).unwrap_or_default() {
+                let field = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+                if wanted.get(&(field("pk"), field("sk"))) == Some(&field("message").as_str()) {
+                    found += 1;
+                }
+            }
+            pending = output.unprocessed_keys.and_then(|mut left| left.remove(TABLE));
+        }
+    }
+    Ok(found)
+}
+
+/// Polls until every key is present; returns the elapsed time since `started`, or `None`
+/// after `limit`.
+async fn wait_final(db: &Db, keys: &[(Item, String)], started: Instant, limit: Duration) -> Result<Option<f64>, Failure> {
+    while started.elapsed() < limit {
+        if present(db, keys).await? == keys.len() {
+            return Ok(Some(started.elapsed().as_secs_f64()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(None)
+}
+
+/// A handler that does nothing: the read path's own cost.
+struct Noop {
+    routed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct NeverFails;
+
+impl std::fmt::Display for NeverFails {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("never")
+    }
+}
+
+impl Retryable for NeverFails {
+    fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+impl Handler for Noop {
+    type Event = ();
+    type Error = NeverFails;
+
+    fn route(&self, record: &Record) -> Route<()> {
+        self.routed.fetch_add(1, Ordering::Relaxed);
+        Route::Apply {
+            key: record.sequence_number.as_str().to_owned(),
+            event: (),
+        }
+    }
+
+    fn supersedes(&self, _: &(), _: &()) -> bool {
+        true
+    }
+
+    async fn handle(&self, _: &()) -> Result<(), NeverFails> {
+        Ok(())
+    }
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        base_delay: Duration::from_millis(50),
+        max_delay: Duration::from_secs(5),
+        max_attempts: None,
+    }
+}
+
+/// Records/s of a bare GetRecords loop over the table's one shard, from the horizon.
+async fn bare_read(db: &Db, records: u64) -> Result<f64, Failure> {
+    let streams = aws::streams_client(&db.sdk);
+    let described = db.client.describe_table().table_name(TABLE).send().await?;
+    let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or("no stream")?;
+    let started = Instant::now();
+    let stream = streams.describe_stream().stream_arn(&arn).send().await?;
+    let shard = stream
+        .stream_description
+        .and_then(|d| d.shards)
+        .and_then(|mut shards| shards.pop())
+        .and_then(|shard| shard.shard_id)
+        .ok_or("no shard")?;
+    let mut iterator = streams
+        .get_shard_iterator()
+        .stream_arn(&arn)
+        .shard_id(shard)
+        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await?
+        .shard_iterator;
+    let mut seen = 0u64;
+    while let Some(current) = iterator.take() {
+        let output = streams.get_records().shard_iterator(current).limit(1000).send().await?;
+        seen += output.records.map_or(0, |r| r.len() as u64);
+        if seen >= records {
+            break;
+        }
+        iterator = output.next_shard_iterator;
+    }
+    Ok(seen as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Records/s of the stream worker with a handler that does nothing, from the horizon.
+async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> {
+    let handler = Arc::new(Noop {
+        routed: AtomicU64::new(0),
+    });
+    let scratch = std::env::temp_dir().join(format!("bench-dead-letters-{}.jsonl", db.access_key));
+    let dispatcher = Arc::new(Dispatcher::new(
+        handler.clone(),
+        DispatchSettings {
+            max_in_flight: 64,
+            retry: policy(),
+            max_record_age: None,
+            dead_letters: DeadLetterDestination::File(scratch),
+            worker_id: "bench".into(),
+        },
+    ));
+    let source = DynamoDbStreamsSource::new(db.client.clone(), aws::streams_client(&db.sdk), TABLE);
+    let leases = LeaseStore::new(db.client.clone(), format!("bench-leases-{run}"), "bench");
+    let settings = StreamSettings {
+        starting_position: StartingPosition::TrimHorizon,
+        batch_size: 1000,
+        idle_interval: Duration::from_millis(250),
+        shard_sync_interval: Duration::from_secs(10),
+        checkpoint_interval: Duration::from_secs(1),
+        lease_duration: Duration::from_secs(10),
+        lease_take_interval: Duration::from_millis(500),
+        max_steals_per_round: 1,
+        status_interval: Duration::from_secs(3600),
+        retry: policy(),
+    };
+    let worker = StreamWorker::new(source, dispatcher.clone(), leases, settings, Arc::new(StreamHealth::default()));
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    while handler.routed.load(Ordering::Relaxed) < records || dispatcher.in_flight() > 0 {
+        if started.elapsed() > Duration::from_secs(300) {
+            return Err("the worker did not read every record within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let rate = records as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    task.await??;
+    Ok(rate)
+}
+
+async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
+    let records = flags.number("records", 10_000)?;
+    let rounds = flags.number("rounds", 3)? as usize;
+    let db = Db::fresh(&flags.text("endpoint")?).await?;
+    let groups = conversations(&db, 50).await?;
+    messages(&db, &groups, records.saturating_sub(150) as usize).await?;
+    let (mut bare, mut worker) = (Vec::new(), Vec::new());
+    for run in 0..rounds {
+        // Alternate, so that drift on the machine hits both alike.
+        bare.push(bare_read(&db, records).await?);
+        worker.push(worker_read(&db, records, run).await?);
+    }
+    let best = |rates: &[f64]| rates.iter().copied().fold(0.0, f64::max);
+    Ok(json!({
+        "scenario": "read_path", "records": records, "rounds": rounds,
+        "bare_records_per_second": bare, "worker_records_per_second": worker,
+        "ratio_of_best": best(&worker) / best(&bare),
+    }))
+}
+
+/// Seeds a fresh database with `groups` conversations and `count` later messages.
+async fn seeded(flags: &Flags) -> Result<(Db, Vec<(Item, String)>, usize), Failure> {
+    let db = Db::fresh(&flags.text("endpoint")?).await?;
+    let groups = conversations(&db, flags.number("groups", 200)? as usize).await?;
+    let count = flags.number("messages", 4_000)? as usize;
+    let newest = messages(&db, &groups, count).await?;
+    Ok((db, final_keys(&groups, &newest), count))
+}
+
+/// The worker binary drains a backlog written while nothing consumed it.
+async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
+    let (db, keys, count) = seeded(flags).await?;
+    let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
+    let started = Instant::now();
+    let mut child = db.worker(&flags.text("worker")?, 250, &scratch.to_string_lossy()).spawn()?;
+    let seconds = wait_final(&db, &keys, started, Duration::from_secs(600)).await?;
+    child.kill().await?;
+    Ok(json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds }))
+}
+
+/// The seed Lambda's logic as a Python boto3 poller, on the same backlog.
+async fn drain_lambda(flags: &Flags) -> Result<serde_json::Value, Failure> {
+    let (db, keys, count) = seeded(flags).await?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new("python3")
+        .arg(flags.text("poller")?)
+        .env("AWS_ENDPOINT_URL", &db.endpoint)
+        .env("AWS_REGION", REGION)
+        .env("AWS_DEFAULT_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", &db.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let limit = Duration::from_secs(flags.number("limit-seconds", 900)?);
+    let seconds = wait_final(&db, &keys, started, limit).await?;
+    child.kill().await?;
+    Ok(json!({ "scenario": "drain", "contender": "lambda_logic", "messages": count, "groups": keys.len() / 2,
+               "seconds": seconds, "limit_seconds": limit.as_secs() }))
+}
+
+/// The ceiling: knowing the final state, one TransactWriteItems per conversation (delete both
+/// old rows, put both new ones), 32 in flight. No stream read at all.
+async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
+    let (db, keys, count) = seeded(flags).await?;
+    let rows = aws::scan_all(
+        db.client
+            .scan()
+            .table_name(TABLE)
+            .filter_expression("begins_with(pk, :grp)")
+            .expression_attribute_values(":grp", AttributeValue::S("GRP#".into())),
+    )
+    .await?;
+    let target: HashMap<String, (String, String)> = keys
+        .iter()
+        .map(|(key, text)| {
+            let field = |name: &str| key[name].as_s().cloned().unwrap_or_default();
+            (field("pk"), (field("sk"), text.clone()))
+        })
+        .collect();
+    let mut by_group: HashMap<String, Vec<Item>> = HashMap::new();
+    for row in rows {
+        let group = row.get("message_group_uuid").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+        by_group.entry(group).or_default().push(row);
+    }
+    let started = Instant::now();
+    let results = futures::stream::iter(by_group.into_values())
+        .map(|rows| {
+            let (db, target) = (&db, &target);
+            async move {
+                let mut items = Vec::new();
+                for row in rows {
+                    let pk = row["pk"].as_s().map_err(|_| "pk")?.clone();
+                    let (sk, text) = target.get(&pk).ok_or("unknown owner")?;
+                    let mut moved = row.clone();
+                    moved.insert("sk".into(), AttributeValue::S(sk.clone()));
+                    moved.insert("message".into(), AttributeValue::S(text.clone()));
+                    let key = Item::from([("pk".to_owned(), row["pk"].clone()), ("sk".to_owned(), row["sk"].clone())]);
+                    let delete = Delete::builder().table_name(TABLE).set_key(Some(key)).build()?;
+                    items.push(TransactWriteItem::builder().delete(delete).build());
+                    let put = Put::builder().table_name(TABLE).set_item(Some(moved)).build()?;
+                    items.push(TransactWriteItem::builder().put(put).build());
+                }
+                db.client.transact_write_items().set_transact_items(Some(items)).send().await?;
+                Ok::<_, Failure>(())
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    for result in results {
+        result?;
+    }
+    let reached = present(&db, &keys).await? == keys.len();
+    Ok(json!({ "scenario": "drain", "contender": "ceiling", "messages": count, "groups": keys.len() / 2,
+               "seconds": if reached { Some(seconds) } else { None } }))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// /proc figures of a process: (CPU seconds, peak RSS bytes).
+fn footprint(pid: u32) -> Result<(f64, u64), Failure> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(") ").ok_or("stat")?.1.split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .ok_or("VmHWM")?
+        .parse()?;
+    // USER_HZ is 100 on Linux.
+    Ok((ticks / 100.0, peak_kib * 1024))
+}
+
+/// A writer at a fixed rate; latency from PutItem's return until both group rows show it.
+async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
+    let rate = flags.number("rate", 200)?;
+    let seconds = flags.number("seconds", 20)?;
+    let idle_ms = flags.number("idle-ms", 250)?;
+    let db = Arc::new(Db::fresh(&flags.text("endpoint")?).await?);
+    let groups = Arc::new(conversations(&db, flags.number("groups", 500)? as usize).await?);
+    let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
+    let mut child = db.worker(&flags.text("worker")?, idle_ms, &scratch.to_string_lossy()).spawn()?;
+    let pid = child.id().ok_or("worker pid")?;
+    // Let it start, take the lease and catch up with the conversations.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (cpu_before, _) = footprint(pid)?;
+    let steady = Instant::now();
+    let pending: Arc<tokio::sync::Mutex<Vec<(Vec<(Item, String)>, Instant)>>> = Default::default();
+    let latencies: Arc<tokio::sync::Mutex<Vec<f64>>> = Default::default();
+    let done = CancellationToken::new();
+    let checker = {
+        let (db, pending, latencies, done) = (db.clone(), pending.clone(), latencies.clone(), done.clone());
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<_> = pending.lock().await.drain(..).collect();
+                if batch.is_empty() && done.is_cancelled() {
+                    return Ok::<_, Failure>(());
+                }
+                let mut left = Vec::new();
+                for (keys, written) in batch {
+                    if present(&db, &keys).await? == keys.len() {
+                        latencies.lock().await.push(written.elapsed().as_secs_f64());
+                    } else if written.elapsed() < Duration::from_secs(30) {
+                        left.push((keys, written));
+                    }
+                }
+                pending.lock().await.extend(left);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let total = rate * seconds;
+    let base = chrono::Utc::now().timestamp_millis();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut writers = tokio::task::JoinSet::new();
+    for n in 0..total {
+        tick.tick().await;
+        let (db, groups, pending) = (db.clone(), groups.clone(), pending.clone());
+        writers.spawn(async move {
+            let (group, a, b) = &groups[n as usize % groups.len()];
+            let (at, text) = (stamp(base, n as i64), format!("message {n}"));
+            let id = uuid::Uuid::new_v4().to_string();
+            admin::put_message(&db.client, TABLE, group, &at, &id, if n % 2 == 0 { a } else { b }, &text).await?;
+            let written = Instant::now();
+            let newest = HashMap::from([(group.clone(), (at, text))]);
+            let keys = final_keys(&[(group.clone(), a.clone(), b.clone())], &newest);
+            pending.lock().await.push((keys, written));
+            Ok::<_, Failure>(())
+        });
+    }
+    while let Some(result) = writers.join_next().await {
+        result??;
+    }
+    done.cancel();
+    checker.await??;
+    let steady_seconds = steady.elapsed().as_secs_f64();
+    let (cpu_after, peak_rss) = footprint(pid)?;
+    child.kill().await?;
+    let mut sorted = latencies.lock().await.clone();
+    sorted.sort_by(f64::total_cmp);
+    let wait = idle_ms as f64 / 2000.0;
+    Ok(json!({
+        "scenario": "latency", "rate": rate, "seconds": seconds, "idle_ms": idle_ms,
+        "messages": total, "measured": sorted.len(),
+        "p50": percentile(&sorted, 0.50), "p95": percentile(&sorted, 0.95), "p99": percentile(&sorted, 0.99),
+        "added_p50": percentile(&sorted, 0.50) - wait, "added_p99": percentile(&sorted, 0.99) - wait,
+        "cpu_share_of_one_core": (cpu_after - cpu_before) / steady_seconds,
+        "peak_rss_bytes": peak_rss,
+    }))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|arg| arg != "--bench").collect();
+    let Some(scenario) = args.first().cloned() else {
+        // `cargo test --benches` runs this with no scenario: nothing to do here.
+        return;
+    };
+    let flags = Flags::parse(&args[1..]);
+    let result = match scenario.as_str() {
+        "read-path" => read_path(&flags).await,
+        "drain" => drain(&flags).await,
+        "drain-lambda" => drain_lambda(&flags).await,
+        "drain-ceiling" => drain_ceiling(&flags).await,
+        "latency" => latency(&flags).await,
+        other => Err(format!("unknown scenario {other:?}").into()),
+    };
+    match result {
+        Ok(value) => println!("{value}"),
+        Err(error) => {
+            eprintln!("bench suite {scenario}: {error}");
+            std::process::exit(1);
+        }
+    }
+}
