@@ -51,13 +51,18 @@ impl Flags {
     }
 
     fn text(&self, name: &str) -> Result<String, Failure> {
-        self.0.get(name).cloned().ok_or_else(|| format!("--{name} is required").into())
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("--{name} is required").into())
     }
 
     fn number(&self, name: &str, default: u64) -> Result<u64, Failure> {
         match self.0.get(name) {
             None => Ok(default),
-            Some(text) => text.parse().map_err(|_| format!("--{name} {text:?} is not a number").into()),
+            Some(text) => text
+                .parse()
+                .map_err(|_| format!("--{name} {text:?} is not a number").into()),
         }
     }
 }
@@ -100,14 +105,27 @@ impl Db {
             .env("AWS_REGION", REGION)
             .env("AWS_ACCESS_KEY_ID", &self.access_key)
             .env("AWS_SECRET_ACCESS_KEY", "secret")
-            .env("WORKER_HTTP_ADDR", "127.0.0.1:0")
+            .env(
+                "WORKER_HTTP_ADDR",
+                std::env::var("BENCH_WORKER_HTTP").unwrap_or_else(|_| "127.0.0.1:0".into()),
+            )
             .env("WORKER_LOG_FORMAT", "json")
-            .env("WORKER_LOG_LEVEL", "warn")
+            .env(
+                "WORKER_LOG_LEVEL",
+                std::env::var("BENCH_WORKER_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
+            )
             .env("WORKER_IDLE_INTERVAL_MS", idle_ms.to_string())
             .env("WORKER_DEAD_LETTER_FILE", dead_letters)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .kill_on_drop(true);
+        // BENCH_WORKER_LOG=<file> keeps the worker's warnings (retries, say) for a look afterwards.
+        match std::env::var("BENCH_WORKER_LOG")
+            .ok()
+            .and_then(|path| std::fs::File::create(path).ok())
+        {
+            Some(file) => command.stderr(file),
+            None => command.stderr(Stdio::null()),
+        };
         command
     }
 }
@@ -189,25 +207,34 @@ fn final_keys(groups: &[(String, User, User)], newest: &HashMap<String, (String,
     keys
 }
 
-/// How many of `keys` exist with their text (BatchGetItem, 100 at a time).
+/// How many of `keys` exist with their text.
 async fn present(db: &Db, keys: &[(Item, String)]) -> Result<usize, Failure> {
-    let mut found = 0;
+    Ok(present_keys(db, keys).await?.len())
+}
+
+/// Which of `keys` exist with their text (BatchGetItem, 100 at a time).
+async fn present_keys(db: &Db, keys: &[(Item, String)]) -> Result<Vec<(Item, String)>, Failure> {
+    let mut found = Vec::new();
     for chunk in keys.chunks(100) {
-        let mut wanted: HashMap<(String, String), &str> = HashMap::new();
+        let mut wanted: HashMap<(String, String), &(Item, String)> = HashMap::new();
         let mut request = KeysAndAttributes::builder();
-        for (key, text) in chunk {
+        for entry in chunk {
+            let (key, _) = entry;
             let pk = key["pk"].as_s().map_err(|_| "pk")?.clone();
             let sk = key["sk"].as_s().map_err(|_| "sk")?.clone();
-            wanted.insert((pk, sk), text.as_str());
-            request = request.keys(key.clone());
+            if wanted.insert((pk, sk), entry).is_none() {
+                request = request.keys(key.clone());
+            }
         }
         let mut pending = Some(request.build()?);
         while let Some(keys) = pending.take() {
             let output = db.client.batch_get_item().request_items(TABLE, keys).send().await?;
             for item in output.responses.and_then(|mut r| r.remove(TABLE)).unwrap_or_default() {
                 let field = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
-                if wanted.get(&(field("pk"), field("sk"))) == Some(&field("message").as_str()) {
-                    found += 1;
+                if let Some(entry) = wanted.get(&(field("pk"), field("sk"))) {
+                    if entry.1 == field("message") {
+                        found.push((*entry).clone());
+                    }
                 }
             }
             pending = output.unprocessed_keys.and_then(|mut left| left.remove(TABLE));
@@ -218,7 +245,12 @@ async fn present(db: &Db, keys: &[(Item, String)]) -> Result<usize, Failure> {
 
 /// Polls until every key is present; returns the elapsed time since `started`, or `None`
 /// after `limit`.
-async fn wait_final(db: &Db, keys: &[(Item, String)], started: Instant, limit: Duration) -> Result<Option<f64>, Failure> {
+async fn wait_final(
+    db: &Db,
+    keys: &[(Item, String)],
+    started: Instant,
+    limit: Duration,
+) -> Result<Option<f64>, Failure> {
     while started.elapsed() < limit {
         if present(db, keys).await? == keys.len() {
             return Ok(Some(started.elapsed().as_secs_f64()));
@@ -340,7 +372,13 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
         status_interval: Duration::from_secs(3600),
         retry: policy(),
     };
-    let worker = StreamWorker::new(source, dispatcher.clone(), leases, settings, Arc::new(StreamHealth::default()));
+    let worker = StreamWorker::new(
+        source,
+        dispatcher.clone(),
+        leases,
+        settings,
+        Arc::new(StreamHealth::default()),
+    );
     let stop = CancellationToken::new();
     let started = Instant::now();
     let task = tokio::spawn(worker.run(stop.clone()));
@@ -390,10 +428,14 @@ async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let (db, keys, count) = seeded(flags).await?;
     let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
     let started = Instant::now();
-    let mut child = db.worker(&flags.text("worker")?, 250, &scratch.to_string_lossy()).spawn()?;
+    let mut child = db
+        .worker(&flags.text("worker")?, 250, &scratch.to_string_lossy())
+        .spawn()?;
     let seconds = wait_final(&db, &keys, started, Duration::from_secs(600)).await?;
     child.kill().await?;
-    Ok(json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds }))
+    Ok(
+        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds }),
+    )
 }
 
 /// The seed Lambda's logic as a Python boto3 poller, on the same backlog.
@@ -413,8 +455,10 @@ async fn drain_lambda(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let limit = Duration::from_secs(flags.number("limit-seconds", 900)?);
     let seconds = wait_final(&db, &keys, started, limit).await?;
     child.kill().await?;
-    Ok(json!({ "scenario": "drain", "contender": "lambda_logic", "messages": count, "groups": keys.len() / 2,
-               "seconds": seconds, "limit_seconds": limit.as_secs() }))
+    Ok(
+        json!({ "scenario": "drain", "contender": "lambda_logic", "messages": count, "groups": keys.len() / 2,
+               "seconds": seconds, "limit_seconds": limit.as_secs() }),
+    )
 }
 
 /// The ceiling: knowing the final state, one TransactWriteItems per conversation (delete both
@@ -438,7 +482,11 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
         .collect();
     let mut by_group: HashMap<String, Vec<Item>> = HashMap::new();
     for row in rows {
-        let group = row.get("message_group_uuid").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+        let group = row
+            .get("message_group_uuid")
+            .and_then(|v| v.as_s().ok())
+            .cloned()
+            .unwrap_or_default();
         by_group.entry(group).or_default().push(row);
     }
     let started = Instant::now();
@@ -453,13 +501,20 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
                     let mut moved = row.clone();
                     moved.insert("sk".into(), AttributeValue::S(sk.clone()));
                     moved.insert("message".into(), AttributeValue::S(text.clone()));
-                    let key = Item::from([("pk".to_owned(), row["pk"].clone()), ("sk".to_owned(), row["sk"].clone())]);
+                    let key = Item::from([
+                        ("pk".to_owned(), row["pk"].clone()),
+                        ("sk".to_owned(), row["sk"].clone()),
+                    ]);
                     let delete = Delete::builder().table_name(TABLE).set_key(Some(key)).build()?;
                     items.push(TransactWriteItem::builder().delete(delete).build());
                     let put = Put::builder().table_name(TABLE).set_item(Some(moved)).build()?;
                     items.push(TransactWriteItem::builder().put(put).build());
                 }
-                db.client.transact_write_items().set_transact_items(Some(items)).send().await?;
+                db.client
+                    .transact_write_items()
+                    .set_transact_items(Some(items))
+                    .send()
+                    .await?;
                 Ok::<_, Failure>(())
             }
         })
@@ -471,8 +526,10 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
         result?;
     }
     let reached = present(&db, &keys).await? == keys.len();
-    Ok(json!({ "scenario": "drain", "contender": "ceiling", "messages": count, "groups": keys.len() / 2,
-               "seconds": if reached { Some(seconds) } else { None } }))
+    Ok(
+        json!({ "scenario": "drain", "contender": "ceiling", "messages": count, "groups": keys.len() / 2,
+               "seconds": if reached { Some(seconds) } else { None } }),
+    )
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -499,6 +556,129 @@ fn footprint(pid: u32) -> Result<(f64, u64), Failure> {
     Ok((ticks / 100.0, peak_kib * 1024))
 }
 
+/// The floor for steady latency: the least a consumer can do per message on this stream. It
+/// polls GetRecords (waiting `idle` after an empty read, like the worker), knows every group
+/// row's key from memory (it is their only writer), and moves both rows in one
+/// TransactWriteItems per message, without reading anything. Runs until `stop`.
+async fn floor_consumer(
+    db: Arc<Db>,
+    groups: Arc<Vec<(String, User, User)>>,
+    idle: Duration,
+    stop: CancellationToken,
+) -> Result<(), Failure> {
+    let streams = aws::streams_client(&db.sdk);
+    let described = db.client.describe_table().table_name(TABLE).send().await?;
+    let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or("no stream")?;
+    let stream = streams.describe_stream().stream_arn(&arn).send().await?;
+    let shard = stream
+        .stream_description
+        .and_then(|d| d.shards)
+        .and_then(|mut shards| shards.pop())
+        .and_then(|shard| shard.shard_id)
+        .ok_or("no shard")?;
+    let mut iterator = streams
+        .get_shard_iterator()
+        .stream_arn(&arn)
+        .shard_id(shard)
+        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::Latest)
+        .send()
+        .await?
+        .shard_iterator;
+    // Current sk of each group's rows, and who its participants are.
+    let members: HashMap<String, (User, User)> = groups
+        .iter()
+        .map(|(g, a, b)| (g.clone(), (a.clone(), b.clone())))
+        .collect();
+    let rows = aws::scan_all(db.client.scan().table_name(TABLE).consistent_read(true)).await?;
+    let mut current: HashMap<String, Item> = HashMap::new();
+    for row in rows {
+        if let Some(pk) = row
+            .get("pk")
+            .and_then(|v| v.as_s().ok())
+            .filter(|pk| pk.starts_with("GRP#"))
+        {
+            current.insert(pk.clone(), row);
+        }
+    }
+    let current = Arc::new(tokio::sync::Mutex::new(current));
+    let mut moves = tokio::task::JoinSet::new();
+    while let Some(at) = iterator.take() {
+        if stop.is_cancelled() {
+            break;
+        }
+        let output = streams.get_records().shard_iterator(at).limit(1000).send().await?;
+        let records = output.records.unwrap_or_default();
+        let mut any = false;
+        for record in records {
+            let Some(change) = record.dynamodb else { continue };
+            let keys = change.keys.unwrap_or_default();
+            let text_of = |item: &HashMap<String, aws_sdk_dynamodbstreams::types::AttributeValue>, name: &str| {
+                item.get(name).and_then(|v| v.as_s().ok()).cloned()
+            };
+            let Some(pk) = text_of(&keys, "pk").filter(|pk| pk.starts_with("MSG#")) else {
+                continue;
+            };
+            if record.event_name.as_ref().map(|e| e.as_str()) != Some("INSERT") {
+                continue;
+            }
+            any = true;
+            let (Some(sk), Some(text)) = (
+                text_of(&keys, "sk"),
+                change.new_image.as_ref().and_then(|i| text_of(i, "message")),
+            ) else {
+                continue;
+            };
+            let Some((a, b)) = members.get(&pk["MSG#".len()..]).cloned() else {
+                continue;
+            };
+            let (db, current) = (db.clone(), current.clone());
+            moves.spawn(async move {
+                let mut items = Vec::new();
+                let mut state = current.lock().await;
+                for owner in [&a, &b] {
+                    let owner_pk = format!("GRP#{}", owner.uuid);
+                    let Some(old) = state.get(&owner_pk).cloned() else {
+                        continue;
+                    };
+                    let mut moved = old.clone();
+                    moved.insert("sk".into(), AttributeValue::S(sk.clone()));
+                    moved.insert("message".into(), AttributeValue::S(text.clone()));
+                    let key = Item::from([
+                        ("pk".to_owned(), old["pk"].clone()),
+                        ("sk".to_owned(), old["sk"].clone()),
+                    ]);
+                    items.push(
+                        TransactWriteItem::builder()
+                            .delete(Delete::builder().table_name(TABLE).set_key(Some(key)).build()?)
+                            .build(),
+                    );
+                    items.push(
+                        TransactWriteItem::builder()
+                            .put(Put::builder().table_name(TABLE).set_item(Some(moved.clone())).build()?)
+                            .build(),
+                    );
+                    state.insert(owner_pk, moved);
+                }
+                drop(state);
+                db.client
+                    .transact_write_items()
+                    .set_transact_items(Some(items))
+                    .send()
+                    .await?;
+                Ok::<_, Failure>(())
+            });
+        }
+        iterator = output.next_shard_iterator;
+        if !any {
+            tokio::time::sleep(idle).await;
+        }
+    }
+    while let Some(result) = moves.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
 /// A writer at a fixed rate; latency from PutItem's return until both group rows show it.
 async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let rate = flags.number("rate", 200)?;
@@ -506,9 +686,30 @@ async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let idle_ms = flags.number("idle-ms", 250)?;
     let db = Arc::new(Db::fresh(&flags.text("endpoint")?).await?);
     let groups = Arc::new(conversations(&db, flags.number("groups", 500)? as usize).await?);
+    let floor = flags.text("contender").unwrap_or_default() == "floor";
     let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
-    let mut child = db.worker(&flags.text("worker")?, idle_ms, &scratch.to_string_lossy()).spawn()?;
-    let pid = child.id().ok_or("worker pid")?;
+    let floor_stop = CancellationToken::new();
+    let (mut child, floor_task) = if floor {
+        let task = tokio::spawn(floor_consumer(
+            db.clone(),
+            groups.clone(),
+            Duration::from_millis(idle_ms),
+            floor_stop.clone(),
+        ));
+        (None, Some(task))
+    } else {
+        (
+            Some(
+                db.worker(&flags.text("worker")?, idle_ms, &scratch.to_string_lossy())
+                    .spawn()?,
+            ),
+            None,
+        )
+    };
+    let pid = match &child {
+        Some(child) => child.id().ok_or("worker pid")?,
+        None => std::process::id(),
+    };
     // Let it start, take the lease and catch up with the conversations.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (cpu_before, _) = footprint(pid)?;
@@ -519,21 +720,38 @@ async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let checker = {
         let (db, pending, latencies, done) = (db.clone(), pending.clone(), latencies.clone(), done.clone());
         tokio::spawn(async move {
+            // One pass over every pending message every 10 ms: keys in BatchGetItem calls of 100, 2 in
+            // flight, so that checking keeps up with the writer and adds ~one round trip.
             loop {
                 let batch: Vec<_> = pending.lock().await.drain(..).collect();
                 if batch.is_empty() && done.is_cancelled() {
                     return Ok::<_, Failure>(());
                 }
+                let checked = futures::stream::iter(batch.chunks(50).map(<[_]>::to_vec))
+                    .map(|chunk| {
+                        let db = db.clone();
+                        async move {
+                            let keys: Vec<(Item, String)> = chunk.iter().flat_map(|(keys, _)| keys.clone()).collect();
+                            let found = present_keys(&db, &keys).await?;
+                            Ok::<_, Failure>((chunk, found))
+                        }
+                    })
+                    .buffer_unordered(2)
+                    .collect::<Vec<_>>()
+                    .await;
                 let mut left = Vec::new();
-                for (keys, written) in batch {
-                    if present(&db, &keys).await? == keys.len() {
-                        latencies.lock().await.push(written.elapsed().as_secs_f64());
-                    } else if written.elapsed() < Duration::from_secs(30) {
-                        left.push((keys, written));
+                for result in checked {
+                    let (chunk, found) = result?;
+                    for (keys, written) in chunk {
+                        if keys.iter().all(|key| found.contains(key)) {
+                            latencies.lock().await.push(written.elapsed().as_secs_f64());
+                        } else if written.elapsed() < Duration::from_secs(30) {
+                            left.push((keys, written));
+                        }
                     }
                 }
                 pending.lock().await.extend(left);
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
     };
@@ -549,7 +767,16 @@ async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
             let (group, a, b) = &groups[n as usize % groups.len()];
             let (at, text) = (stamp(base, n as i64), format!("message {n}"));
             let id = uuid::Uuid::new_v4().to_string();
-            admin::put_message(&db.client, TABLE, group, &at, &id, if n % 2 == 0 { a } else { b }, &text).await?;
+            admin::put_message(
+                &db.client,
+                TABLE,
+                group,
+                &at,
+                &id,
+                if n % 2 == 0 { a } else { b },
+                &text,
+            )
+            .await?;
             let written = Instant::now();
             let newest = HashMap::from([(group.clone(), (at, text))]);
             let keys = final_keys(&[(group.clone(), a.clone(), b.clone())], &newest);
@@ -563,13 +790,31 @@ async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     done.cancel();
     checker.await??;
     let steady_seconds = steady.elapsed().as_secs_f64();
+    // BENCH_WORKER_HTTP=127.0.0.1:N: keep the worker's /metrics for a look afterwards.
+    if let Ok(addr) = std::env::var("BENCH_WORKER_HTTP") {
+        let _ = tokio::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/tmp/bench-worker-metrics.txt",
+                &format!("http://{addr}/metrics"),
+            ])
+            .status()
+            .await;
+    }
     let (cpu_after, peak_rss) = footprint(pid)?;
-    child.kill().await?;
+    if let Some(child) = child.as_mut() {
+        child.kill().await?;
+    }
+    floor_stop.cancel();
+    if let Some(task) = floor_task {
+        task.await??;
+    }
     let mut sorted = latencies.lock().await.clone();
     sorted.sort_by(f64::total_cmp);
     let wait = idle_ms as f64 / 2000.0;
     Ok(json!({
-        "scenario": "latency", "rate": rate, "seconds": seconds, "idle_ms": idle_ms,
+        "scenario": "latency", "contender": if floor { "floor" } else { "worker" }, "rate": rate, "seconds": seconds, "idle_ms": idle_ms,
         "messages": total, "measured": sorted.len(),
         "p50": percentile(&sorted, 0.50), "p95": percentile(&sorted, 0.95), "p99": percentile(&sorted, 0.99),
         "added_p50": percentile(&sorted, 0.50) - wait, "added_p99": percentile(&sorted, 0.99) - wait,

@@ -61,7 +61,9 @@ fn hot_paths(c: &mut Criterion) {
         panic!("a message insert applies");
     };
     let rows = [row("a"), row("b")];
-    c.bench_function("decide_group_update", |b| b.iter(|| plan::decide(black_box(&rows), black_box(&event))));
+    c.bench_function("decide_group_update", |b| {
+        b.iter(|| plan::decide(black_box(&rows), black_box(&event)))
+    });
 
     let sequences: Vec<SequenceNumber> = (0..1000u32)
         .map(|n| SequenceNumber::parse(&format!("{n:021}")).expect("digits"))
