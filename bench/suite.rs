@@ -286,10 +286,12 @@ impl Handler for Noop {
 
     fn route(&self, record: &Record) -> Route<()> {
         self.routed.fetch_add(1, Ordering::Relaxed);
-        Route::Apply {
-            key: record.sequence_number.as_str().to_owned(),
-            event: (),
-        }
+        // Keyed like the real handler (by conversation: the pk), so coalescing works as it does there.
+        let key = match record.keys.get("pk") {
+            Some(AttributeValue::S(pk)) => pk.clone(),
+            _ => String::new(),
+        };
+        Route::Apply { key, event: () }
     }
 
     fn supersedes(&self, _: &(), _: &()) -> bool {
@@ -679,6 +681,9 @@ async fn floor_consumer(
     Ok(())
 }
 
+/// A message whose rows are awaited: their final keys and texts, and when PutItem returned.
+type Pending = (Vec<(Item, String)>, Instant);
+
 /// A writer at a fixed rate; latency from PutItem's return until both group rows show it.
 async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let rate = flags.number("rate", 200)?;
@@ -714,7 +719,7 @@ async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (cpu_before, _) = footprint(pid)?;
     let steady = Instant::now();
-    let pending: Arc<tokio::sync::Mutex<Vec<(Vec<(Item, String)>, Instant)>>> = Default::default();
+    let pending: Arc<tokio::sync::Mutex<Vec<Pending>>> = Default::default();
     let latencies: Arc<tokio::sync::Mutex<Vec<f64>>> = Default::default();
     let done = CancellationToken::new();
     let checker = {

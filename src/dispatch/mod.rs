@@ -99,18 +99,19 @@ pub mod reason {
 }
 
 /// The consumer side of the stream: open one lane per shard.
-pub struct Dispatcher<H> {
+pub struct Dispatcher<H: Handler> {
     shared: Arc<Shared<H>>,
 }
 
-struct Shared<H> {
+struct Shared<H: Handler> {
     handler: Arc<H>,
     settings: DispatchSettings,
     /// Dead-letter writes: never out of attempts.
     dead_letter_retry: RetryPolicy,
     permits: Arc<Semaphore>,
-    /// Per key, the completion signal of the newest update, which the next update awaits.
-    tails: Mutex<HashMap<String, (u64, oneshot::Receiver<()>)>>,
+    /// Per key, the newest update: what the next one awaits, and the update itself while it
+    /// still waits for its turn (so that later records of its lane can join it).
+    tails: Mutex<HashMap<String, Tail<H::Event>>>,
     next_unit: AtomicU64,
     tracker: TaskTracker,
 }
@@ -168,7 +169,7 @@ impl<H: Handler> Consumer for Dispatcher<H> {
 }
 
 /// One shard's lane.
-pub struct DispatchLane<H> {
+pub struct DispatchLane<H: Handler> {
     shard: ShardId,
     shared: Arc<Shared<H>>,
     progress: Arc<LaneProgress>,
@@ -191,6 +192,16 @@ impl LaneProgress {
     }
 }
 
+/// The newest update of a key.
+struct Tail<E> {
+    id: u64,
+    /// Fires (by being dropped) when the update has finished.
+    finished: oneshot::Receiver<()>,
+    /// The update until its task takes it to run; and whose lane it belongs to.
+    waiting: Arc<Mutex<Option<Unit<E>>>>,
+    lane: Arc<LaneProgress>,
+}
+
 /// One update: the surviving event for a key, and every record it covers.
 struct Unit<E> {
     key: String,
@@ -202,6 +213,24 @@ struct Unit<E> {
     folded: Vec<SequenceNumber>,
     /// Creation time of its oldest record, where the record-age limit counts from.
     oldest: Option<SystemTime>,
+}
+
+impl<E> Unit<E> {
+    /// Takes in `later`, an update for the same key later in the stream: one update then
+    /// covers both, with the event `supersedes` picks.
+    fn absorb(&mut self, later: Unit<E>, supersedes: impl Fn(&E, &E) -> bool) {
+        self.tickets.extend(later.tickets);
+        self.oldest = earliest(self.oldest, later.oldest);
+        if supersedes(&later.event, &self.event) {
+            self.event = later.event;
+            let folded = std::mem::replace(&mut self.record, later.record);
+            self.folded.push(folded.sequence_number);
+            self.folded.extend(later.folded);
+        } else {
+            self.folded.push(later.record.sequence_number);
+            self.folded.extend(later.folded);
+        }
+    }
 }
 
 /// A record the handler rejected, on its way to the dead-letter destination.
@@ -227,7 +256,7 @@ impl Display for KeepTrying {
     }
 }
 
-impl<H> Shared<H> {
+impl<H: Handler> Shared<H> {
     /// Stores a dead letter, retrying until it is stored, then counts it.
     async fn dead_letter(&self, letter: &DeadLetter, reason: &'static str) {
         let destination = &self.settings.dead_letters;
@@ -264,32 +293,26 @@ impl<H: Handler> DispatchLane<H> {
                         DeadLetter::new(&self.shard, &record, reason, detail, 0, &self.shared.settings.worker_id);
                     rejected.push(Rejected { letter, reason, ticket });
                 }
-                Route::Apply { key, event } => match unit_of_key.get(&key) {
-                    Some(&index) => {
-                        let unit = &mut units[index];
-                        unit.tickets.push(ticket);
-                        unit.oldest = earliest(unit.oldest, record.created_at);
-                        metrics::counter!(metric::RECORDS_COALESCED).increment(1);
-                        if handler.supersedes(&event, &unit.event) {
-                            unit.event = event;
-                            let folded = std::mem::replace(&mut unit.record, record);
-                            unit.folded.push(folded.sequence_number);
-                        } else {
-                            unit.folded.push(record.sequence_number);
+                Route::Apply { key, event } => {
+                    let unit = Unit {
+                        key,
+                        event,
+                        tickets: vec![ticket],
+                        oldest: record.created_at,
+                        record,
+                        folded: Vec::new(),
+                    };
+                    match unit_of_key.get(&unit.key) {
+                        Some(&index) => {
+                            metrics::counter!(metric::RECORDS_COALESCED).increment(1);
+                            units[index].absorb(unit, |a, b| handler.supersedes(a, b));
+                        }
+                        None => {
+                            unit_of_key.insert(unit.key.clone(), units.len());
+                            units.push(unit);
                         }
                     }
-                    None => {
-                        unit_of_key.insert(key.clone(), units.len());
-                        units.push(Unit {
-                            key,
-                            event,
-                            tickets: vec![ticket],
-                            oldest: record.created_at,
-                            record,
-                            folded: Vec::new(),
-                        });
-                    }
-                },
+                }
             }
         }
         (units, rejected, done_now)
@@ -306,16 +329,43 @@ impl<H: Handler> DispatchLane<H> {
         });
     }
 
+    /// Folds `unit` into its key's newest update when that one belongs to this lane and still
+    /// waits for its turn: under a backlog, one update per key then covers many batches.
+    /// Hands the unit back when it cannot.
+    fn join_waiting(&self, unit: Unit<H::Event>) -> Option<Unit<H::Event>> {
+        let tails = lock(&self.shared.tails);
+        let Some(tail) = tails.get(&unit.key) else {
+            return Some(unit);
+        };
+        if !Arc::ptr_eq(&tail.lane, &self.progress) {
+            return Some(unit);
+        }
+        let mut waiting = lock(&tail.waiting);
+        let Some(queued) = waiting.as_mut() else {
+            return Some(unit);
+        };
+        metrics::counter!(metric::RECORDS_COALESCED).increment(unit.tickets.len() as u64);
+        let handler = &self.shared.handler;
+        queued.absorb(unit, |a, b| handler.supersedes(a, b));
+        None
+    }
+
     /// Starts one unit after the key's previous one; holds `permit` until it finishes.
     fn spawn(&self, unit: Unit<H::Event>, permit: Option<OwnedSemaphorePermit>) {
         let shared = self.shared.clone();
         let progress = self.progress.clone();
         let shard = self.shard.clone();
         let id = shared.next_unit.fetch_add(1, Ordering::Relaxed);
+        let key = unit.key.clone();
         let (finished, finished_signal) = oneshot::channel::<()>();
-        let previous = lock(&shared.tails)
-            .insert(unit.key.clone(), (id, finished_signal))
-            .map(|(_, signal)| signal);
+        let waiting = Arc::new(Mutex::new(Some(unit)));
+        let tail = Tail {
+            id,
+            finished: finished_signal,
+            waiting: waiting.clone(),
+            lane: self.progress.clone(),
+        };
+        let previous = lock(&shared.tails).insert(key.clone(), tail).map(|tail| tail.finished);
         let tracker = shared.tracker.clone();
         tracker.spawn(async move {
             let _permit = permit;
@@ -324,6 +374,12 @@ impl<H: Handler> DispatchLane<H> {
                 // Err means the previous unit's task is gone (it finished or panicked): go on.
                 let _ = previous.await;
             }
+            // From here on nothing joins it: it runs as it is.
+            let Some(unit) = lock(&waiting).take() else {
+                // Only this task takes it; nothing to run if it is gone.
+                metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
+                return;
+            };
             let started = Instant::now();
             let handler = &shared.handler;
             let settings = &shared.settings;
@@ -341,8 +397,8 @@ impl<H: Handler> DispatchLane<H> {
             progress.complete(&unit.tickets);
             drop(finished);
             let mut tails = lock(&shared.tails);
-            if tails.get(&unit.key).is_some_and(|(tail, _)| *tail == id) {
-                tails.remove(&unit.key);
+            if tails.get(&key).is_some_and(|tail| tail.id == id) {
+                tails.remove(&key);
             }
             drop(tails);
             metrics::gauge!(metric::IN_FLIGHT).decrement(1.0);
@@ -356,6 +412,9 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
         self.progress.complete(&done_now);
         // The semaphore is never closed; were it, running unbounded beats losing work.
         for unit in units {
+            let Some(unit) = self.join_waiting(unit) else {
+                continue;
+            };
             let permit = self.shared.permits.clone().acquire_owned().await.ok();
             self.spawn(unit, permit);
         }
@@ -702,16 +761,45 @@ mod tests {
 
     #[tokio::test]
     async fn updates_for_one_key_run_in_stream_order_across_batches() {
-        // Later updates are faster: without per-key ordering they would finish first.
+        // Later updates are faster: without per-key ordering they would finish first. Each on a
+        // lane of its own (as after a shard split), so that none joins another.
         let handler = Recorder::new(true, &[("a", 5)]);
         let dispatcher = dispatcher(handler.clone(), 8);
-        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let mut lanes = Vec::new();
         for (sequence, value) in [(1, 30), (2, 10), (3, 20)] {
+            let mut lane = dispatcher.open_lane(&ShardId(format!("s{sequence}")));
             lane.submit(vec![record(sequence, "a", value)]).await;
+            lanes.push(lane);
         }
-        lane.drain().await;
+        for lane in &mut lanes {
+            lane.drain().await;
+        }
         let values: Vec<u32> = handler.applied().into_iter().map(|(_, v)| v).collect();
         assert_eq!(values, vec![30, 10, 20]);
+    }
+
+    #[tokio::test]
+    async fn later_batches_join_an_update_still_waiting_for_its_turn() {
+        let handler = Recorder::new(false, &[]);
+        let dispatcher = dispatcher(handler.clone(), 8);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        lane.submit(vec![record(1, "a", 1)]).await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !lock(&handler.active).contains("a") {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("record 1's update starts");
+        // Record 1's update now runs (blocked on the gate); 2 waits for it; 3 and 4 join 2.
+        for (sequence, value) in [(2, 5), (3, 7), (4, 6)] {
+            lane.submit(vec![record(sequence, "a", value)]).await;
+        }
+        assert_eq!(dispatcher.in_flight(), 2, "two updates, not four");
+        handler.gate.add_permits(2);
+        lane.drain().await;
+        assert_eq!(handler.applied(), vec![("a".to_owned(), 1), ("a".to_owned(), 7)]);
+        assert_eq!(through(&lane).as_deref(), Some("4"));
     }
 
     #[tokio::test]

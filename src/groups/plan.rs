@@ -74,6 +74,21 @@ pub fn decide(rows: &[GroupRow], message: &MessageInserted) -> Decision {
     }
 }
 
+/// The rows stored once `writes` has been applied to `rows`.
+pub fn rows_after(rows: &[GroupRow], writes: &Writes) -> Vec<GroupRow> {
+    let deleted = |row: &GroupRow| {
+        writes
+            .deletes
+            .iter()
+            .any(|gone| gone.owner == row.owner && gone.sk == row.sk)
+    };
+    rows.iter()
+        .filter(|row| !deleted(row))
+        .cloned()
+        .chain(writes.puts.iter().cloned().filter_map(GroupRow::from_item))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +139,30 @@ mod tests {
             assert_eq!(put.get("message"), Some(&AttributeValue::S("new".into())));
             assert_eq!(put.get("custom"), Some(&AttributeValue::N("7".into())));
         }
+    }
+
+    #[test]
+    fn rows_after_a_write_are_the_survivors_and_the_puts() {
+        let rows = [
+            row("a", "b", "2023-03-20T10:00:00+00:00", "old"),
+            row("a", "b", "2023-03-19T10:00:00+00:00", "older duplicate"),
+            row("b", "a", "2023-03-20T12:00:00+00:00", "already newer"),
+        ];
+        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00+00:00", "new")) else {
+            panic!("should write")
+        };
+        let mut after: Vec<(String, String)> = rows_after(&rows, &writes)
+            .into_iter()
+            .map(|row| (row.owner, row.sk))
+            .collect();
+        after.sort();
+        assert_eq!(
+            after,
+            vec![
+                ("a".to_owned(), "2023-03-20T11:00:00+00:00".to_owned()),
+                ("b".to_owned(), "2023-03-20T12:00:00+00:00".to_owned())
+            ]
+        );
     }
 
     #[test]

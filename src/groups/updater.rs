@@ -5,9 +5,13 @@
 //! free. A crash leaves either the old rows or the new ones, never neither and never both; a
 //! lost race (a condition failed) re-reads and re-decides.
 //!
-//! Reads: the GSI first (one cheap query). The index is eventually consistent, so when it does
-//! not show every participant that its rows name, and after any lost race, the rows are read
-//! from the table itself with strongly consistent queries through the sender's partition.
+//! Reads: first the rows this updater itself last wrote for the conversation, when it still
+//! remembers them (no read at all: in steady state it is their only writer). Then the GSI (one
+//! cheap query). The index is eventually consistent, so when it does not show every
+//! participant that its rows name, and after any lost race, the rows are read from the table
+//! itself with strongly consistent queries through the sender's partition. Remembered rows are
+//! only a guess: every write is conditional on the rows being stored exactly so, and a lost race
+//! forgets them and reads again.
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
@@ -22,6 +26,12 @@ use crate::telemetry::metric;
 
 /// Lost races in a row before the update is handed back to the retry policy (with backoff).
 const MAX_RACES: u32 = 4;
+
+/// Conversations whose rows are remembered, at most; an arbitrary one is forgotten beyond.
+const REMEMBERED_CONVERSATIONS: usize = 2048;
+
+/// Rows carrying more text than this are not remembered (bounds memory at a few MB).
+const REMEMBERED_TEXT_BYTES: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -55,6 +65,8 @@ enum WriteFailure {
 pub struct GroupSummaryUpdater {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    /// Per conversation, its rows as this updater last wrote or read them.
+    remembered: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<GroupRow>>>>,
 }
 
 impl GroupSummaryUpdater {
@@ -62,7 +74,33 @@ impl GroupSummaryUpdater {
         Self {
             client,
             table: table.into(),
+            remembered: Default::default(),
         }
+    }
+
+    fn recall(&self, group: &str) -> Option<Vec<GroupRow>> {
+        crate::stream::lock(&self.remembered).get(group).cloned()
+    }
+
+    fn remember(&self, group: &str, rows: Vec<GroupRow>) {
+        let small = rows
+            .iter()
+            .all(|row| model::text(&row.item, "message").is_none_or(|text| text.len() <= REMEMBERED_TEXT_BYTES));
+        let mut remembered = crate::stream::lock(&self.remembered);
+        if !small || rows.is_empty() {
+            remembered.remove(group);
+            return;
+        }
+        if remembered.len() >= REMEMBERED_CONVERSATIONS && !remembered.contains_key(group) {
+            if let Some(evicted) = remembered.keys().next().cloned() {
+                remembered.remove(&evicted);
+            }
+        }
+        remembered.insert(group.to_owned(), rows);
+    }
+
+    fn forget(&self, group: &str) {
+        crate::stream::lock(&self.remembered).remove(group);
     }
 
     pub(crate) fn client(&self) -> &aws_sdk_dynamodb::Client {
@@ -85,21 +123,38 @@ impl GroupSummaryUpdater {
 
     /// Brings the message's conversation up to it; returns the outcome label.
     pub async fn apply(&self, message: &MessageInserted) -> Result<&'static str, UpdateError> {
+        let group = message.group_uuid.as_str();
         let mut consistent = false;
         for _ in 0..MAX_RACES {
-            let rows = self.load_rows(message, consistent).await?;
+            let recalled = if consistent { None } else { self.recall(group) };
+            let from_memory = recalled.is_some();
+            let rows = match recalled {
+                Some(rows) => rows,
+                None => self.load_rows(message, consistent).await?,
+            };
             let decision = plan::decide(&rows, message);
             let outcome = decision.outcome();
             let Decision::Write(writes) = decision else {
+                if !from_memory {
+                    self.remember(group, rows);
+                }
                 return Ok(outcome);
             };
+            let after = plan::rows_after(&rows, &writes);
             match self.write(writes).await {
-                Ok(()) => return Ok(outcome),
+                Ok(()) => {
+                    self.remember(group, after);
+                    return Ok(outcome);
+                }
                 Err(WriteFailure::LostRace) => {
+                    self.forget(group);
                     metrics::counter!(metric::GROUP_UPDATE_RACES).increment(1);
                     consistent = true;
                 }
-                Err(WriteFailure::Error(error)) => return Err(error),
+                Err(WriteFailure::Error(error)) => {
+                    self.forget(group);
+                    return Err(error);
+                }
             }
         }
         Err(UpdateError::Contended)

@@ -251,3 +251,59 @@ async fn a_row_key_held_by_another_conversation_is_never_overwritten() {
     );
     assert!(second_rows.iter().all(|row| s(row, "message") == "with amy"));
 }
+
+/// An updater remembers the rows it wrote; when someone else moved them since, its conditional
+/// transaction fails, it forgets and reads again: nothing moves backwards, nothing doubles.
+#[tokio::test]
+async fn remembered_rows_that_went_stale_are_read_again() {
+    let db = TestDb::new().await;
+    let people = users(&["mo", "ne"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2023-12-01T00:00:00", "open")
+        .await;
+    let message = |sk: &str, text: &str| MessageInserted {
+        group_uuid: group.clone(),
+        sk: sk.to_owned(),
+        at: timestamp::parse(sk).expect("timestamp"),
+        text: text.to_owned(),
+        sender_uuid: Some(people[0].uuid.clone()),
+    };
+    let ours = GroupSummaryUpdater::new(db.client.clone(), &db.table);
+    let theirs = GroupSummaryUpdater::new(db.client.clone(), &db.table);
+    assert_eq!(
+        ours.apply(&message("2023-12-01T00:00:01", "one"))
+            .await
+            .expect("applies"),
+        "applied"
+    );
+    assert_eq!(
+        theirs
+            .apply(&message("2023-12-01T00:00:03", "three"))
+            .await
+            .expect("applies"),
+        "applied"
+    );
+    // Ours still remembers the rows at 00:00:01; they are at 00:00:03 now.
+    assert_eq!(
+        ours.apply(&message("2023-12-01T00:00:02", "two"))
+            .await
+            .expect("decides"),
+        "stale"
+    );
+    let rows = db.group_rows(&group).await;
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert!(rows
+        .iter()
+        .all(|row| s(row, "sk") == "2023-12-01T00:00:03" && s(row, "message") == "three"));
+    assert_eq!(
+        ours.apply(&message("2023-12-01T00:00:04", "four"))
+            .await
+            .expect("applies"),
+        "applied"
+    );
+    let rows = db.group_rows(&group).await;
+    assert_eq!(rows.len(), 2);
+    assert!(rows
+        .iter()
+        .all(|row| s(row, "sk") == "2023-12-01T00:00:04" && s(row, "message") == "four"));
+}
