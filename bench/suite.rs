@@ -365,6 +365,7 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
     let settings = StreamSettings {
         starting_position: StartingPosition::TrimHorizon,
         batch_size: 1000,
+        read_ahead_records: 4000,
         idle_interval: Duration::from_millis(250),
         shard_sync_interval: Duration::from_secs(10),
         checkpoint_interval: Duration::from_secs(1),

@@ -154,6 +154,7 @@ pub async fn start_with_source<S: StreamSource>(
     let stream_settings = StreamSettings {
         starting_position: settings.starting_position,
         batch_size: settings.batch_size,
+        read_ahead_records: settings.read_ahead_records,
         idle_interval: settings.idle_interval,
         shard_sync_interval: settings.shard_sync_interval,
         checkpoint_interval: settings.checkpoint_interval,

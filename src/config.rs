@@ -29,6 +29,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("http_addr", "WORKER_HTTP_ADDR"),
     ("starting_position", "WORKER_STARTING_POSITION"),
     ("batch_size", "WORKER_BATCH_SIZE"),
+    ("read_ahead_records", "WORKER_READ_AHEAD_RECORDS"),
     ("idle_interval_ms", "WORKER_IDLE_INTERVAL_MS"),
     ("shard_sync_interval_ms", "WORKER_SHARD_SYNC_INTERVAL_MS"),
     ("checkpoint_interval_ms", "WORKER_CHECKPOINT_INTERVAL_MS"),
@@ -77,6 +78,7 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     pub starting_position: StartingPosition,
     pub batch_size: i32,
+    pub read_ahead_records: usize,
     pub idle_interval: Duration,
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,
@@ -365,6 +367,8 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
             ))
         }
     };
+    let batch_size = layers.integer("batch_size", 1, 1000)?;
+    let read_ahead_records = usize::try_from(layers.integer("read_ahead_records", 1, 10_000)?).unwrap_or(10_000);
     let source = match layers.string("source")?.to_ascii_lowercase().as_str() {
         "dynamodb" => Source::DynamoDb,
         "kinesis" => {
@@ -383,7 +387,8 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         worker_id,
         http_addr,
         starting_position,
-        batch_size: i32::try_from(layers.integer("batch_size", 1, 1000)?).unwrap_or(1000),
+        batch_size: i32::try_from(batch_size).unwrap_or(1000),
+        read_ahead_records,
         idle_interval: layers.millis("idle_interval_ms", 1, 60_000)?,
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,

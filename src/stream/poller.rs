@@ -166,7 +166,30 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         self.finish(false).await
     }
 
+    /// One page, or under a backlog (full pages) several, up to `read_ahead_records`: a wider
+    /// window lets the consumer fold more records of one key into one update. A failure after
+    /// the first page hands over what was read; the next read meets it again.
     async fn read(&self, iterator: &str) -> Result<Batch, StreamError> {
+        let settings = &self.context.settings;
+        let full_page = usize::try_from(settings.batch_size).unwrap_or(usize::MAX);
+        let mut batch = self.read_page(iterator).await?;
+        let mut last_page = batch.records.len();
+        while last_page >= full_page && batch.records.len() < settings.read_ahead_records {
+            let Some(next) = batch.next_iterator.clone() else {
+                break;
+            };
+            let Ok(page) = self.read_page(&next).await else {
+                break;
+            };
+            last_page = page.records.len();
+            batch.records.extend(page.records);
+            batch.next_iterator = page.next_iterator;
+            batch.behind = page.behind;
+        }
+        Ok(batch)
+    }
+
+    async fn read_page(&self, iterator: &str) -> Result<Batch, StreamError> {
         let settings = &self.context.settings;
         retry(&settings.retry, "get_records", || async {
             let started = Instant::now();

@@ -45,6 +45,8 @@ pub struct StreamSettings {
     pub starting_position: StartingPosition,
     /// GetRecords limit (1..=1000 on DynamoDB Streams).
     pub batch_size: i32,
+    /// Records read before handing them over while pages come back full (a backlog).
+    pub read_ahead_records: usize,
     pub idle_interval: Duration,
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,

@@ -104,7 +104,9 @@ async fn an_expired_iterator_resumes_from_the_checkpoint_without_skipping_or_rep
         reads: AtomicU32::new(0),
         expired_answers: expired_answers.clone(),
     };
-    let worker = db.start_worker_on(source, &[("batch_size", "4")]).await;
+    let worker = db
+        .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_records", "4")])
+        .await;
     for (group, sk, text) in &expected {
         db.wait_for_group(group, sk, text).await;
     }
@@ -134,7 +136,9 @@ async fn trimmed_records_are_counted_as_a_gap_and_reading_restarts_at_the_horizo
         reads: AtomicU32::new(0),
         expired_answers: Arc::new(AtomicU32::new(0)),
     };
-    let worker = db.start_worker_on(source, &[("batch_size", "4")]).await;
+    let worker = db
+        .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_records", "4")])
+        .await;
     for (group, sk, text) in &expected {
         db.wait_for_group(group, sk, text).await;
     }

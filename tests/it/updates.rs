@@ -202,3 +202,42 @@ async fn a_new_conversation_needs_no_change_and_causes_no_error() {
         .iter()
         .all(|row| s(row, "sk") == "2023-05-01T12:00:00.000001+00:00" && s(row, "message") == "hi there"));
 }
+
+/// A conversation's messages spread over many GetRecords pages; how many updates they make.
+async fn updates_for_a_paged_backlog(read_ahead: &str) -> f64 {
+    let db = TestDb::new().await;
+    let people = users(&["ra1", "ra2"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-07-01T00:00:00", "open")
+        .await;
+    for n in 1..=9 {
+        db.message(
+            &group,
+            &people[n % 2],
+            &format!("2024-07-01T00:00:0{n}"),
+            &format!("m{n}"),
+        )
+        .await;
+    }
+    let worker = db
+        .start_worker(&[("batch_size", "2"), ("read_ahead_records", read_ahead)])
+        .await;
+    db.wait_for_group(&group, "2024-07-01T00:00:09", "m9").await;
+    let applied = worker
+        .metric("stream_worker_group_updates_total", r#"outcome="applied""#)
+        .await;
+    worker.stop().await;
+    applied
+}
+
+/// Under a backlog, full pages are read ahead: the messages make one update, not one per page.
+#[tokio::test]
+async fn a_backlog_read_ahead_makes_one_update_per_conversation() {
+    assert_eq!(updates_for_a_paged_backlog("100").await, 1.0);
+}
+
+/// The reference for the test above: without read-ahead, each page makes its own update.
+#[tokio::test]
+async fn without_read_ahead_each_page_makes_its_own_update() {
+    assert!(updates_for_a_paged_backlog("2").await > 1.0);
+}
