@@ -322,8 +322,19 @@ fn claim(path: &Path) -> io::Result<Vec<PathBuf>> {
     match fs::File::open(path) {
         Ok(file) => {
             file.lock()?;
-            let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
-            let target = directory.join(format!("{prefix}{stamp}-{}", std::process::id()));
+            // Never onto a file already claimed (two claims within one millisecond): that would
+            // lose its letters.
+            let target = loop {
+                let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+                let candidate = directory.join(format!(
+                    "{prefix}{stamp}-{}-{:08x}",
+                    std::process::id(),
+                    fastrand::u32(..)
+                ));
+                if !candidate.exists() {
+                    break candidate;
+                }
+            };
             fs::rename(path, &target)?;
             claimed.push(target);
         }
