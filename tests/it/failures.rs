@@ -480,3 +480,63 @@ async fn run_without_a_dead_letter_destination_is_a_configuration_error() {
         "{stderr}"
     );
 }
+
+/// The updater remembers the rows it wrote: the next update of the conversation reads nothing.
+/// Every Query fails behind the proxy, so a read would fail the update.
+#[tokio::test]
+async fn a_second_update_of_a_conversation_reads_nothing() {
+    use cruddur_stream_worker::groups::model::MessageInserted;
+    use cruddur_stream_worker::groups::updater::GroupSummaryUpdater;
+    let db = TestDb::new().await;
+    let people = users(&["la", "lb"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-08-01T00:00:00", "open")
+        .await;
+    let proxy = FaultProxy::start(&endpoint(), Faults::none()).await;
+    let client = cruddur_stream_worker::aws::dynamodb_client(&db.sdk_via(&proxy.url()).await);
+    let updater = GroupSummaryUpdater::new(client, &db.table);
+    let message = |sk: &str, text: &str| MessageInserted {
+        group_uuid: group.clone(),
+        sk: sk.to_owned(),
+        at: cruddur_stream_worker::groups::timestamp::parse(sk).expect("timestamp"),
+        text: text.to_owned(),
+        sender_uuid: Some(people[0].uuid.clone()),
+    };
+    assert_eq!(
+        updater
+            .apply(&message("2024-08-01T00:00:01", "one"))
+            .await
+            .expect("applies"),
+        "applied"
+    );
+    proxy.set(Faults {
+        share: 1.0,
+        kinds: vec![Fault::ServerError],
+        target: Some("DynamoDB_20120810.Query".into()),
+    });
+    assert_eq!(
+        updater
+            .apply(&message("2024-08-01T00:00:02", "two"))
+            .await
+            .expect("no read needed"),
+        "applied"
+    );
+    assert!(
+        db.group_is_at(&group, &[&people[0], &people[1]], "2024-08-01T00:00:02", "two")
+            .await
+    );
+}
+
+#[tokio::test]
+async fn run_with_an_unwritable_dead_letter_file_fails_at_start() {
+    let db = TestDb::new().await;
+    let output = db
+        .command(&["run"])
+        .env("WORKER_DEAD_LETTER_FILE", "/nonexistent-directory/dead-letters.jsonl")
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot be written"), "{stderr}");
+}
