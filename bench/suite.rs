@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, TransactWriteItem};
+use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use cruddur_stream_worker::aws::{self, AwsOverrides, Item};
 use cruddur_stream_worker::deadletter::DeadLetterDestination;
 use cruddur_stream_worker::dispatch::{DispatchSettings, Dispatcher, Handler, Route};
@@ -311,12 +312,14 @@ fn policy() -> RetryPolicy {
     }
 }
 
-/// Records/s of a bare GetRecords loop over the table's one shard, from the horizon.
-async fn bare_read(db: &Db, records: u64) -> Result<f64, Failure> {
-    let streams = aws::streams_client(&db.sdk);
+/// An iterator on the table's one stream shard (DynamoDB Local gives a stream one shard).
+async fn shard_iterator(
+    db: &Db,
+    streams: &aws_sdk_dynamodbstreams::Client,
+    kind: ShardIteratorType,
+) -> Result<Option<String>, Failure> {
     let described = db.client.describe_table().table_name(TABLE).send().await?;
     let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or("no stream")?;
-    let started = Instant::now();
     let stream = streams.describe_stream().stream_arn(&arn).send().await?;
     let shard = stream
         .stream_description
@@ -324,14 +327,21 @@ async fn bare_read(db: &Db, records: u64) -> Result<f64, Failure> {
         .and_then(|mut shards| shards.pop())
         .and_then(|shard| shard.shard_id)
         .ok_or("no shard")?;
-    let mut iterator = streams
+    let output = streams
         .get_shard_iterator()
         .stream_arn(&arn)
         .shard_id(shard)
-        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+        .shard_iterator_type(kind)
         .send()
-        .await?
-        .shard_iterator;
+        .await?;
+    Ok(output.shard_iterator)
+}
+
+/// Records/s of a bare GetRecords loop over the table's one shard, from the horizon.
+async fn bare_read(db: &Db, records: u64) -> Result<f64, Failure> {
+    let streams = aws::streams_client(&db.sdk);
+    let started = Instant::now();
+    let mut iterator = shard_iterator(db, &streams, ShardIteratorType::TrimHorizon).await?;
     let mut seen = 0u64;
     while let Some(current) = iterator.take() {
         let output = streams.get_records().shard_iterator(current).limit(1000).send().await?;
@@ -570,23 +580,7 @@ async fn floor_consumer(
     stop: CancellationToken,
 ) -> Result<(), Failure> {
     let streams = aws::streams_client(&db.sdk);
-    let described = db.client.describe_table().table_name(TABLE).send().await?;
-    let arn = described.table.and_then(|t| t.latest_stream_arn).ok_or("no stream")?;
-    let stream = streams.describe_stream().stream_arn(&arn).send().await?;
-    let shard = stream
-        .stream_description
-        .and_then(|d| d.shards)
-        .and_then(|mut shards| shards.pop())
-        .and_then(|shard| shard.shard_id)
-        .ok_or("no shard")?;
-    let mut iterator = streams
-        .get_shard_iterator()
-        .stream_arn(&arn)
-        .shard_id(shard)
-        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::Latest)
-        .send()
-        .await?
-        .shard_iterator;
+    let mut iterator = shard_iterator(&db, &streams, ShardIteratorType::Latest).await?;
     // Current sk of each group's rows, and who its participants are.
     let members: HashMap<String, (User, User)> = groups
         .iter()

@@ -141,9 +141,9 @@ impl DeadLetterDestination {
     pub async fn check(&self) -> Result<(), DeadLetterError> {
         match self {
             DeadLetterDestination::File(path) => {
-                let path = path.clone();
-                blocking(&path.clone(), move || {
-                    OpenOptions::new().create(true).append(true).open(&path).map(drop)
+                let owned = path.clone();
+                blocking(path, move || {
+                    OpenOptions::new().create(true).append(true).open(&owned).map(drop)
                 })
                 .await
             }

@@ -25,6 +25,16 @@ pub fn endpoint() -> String {
     })
 }
 
+/// SDK configuration for `endpoint` with an access key of its own.
+async fn sdk_for(endpoint: &str, access_key: &str) -> SdkConfig {
+    aws::load_sdk_config(AwsOverrides {
+        endpoint_url: Some(endpoint.to_owned()),
+        region: Some(REGION.to_owned()),
+        credentials: Some((access_key.to_owned(), "secret".to_owned())),
+    })
+    .await
+}
+
 /// One test's own database: DynamoDB Local keeps one per access key.
 #[derive(Clone)]
 pub struct TestDb {
@@ -55,12 +65,7 @@ impl TestDb {
             "warn,cruddur_stream_worker=info",
         );
         let access_key = format!("test{}", uuid::Uuid::new_v4().simple());
-        let sdk = aws::load_sdk_config(AwsOverrides {
-            endpoint_url: Some(endpoint()),
-            region: Some(REGION.to_owned()),
-            credentials: Some((access_key.clone(), "secret".to_owned())),
-        })
-        .await;
+        let sdk = sdk_for(&endpoint(), &access_key).await;
         let client = aws::dynamodb_client(&sdk);
         let scratch = std::env::temp_dir().join(format!("cruddur-it-{access_key}"));
         std::fs::create_dir_all(&scratch).expect("scratch directory");
@@ -796,12 +801,7 @@ impl TestDb {
 
     /// The SDK configuration of this database, sent to `endpoint` (a proxy) instead.
     pub async fn sdk_via(&self, endpoint: &str) -> SdkConfig {
-        aws::load_sdk_config(AwsOverrides {
-            endpoint_url: Some(endpoint.to_owned()),
-            region: Some(REGION.to_owned()),
-            credentials: Some((self.access_key.clone(), "secret".to_owned())),
-        })
-        .await
+        sdk_for(endpoint, &self.access_key).await
     }
 
     /// Starts a worker in this process whose every AWS call goes through `endpoint`.
