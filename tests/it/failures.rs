@@ -134,6 +134,10 @@ async fn at_twenty_percent_faults_every_group_converges_and_nothing_is_dead_lett
             groups.push((group, &pair[0], &pair[1], round));
         }
     }
+    // The worker runs while the messages arrive, a few at a time, so that reads and updates are
+    // many (a backlog read at once would need only a handful of requests).
+    let proxy = FaultProxy::start(&endpoint(), Faults::mixed(0.2)).await;
+    let worker = db.start_worker_via(&proxy.url(), &[]).await;
     let mut newest = BTreeMap::new();
     for step in 0..8 {
         for (group, a, b, round) in &groups {
@@ -141,10 +145,9 @@ async fn at_twenty_percent_faults_every_group_converges_and_nothing_is_dead_lett
             let sender = if step % 2 == 0 { *a } else { *b };
             db.message(group, sender, &at, &format!("step {step}")).await;
             newest.insert(group.clone(), at);
+            tokio::time::sleep(Duration::from_millis(15)).await;
         }
     }
-    let proxy = FaultProxy::start(&endpoint(), Faults::mixed(0.2)).await;
-    let worker = db.start_worker_via(&proxy.url(), &[]).await;
     let converged = wait_until(Duration::from_secs(90), || async {
         for (group, a, b, _) in &groups {
             if !db.group_is_at(group, &[*a, *b], &newest[group], "step 7").await {
