@@ -95,6 +95,8 @@ pub enum DeadLetterError {
     Aws(#[from] AwsError),
     #[error("not a dead letter: {0}")]
     Invalid(String),
+    #[error("could not build the request: {0}")]
+    Request(String),
 }
 
 impl Retryable for DeadLetterError {
@@ -102,7 +104,7 @@ impl Retryable for DeadLetterError {
         match self {
             DeadLetterError::Io { .. } => true,
             DeadLetterError::Aws(error) => error.is_retryable(),
-            DeadLetterError::Invalid(_) => false,
+            DeadLetterError::Invalid(_) | DeadLetterError::Request(_) => false,
         }
     }
 }
@@ -209,6 +211,10 @@ impl DeadLetterDestination {
             }
             DeadLetterDestination::Queue { client, url } => {
                 let mut seen = std::collections::HashSet::new();
+                // Messages this run leaves in the queue (unreadable ones, letters it wrote back):
+                // hidden while it runs so that they do not crowd out the rest, visible again
+                // when it ends so that the next redrive (or a person) sees them at once.
+                let mut left = Vec::new();
                 loop {
                     let output = client
                         .receive_message()
@@ -229,10 +235,12 @@ impl DeadLetterDestination {
                             if seen.insert(message.message_id().unwrap_or(receipt).to_owned()) {
                                 counts.unreadable += 1;
                             }
+                            left.push(receipt.to_owned());
                             continue;
                         };
                         // A letter written back by this run comes round again: leave it for the next.
                         if !seen.insert(format!("{}/{}", letter.shard, letter.sequence_number)) {
+                            left.push(receipt.to_owned());
                             continue;
                         }
                         fresh += 1;
@@ -255,10 +263,42 @@ impl DeadLetterDestination {
                         break;
                     }
                 }
+                show_again(client, url, &left).await?;
             }
         }
         Ok(counts)
     }
+}
+
+/// Makes received messages visible again at once (instead of after the visibility timeout).
+async fn show_again(client: &aws_sdk_sqs::Client, url: &str, receipts: &[String]) -> Result<(), DeadLetterError> {
+    use aws_sdk_sqs::types::ChangeMessageVisibilityBatchRequestEntry as Entry;
+    for chunk in receipts.chunks(10) {
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(index, receipt)| {
+                Entry::builder()
+                    .id(index.to_string())
+                    .receipt_handle(receipt)
+                    .visibility_timeout(0)
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| DeadLetterError::Request(error.to_string()))?;
+        let output = client
+            .change_message_visibility_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("ChangeMessageVisibilityBatch", &error))?;
+        for failed in output.failed() {
+            // It turns visible after the visibility timeout anyway: worth a warning, not a failure.
+            tracing::warn!(code = failed.code(), message = ?failed.message(), "a dead letter stays hidden until its visibility timeout");
+        }
+    }
+    Ok(())
 }
 
 /// Runs file work off the async threads.

@@ -325,7 +325,16 @@ async fn a_dead_letter_queue_that_is_down_holds_the_checkpoint_until_it_is_back(
 }
 
 async fn run_command(db: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let output = db.command(args).output().await.expect("run command");
+    run_command_with(db, args, &[]).await
+}
+
+async fn run_command_with(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = db
+        .command(args)
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("run command");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -405,19 +414,19 @@ async fn reconcile_repairs_a_damaged_table_and_then_finds_nothing_to_do() {
     assert_eq!(db.snapshot().await, after, "a correct table is left alone");
 }
 
-/// Updates fail for good while DynamoDB rejects every transaction; `redrive` applies them once
-/// that is fixed and keeps what still cannot be applied.
-#[tokio::test]
-async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
-    let db = TestDb::new().await;
-    let people = users(&["da", "db"]);
+/// A conversation with a message whose update cannot apply (the proxy fails every
+/// TransactWriteItems) followed by a poison record: once a worker ran through the proxy, one
+/// letter can be redriven and one never can. The day names the timestamps.
+async fn stuck_and_poisoned(db: &TestDb, names: [&str; 2], day: &str) -> (Vec<User>, String, FaultProxy) {
+    let people = users(&names);
     let group = db
-        .conversation(&people[0], &people[1], "2024-06-01T00:00:00", "open")
+        .conversation(&people[0], &people[1], &format!("{day}T00:00:00"), "open")
         .await;
-    db.message(&group, &people[1], "2024-06-01T00:00:01", "stuck").await;
+    db.message(&group, &people[1], &format!("{day}T00:00:01"), "stuck")
+        .await;
     db.put_raw(&[
         ("pk", text(&format!("MSG#{group}"))),
-        ("sk", text("2024-06-01T00:00:02")),
+        ("sk", text(&format!("{day}T00:00:02"))),
     ])
     .await;
     let proxy = FaultProxy::start(
@@ -429,6 +438,15 @@ async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
         },
     )
     .await;
+    (people, group, proxy)
+}
+
+/// Updates fail for good while DynamoDB rejects every transaction; `redrive` applies them once
+/// that is fixed and keeps what still cannot be applied.
+#[tokio::test]
+async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
+    let db = TestDb::new().await;
+    let (people, group, proxy) = stuck_and_poisoned(&db, ["da", "db"], "2024-06-01").await;
     let worker = db.start_worker_via(&proxy.url(), &[("retry_max_attempts", "3")]).await;
     db.wait_caught_up().await;
     assert_eq!(
@@ -465,6 +483,65 @@ async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
     let (code, out, err) = run_command(&db, &["redrive"]).await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.contains("0 replayed, 1 failed again"), "{out}");
+}
+
+/// The same from an SQS queue: what applies is deleted, what fails again goes back, and a
+/// second redrive right after the first sees the letter it wrote back (not hidden for the
+/// visibility timeout).
+#[tokio::test]
+async fn redrive_from_a_queue_deletes_what_applied_and_keeps_the_rest_visible() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::create().await;
+    let (people, group, proxy) = stuck_and_poisoned(&db, ["sa", "sb"], "2024-07-01").await;
+    let sqs = crate::support::sqs_endpoint();
+    let queue_env = [
+        ("AWS_ENDPOINT_URL_SQS", sqs.as_str()),
+        ("WORKER_DEAD_LETTER_FILE", ""),
+        ("WORKER_DEAD_LETTER_QUEUE_URL", queue.url.as_str()),
+    ];
+    let proxy_url = proxy.url();
+    let mut worker = db
+        .spawn_worker_process_with(
+            &[],
+            &[
+                &queue_env[..],
+                &[
+                    ("AWS_ENDPOINT_URL_DYNAMODB", proxy_url.as_str()),
+                    ("WORKER_RETRY_MAX_ATTEMPTS", "3"),
+                    ("WORKER_RETRY_MAX_DELAY_MS", "100"),
+                    ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
+                ],
+            ]
+            .concat(),
+        )
+        .await;
+    db.wait_caught_up().await;
+    assert_eq!(
+        worker
+            .metric("stream_worker_dead_letters_total", r#"reason="retries_exhausted""#)
+            .await,
+        1.0,
+        "{}",
+        worker.log()
+    );
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log());
+
+    let (code, out, err) = run_command_with(&db, &["redrive"], &queue_env).await;
+    assert_eq!(code, 1, "one letter still fails: {out}{err}");
+    assert!(out.contains("1 replayed, 1 failed again and kept"), "{out}");
+    assert!(
+        db.group_is_at(&group, &[&people[0], &people[1]], "2024-07-01T00:00:01", "stuck")
+            .await
+    );
+    // At once, well inside the 120 s the first run's receives hid the messages for.
+    let (code, out, err) = run_command_with(&db, &["redrive"], &queue_env).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("0 replayed, 1 failed again and kept"), "{out}");
+    let bodies = queue.bodies().await;
+    assert_eq!(bodies.len(), 1, "only the letter that failed again is left: {bodies:?}");
+    let letter: DeadLetter = serde_json::from_str(&bodies[0]).expect("a dead letter");
+    assert_eq!(letter.reason, "missing_attribute");
 }
 
 #[tokio::test]
