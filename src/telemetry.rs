@@ -24,6 +24,7 @@ pub mod metric {
     pub const DEAD_LETTERS: &str = "stream_worker_dead_letters_total";
     pub const GROUP_UPDATES: &str = "stream_worker_group_updates_total";
     pub const GROUP_UPDATE_RACES: &str = "stream_worker_group_update_races_total";
+    pub const GROUP_ROW_LOOKUPS: &str = "stream_worker_group_row_lookups_total";
     pub const GROUP_UPDATE_DURATION: &str = "stream_worker_group_update_duration_seconds";
     pub const RETRIES: &str = "stream_worker_retries_total";
     pub const CHECKPOINTS: &str = "stream_worker_checkpoints_total";
@@ -46,6 +47,7 @@ pub mod metric {
         DEAD_LETTERS,
         GROUP_UPDATES,
         GROUP_UPDATE_RACES,
+        GROUP_ROW_LOOKUPS,
         GROUP_UPDATE_DURATION,
         RETRIES,
         CHECKPOINTS,
@@ -97,6 +99,11 @@ pub fn describe() {
     describe_counter!(
         GROUP_UPDATE_RACES,
         "Group-row transactions that lost a race (a condition failed) and were decided again on fresh reads."
+    );
+    describe_counter!(
+        GROUP_ROW_LOOKUPS,
+        "Times an update looked up its conversation's group rows, by source: memory (no read), index (a GSI query), \
+         table (strongly consistent queries, after a lost race or a lagging index)."
     );
     describe_histogram!(
         GROUP_UPDATE_DURATION,

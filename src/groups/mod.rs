@@ -6,6 +6,7 @@
 //! per conversation, and no crash can leave zero or two.
 
 pub mod admin;
+pub mod memory;
 pub mod model;
 pub mod plan;
 pub mod reconcile;

@@ -170,6 +170,51 @@ impl GroupRow {
     pub fn other_user(&self) -> Option<&str> {
         text(&self.item, "user_uuid")
     }
+
+    /// The conversation the row belongs to.
+    pub fn group_uuid(&self) -> Option<&str> {
+        text(&self.item, "message_group_uuid")
+    }
+}
+
+/// A group row as a stream record shows it written (an INSERT or MODIFY of a `GRP#` row with
+/// its new image and its conversation); `None` for every other record.
+pub fn group_row_written(record: &Record) -> Option<GroupRow> {
+    if !matches!(record.event, EventKind::Insert | EventKind::Modify) {
+        return None;
+    }
+    let image = record.new_image.as_ref()?;
+    if !text(image, "pk")?.starts_with(GROUP_PREFIX) {
+        return None;
+    }
+    text(image, "message_group_uuid")?;
+    GroupRow::from_item(image.clone())
+}
+
+/// Do `rows` show a row for every participant they name (and for the sender)? Only then may
+/// they stand for the whole conversation.
+pub(crate) fn shows_every_participant(rows: &[GroupRow], sender: Option<&str>) -> bool {
+    if rows.is_empty() {
+        return false;
+    }
+    let has_row = |user: &str| rows.iter().any(|row| row.owner == user);
+    rows.iter().filter_map(GroupRow::other_user).all(has_row) && sender.is_none_or(has_row)
+}
+
+/// A group row of conversation `g`, for tests.
+#[cfg(test)]
+pub(crate) fn test_row(owner: &str, other: &str, sk: &str) -> GroupRow {
+    let item: Item = [
+        ("pk", format!("{GROUP_PREFIX}{owner}")),
+        ("sk", sk.to_owned()),
+        ("message_group_uuid", "g".to_owned()),
+        ("user_uuid", other.to_owned()),
+        ("message", "x".to_owned()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), AttributeValue::S(value)))
+    .collect();
+    GroupRow::from_item(item).expect("a group row")
 }
 
 #[cfg(test)]
@@ -282,5 +327,28 @@ mod tests {
             sender_uuid: None,
         };
         assert!(!format!("{event:?}").contains("secret"));
+    }
+
+    const T: &str = "2023-03-20T10:00:00";
+
+    #[test]
+    fn the_index_is_trusted_only_when_it_shows_everyone() {
+        assert!(shows_every_participant(
+            &[test_row("a", "b", T), test_row("b", "a", T)],
+            Some("a")
+        ));
+        assert!(
+            !shows_every_participant(&[test_row("a", "b", T)], Some("a")),
+            "b's row is missing"
+        );
+        assert!(
+            !shows_every_participant(&[test_row("b", "a", T), test_row("a", "b", T)], Some("c")),
+            "sender has no row"
+        );
+        assert!(
+            shows_every_participant(&[test_row("a", "a", T)], Some("a")),
+            "a note to self"
+        );
+        assert!(!shows_every_participant(&[], Some("a")));
     }
 }

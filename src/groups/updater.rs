@@ -5,17 +5,20 @@
 //! free. A crash leaves either the old rows or the new ones, never neither and never both; a
 //! lost race (a condition failed) re-reads and re-decides.
 //!
-//! Reads: first the rows this updater itself last wrote for the conversation, when it still
-//! remembers them (no read at all: in steady state it is their only writer). Then the GSI (one
-//! cheap query). The index is eventually consistent, so when it does not show every
+//! Reads: first the rows remembered for the conversation ([`super::memory`]: what this updater
+//! last wrote, or what the stream showed written), when they show every participant (no read
+//! at all: in steady state the worker is their only writer). Then the GSI (one cheap query). The index is eventually consistent, so when it does not show every
 //! participant that its rows name, and after any lost race, the rows are read from the table
 //! itself with strongly consistent queries through the sender's partition. Remembered rows are
 //! only a guess: every write is conditional on the rows being stored exactly so, and a lost race
 //! forgets them and reads again.
 
+use std::sync::Arc;
+
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
 
+use super::memory::RowMemory;
 use super::model::{self, GroupRow, MessageInserted, GROUP_INDEX, GROUP_PREFIX};
 use super::plan::{self, Decision, Writes};
 use crate::aws::{self, AwsError};
@@ -26,12 +29,6 @@ use crate::telemetry::metric;
 
 /// Lost races in a row before the update is handed back to the retry policy (with backoff).
 const MAX_RACES: u32 = 4;
-
-/// Conversations whose rows are remembered, at most; an arbitrary one is forgotten beyond.
-const REMEMBERED_CONVERSATIONS: usize = 2048;
-
-/// Rows carrying more text than this are not remembered (bounds memory at a few MB).
-const REMEMBERED_TEXT_BYTES: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
@@ -65,8 +62,8 @@ enum WriteFailure {
 pub struct GroupSummaryUpdater {
     client: aws_sdk_dynamodb::Client,
     table: String,
-    /// Per conversation, its rows as this updater last wrote or read them.
-    remembered: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<GroupRow>>>>,
+    /// Per conversation, its rows as last written, read or seen in the stream: a guess.
+    memory: Arc<RowMemory>,
 }
 
 impl GroupSummaryUpdater {
@@ -74,33 +71,8 @@ impl GroupSummaryUpdater {
         Self {
             client,
             table: table.into(),
-            remembered: Default::default(),
+            memory: Default::default(),
         }
-    }
-
-    fn recall(&self, group: &str) -> Option<Vec<GroupRow>> {
-        crate::stream::lock(&self.remembered).get(group).cloned()
-    }
-
-    fn remember(&self, group: &str, rows: Vec<GroupRow>) {
-        let small = rows
-            .iter()
-            .all(|row| model::text(&row.item, "message").is_none_or(|text| text.len() <= REMEMBERED_TEXT_BYTES));
-        let mut remembered = crate::stream::lock(&self.remembered);
-        if !small || rows.is_empty() {
-            remembered.remove(group);
-            return;
-        }
-        if remembered.len() >= REMEMBERED_CONVERSATIONS && !remembered.contains_key(group) {
-            if let Some(evicted) = remembered.keys().next().cloned() {
-                remembered.remove(&evicted);
-            }
-        }
-        remembered.insert(group.to_owned(), rows);
-    }
-
-    fn forget(&self, group: &str) {
-        crate::stream::lock(&self.remembered).remove(group);
     }
 
     pub(crate) fn client(&self) -> &aws_sdk_dynamodb::Client {
@@ -126,33 +98,40 @@ impl GroupSummaryUpdater {
         let group = message.group_uuid.as_str();
         let mut consistent = false;
         for _ in 0..MAX_RACES {
-            let recalled = if consistent { None } else { self.recall(group) };
+            let recalled = if consistent {
+                None
+            } else {
+                self.memory.recall(group, message.sender_uuid.as_deref())
+            };
             let from_memory = recalled.is_some();
             let rows = match recalled {
-                Some(rows) => rows,
+                Some(rows) => {
+                    count_lookup("memory");
+                    rows
+                }
                 None => self.load_rows(message, consistent).await?,
             };
             let decision = plan::decide(&rows, message);
             let outcome = decision.outcome();
             let Decision::Write(writes) = decision else {
                 if !from_memory {
-                    self.remember(group, rows);
+                    self.memory.remember(group, rows);
                 }
                 return Ok(outcome);
             };
             let after = plan::rows_after(&rows, &writes);
             match self.write(writes).await {
                 Ok(()) => {
-                    self.remember(group, after);
+                    self.memory.remember(group, after);
                     return Ok(outcome);
                 }
                 Err(WriteFailure::LostRace) => {
-                    self.forget(group);
+                    self.memory.forget(group);
                     metrics::counter!(metric::GROUP_UPDATE_RACES).increment(1);
                     consistent = true;
                 }
                 Err(WriteFailure::Error(error)) => {
-                    self.forget(group);
+                    self.memory.forget(group);
                     return Err(error);
                 }
             }
@@ -163,11 +142,13 @@ impl GroupSummaryUpdater {
     async fn load_rows(&self, message: &MessageInserted, consistent: bool) -> Result<Vec<GroupRow>, UpdateError> {
         let group = &message.group_uuid;
         if !consistent {
+            count_lookup("index");
             let indexed = self.rows_from_index(group).await?;
-            if shows_every_participant(&indexed, message.sender_uuid.as_deref()) {
+            if model::shows_every_participant(&indexed, message.sender_uuid.as_deref()) {
                 return Ok(indexed);
             }
         }
+        count_lookup("table");
         // The index may lag or have lost a race: read through the sender's own partition.
         if let Some(sender) = message.sender_uuid.as_deref() {
             let rows = self.rows_through(sender, group).await?;
@@ -276,20 +257,16 @@ impl GroupSummaryUpdater {
     }
 }
 
+/// Where an update found its conversation's rows: memory, index or table.
+fn count_lookup(source: &'static str) {
+    metrics::counter!(metric::GROUP_ROW_LOOKUPS, "source" => source).increment(1);
+}
+
 async fn query_group_rows(
     query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
 ) -> Result<Vec<GroupRow>, UpdateError> {
     let items = aws::query_all(query).await?;
     Ok(items.into_iter().filter_map(GroupRow::from_item).collect())
-}
-
-/// Does the index show a row for every participant it names (and for the sender)?
-fn shows_every_participant(rows: &[GroupRow], sender: Option<&str>) -> bool {
-    if rows.is_empty() {
-        return false;
-    }
-    let has_row = |user: &str| rows.iter().any(|row| row.owner == user);
-    rows.iter().filter_map(GroupRow::other_user).all(has_row) && sender.is_none_or(has_row)
 }
 
 /// Deletes `row` only if it is still stored with exactly the attributes that were read.
@@ -315,7 +292,11 @@ impl Handler for GroupSummaryUpdater {
     type Event = MessageInserted;
     type Error = UpdateError;
 
+    /// Also learns the group rows the stream shows written, so that most updates need no read.
     fn route(&self, record: &Record) -> Route<MessageInserted> {
+        if let Some(row) = model::group_row_written(record) {
+            self.memory.learn(row);
+        }
         model::route(record)
     }
 
@@ -333,40 +314,17 @@ impl Handler for GroupSummaryUpdater {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::Item;
-    use std::collections::HashMap;
-
-    fn row(owner: &str, other: &str) -> GroupRow {
-        let item: Item = HashMap::from([
-            ("pk".to_owned(), AttributeValue::S(format!("GRP#{owner}"))),
-            ("sk".to_owned(), AttributeValue::S("2023-03-20T10:00:00".into())),
-            ("user_uuid".to_owned(), AttributeValue::S(other.to_owned())),
-            ("message".to_owned(), AttributeValue::S("x".into())),
-        ]);
-        GroupRow::from_item(item).expect("row")
-    }
-
-    #[test]
-    fn the_index_is_trusted_only_when_it_shows_everyone() {
-        assert!(shows_every_participant(&[row("a", "b"), row("b", "a")], Some("a")));
-        assert!(
-            !shows_every_participant(&[row("a", "b")], Some("a")),
-            "b's row is missing"
-        );
-        assert!(
-            !shows_every_participant(&[row("b", "a"), row("a", "b")], Some("c")),
-            "sender has no row"
-        );
-        assert!(shows_every_participant(&[row("a", "a")], Some("a")), "a note to self");
-        assert!(!shows_every_participant(&[], Some("a")));
-    }
 
     #[test]
     fn deletes_are_conditional_on_every_attribute() {
-        let delete = unchanged_delete("t", row("a", "b")).expect("builds");
+        let delete = unchanged_delete("t", model::test_row("a", "b", "2023-03-20T10:00:00")).expect("builds");
         let condition = delete.condition_expression().unwrap_or_default();
         assert!(condition.starts_with("attribute_exists(pk)"));
-        assert_eq!(condition.matches(" AND ").count(), 2, "user_uuid and message");
+        assert_eq!(
+            condition.matches(" AND ").count(),
+            3,
+            "message_group_uuid, user_uuid and message"
+        );
         assert_eq!(delete.key().len(), 2);
     }
 }

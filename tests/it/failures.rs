@@ -607,6 +607,61 @@ async fn a_second_update_of_a_conversation_reads_nothing() {
     );
 }
 
+/// The stream shows the group rows written when the conversations were opened: the worker
+/// learns them there, so even its first update of each conversation reads nothing. Every Query
+/// fails behind the proxy; with 2 attempts a read would dead-letter the update.
+#[tokio::test]
+async fn group_rows_seen_in_the_stream_spare_the_first_read() {
+    let db = TestDb::new().await;
+    let people = users(&["ka", "kb", "kc"]);
+    let mut expected = Vec::new();
+    for (n, (from, to)) in [(0, 1), (1, 2), (2, 0)].into_iter().enumerate() {
+        let (from, to) = (&people[from], &people[to]);
+        let group = db
+            .conversation(from, to, &format!("2024-09-0{}T00:00:00", n + 1), "open")
+            .await;
+        db.message(&group, to, &format!("2024-09-0{}T00:00:01", n + 1), "reply")
+            .await;
+        db.message(&group, from, &format!("2024-09-0{}T00:00:02", n + 1), "last")
+            .await;
+        expected.push((group, format!("2024-09-0{}T00:00:02", n + 1)));
+    }
+    let proxy = FaultProxy::start(
+        &endpoint(),
+        Faults {
+            share: 1.0,
+            kinds: vec![Fault::ServerError],
+            target: Some("DynamoDB_20120810.Query".into()),
+        },
+    )
+    .await;
+    let proxy_url = proxy.url();
+    let worker = db
+        .spawn_worker_process_with(
+            &[],
+            &[
+                ("AWS_ENDPOINT_URL_DYNAMODB", proxy_url.as_str()),
+                ("WORKER_RETRY_MAX_ATTEMPTS", "2"),
+            ],
+        )
+        .await;
+    for (group, sk) in &expected {
+        db.wait_for_group(group, sk, "last").await;
+    }
+    let lookups = |source: &'static str| {
+        let worker = &worker;
+        async move {
+            worker
+                .metric("stream_worker_group_row_lookups_total", &format!(r#"source="{source}""#))
+                .await
+        }
+    };
+    assert!(lookups("memory").await >= 3.0, "{}", worker.log());
+    assert_eq!(lookups("index").await, 0.0, "no update read the index");
+    assert_eq!(proxy.counts().1, 0, "no Query was even tried");
+    assert!(db.dead_letters().is_empty());
+}
+
 #[tokio::test]
 async fn run_with_an_unwritable_dead_letter_file_fails_at_start() {
     let db = TestDb::new().await;
