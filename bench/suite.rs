@@ -90,7 +90,9 @@ impl Db {
         let client = aws::dynamodb_client(&sdk);
         admin::create_messages_table(&client, TABLE).await?;
         // As deployed: the stack creates the lease table, the worker does not time its creation.
-        LeaseStore::new(client.clone(), LEASE_TABLE, "bench").ensure_table().await?;
+        LeaseStore::new(client.clone(), LEASE_TABLE, "bench")
+            .ensure_table()
+            .await?;
         Ok(Self {
             access_key,
             endpoint: endpoint.to_owned(),
@@ -269,7 +271,6 @@ async fn wait_final(
 /// A handler that does nothing: the read path's own cost.
 struct Noop {
     routed: AtomicU64,
-    first_routed: std::sync::OnceLock<Instant>,
 }
 
 #[derive(Debug)]
@@ -293,7 +294,6 @@ impl Handler for Noop {
 
     fn route(&self, record: &Record) -> Route<()> {
         self.routed.fetch_add(1, Ordering::Relaxed);
-        self.first_routed.get_or_init(Instant::now);
         // Keyed like the real handler (by conversation: the pk), so coalescing works as it does there.
         let key = match record.keys.get("pk") {
             Some(AttributeValue::S(pk)) => pk.clone(),
@@ -344,42 +344,27 @@ async fn shard_iterator(
     Ok(output.shard_iterator)
 }
 
-/// One contender's pass over the shard: records/s from its start, and when its first record
-/// arrived (its start-up: describing the stream, getting an iterator, taking the lease).
-struct ReadPass {
-    records_per_second: f64,
-    first_record_seconds: f64,
-}
-
-/// A bare GetRecords loop over the table's one shard, from the horizon.
-async fn bare_read(db: &Db, records: u64) -> Result<ReadPass, Failure> {
+/// Records/s of a bare GetRecords loop over the table's one shard, from the horizon.
+async fn bare_read(db: &Db, records: u64) -> Result<f64, Failure> {
     let streams = aws::streams_client(&db.sdk);
     let started = Instant::now();
-    let mut first = None;
     let mut iterator = shard_iterator(db, &streams, ShardIteratorType::TrimHorizon).await?;
     let mut seen = 0u64;
     while let Some(current) = iterator.take() {
         let output = streams.get_records().shard_iterator(current).limit(1000).send().await?;
         seen += output.records.map_or(0, |r| r.len() as u64);
-        if seen > 0 {
-            first.get_or_insert_with(|| started.elapsed());
-        }
         if seen >= records {
             break;
         }
         iterator = output.next_shard_iterator;
     }
-    Ok(ReadPass {
-        records_per_second: seen as f64 / started.elapsed().as_secs_f64(),
-        first_record_seconds: first.unwrap_or_default().as_secs_f64(),
-    })
+    Ok(seen as f64 / started.elapsed().as_secs_f64())
 }
 
-/// The stream worker with a handler that does nothing, from the horizon.
-async fn worker_read(db: &Db, records: u64, run: usize) -> Result<ReadPass, Failure> {
+/// Records/s of the stream worker with a handler that does nothing, from the horizon.
+async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> {
     let handler = Arc::new(Noop {
         routed: AtomicU64::new(0),
-        first_routed: std::sync::OnceLock::new(),
     });
     let scratch = std::env::temp_dir().join(format!("bench-dead-letters-{}.jsonl", db.access_key));
     let dispatcher = Arc::new(Dispatcher::new(
@@ -424,16 +409,10 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<ReadPass, Fail
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
-    let pass = ReadPass {
-        records_per_second: records as f64 / started.elapsed().as_secs_f64(),
-        first_record_seconds: handler
-            .first_routed
-            .get()
-            .map_or(0.0, |first| first.duration_since(started).as_secs_f64()),
-    };
+    let rate = records as f64 / started.elapsed().as_secs_f64();
     stop.cancel();
     task.await??;
-    Ok(pass)
+    Ok(rate)
 }
 
 async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
@@ -443,19 +422,27 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let groups = conversations(&db, 50).await?;
     messages(&db, &groups, records.saturating_sub(150) as usize).await?;
     let (mut bare, mut worker) = (Vec::new(), Vec::new());
+    // CPU of this process per record read: the machine-independent cost of each contender
+    // (DynamoDB Local runs on the same cores, so any extra CPU also slows the reads).
+    let (mut bare_cpu, mut worker_cpu) = (Vec::new(), Vec::new());
+    let cpu = || footprint(std::process::id()).map(|(seconds, _)| seconds);
+    let per_record = |before: f64, after: f64| (after - before) / records as f64 * 1e6;
     for run in 0..rounds {
         // Alternate, so that drift on the machine hits both alike.
+        let before = cpu()?;
         bare.push(bare_read(&db, records).await?);
+        let between = cpu()?;
         worker.push(worker_read(&db, records, run).await?);
+        let after = cpu()?;
+        bare_cpu.push(per_record(before, between));
+        worker_cpu.push(per_record(between, after));
     }
-    let rates = |passes: &[ReadPass]| passes.iter().map(|p| p.records_per_second).collect::<Vec<_>>();
-    let firsts = |passes: &[ReadPass]| passes.iter().map(|p| p.first_record_seconds).collect::<Vec<_>>();
     let best = |rates: &[f64]| rates.iter().copied().fold(0.0, f64::max);
     Ok(json!({
         "scenario": "read_path", "records": records, "rounds": rounds,
-        "bare_records_per_second": rates(&bare), "worker_records_per_second": rates(&worker),
-        "bare_first_record_seconds": firsts(&bare), "worker_first_record_seconds": firsts(&worker),
-        "ratio_of_best": best(&rates(&worker)) / best(&rates(&bare)),
+        "bare_records_per_second": bare, "worker_records_per_second": worker,
+        "bare_cpu_us_per_record": bare_cpu, "worker_cpu_us_per_record": worker_cpu,
+        "ratio_of_best": best(&worker) / best(&bare),
     }))
 }
 

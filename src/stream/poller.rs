@@ -5,8 +5,9 @@
 //! shard order; a checkpoint never names a record the lane has not reported handled; on stop,
 //! the reader drains its lane and writes a final checkpoint before it returns.
 //!
-//! Polling: after a batch with records the shard is read again at once; after an empty one the
-//! reader waits `idle_interval` (an idle shard costs at most 1/idle_interval reads a second).
+//! Polling: after a batch with records the shard is read again at once, while that batch is
+//! handed over (at most one read ahead of the lane); after an empty one the reader waits
+//! `idle_interval` (an idle shard costs at most 1/idle_interval reads a second).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -97,6 +98,50 @@ pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
     }
 }
 
+impl<S: StreamSource> ShardContext<S> {
+    /// One page, or under a backlog (full pages) several, up to `read_ahead_records`: a wider
+    /// window lets the consumer fold more records of one key into one update. A failure after
+    /// the first page hands over what was read; the next read meets it again.
+    async fn read(&self, iterator: &str) -> Result<Batch, StreamError> {
+        let full_page = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
+        let mut batch = self.read_page(iterator).await?;
+        let mut last_page = batch.records.len();
+        while last_page >= full_page && batch.records.len() < self.settings.read_ahead_records {
+            let Some(next) = batch.next_iterator.clone() else {
+                break;
+            };
+            let Ok(page) = self.read_page(&next).await else {
+                break;
+            };
+            last_page = page.records.len();
+            batch.records.extend(page.records);
+            batch.next_iterator = page.next_iterator;
+            batch.behind = page.behind;
+        }
+        Ok(batch)
+    }
+
+    async fn read_page(&self, iterator: &str) -> Result<Batch, StreamError> {
+        retry(&self.settings.retry, "get_records", || async {
+            let started = Instant::now();
+            let result = self.source.read(iterator, self.settings.batch_size).await;
+            metrics::histogram!(metric::GETRECORDS_DURATION).record(started.elapsed().as_secs_f64());
+            result
+        })
+        .await
+    }
+
+    /// A read that gives way to `cancel` (`None`): abandoning a read is harmless, nothing of it
+    /// has been handed over.
+    async fn read_unless(&self, iterator: &str, cancel: &CancellationToken) -> Option<Result<Batch, StreamError>> {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            read = self.read(iterator) => Some(read),
+        }
+    }
+}
+
 struct ShardReader<'a, S, L> {
     context: &'a ShardContext<S>,
     stream_id: &'a str,
@@ -113,28 +158,39 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
     async fn run(&mut self, cancel: &CancellationToken) -> Result<(), StreamError> {
         let start = self.written.clone();
         let mut iterator = self.acquire(&start).await?;
+        // The next read, started while the previous batch was handed over.
+        let mut read_ahead: Option<Result<Batch, StreamError>> = None;
         while !cancel.is_cancelled() {
-            // Abandoning a read on shutdown is harmless: nothing has been handed over yet.
-            let read = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                read = self.read(&iterator) => read,
+            let read = match read_ahead.take() {
+                Some(read) => read,
+                None => match self.context.read_unless(&iterator, cancel).await {
+                    Some(read) => read,
+                    None => break,
+                },
             };
             match read {
                 Ok(batch) => {
                     self.context.health.read_succeeded();
                     let got_records = !batch.records.is_empty();
                     self.observe(&batch.records, batch.behind);
-                    if got_records {
-                        self.lane.submit(batch.records).await;
-                    }
                     let Some(next) = batch.next_iterator else {
+                        if got_records {
+                            self.lane.submit(batch.records).await;
+                        }
                         tracing::info!(shard = %self.shard, "shard read to its end");
                         self.finish(true).await?;
                         self.report.ended = true;
                         return Ok(());
                     };
                     iterator = next;
+                    if got_records {
+                        // Records came, so more may follow at once: read on while the lane takes
+                        // these (it may wait for room), rather than one after the other.
+                        let context = self.context;
+                        let ((), next_read) =
+                            tokio::join!(self.lane.submit(batch.records), context.read_unless(&iterator, cancel));
+                        read_ahead = next_read;
+                    }
                     self.save(false, false).await?;
                     if !got_records {
                         tokio::select! {
@@ -164,40 +220,6 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
             }
         }
         self.finish(false).await
-    }
-
-    /// One page, or under a backlog (full pages) several, up to `read_ahead_records`: a wider
-    /// window lets the consumer fold more records of one key into one update. A failure after
-    /// the first page hands over what was read; the next read meets it again.
-    async fn read(&self, iterator: &str) -> Result<Batch, StreamError> {
-        let settings = &self.context.settings;
-        let full_page = usize::try_from(settings.batch_size).unwrap_or(usize::MAX);
-        let mut batch = self.read_page(iterator).await?;
-        let mut last_page = batch.records.len();
-        while last_page >= full_page && batch.records.len() < settings.read_ahead_records {
-            let Some(next) = batch.next_iterator.clone() else {
-                break;
-            };
-            let Ok(page) = self.read_page(&next).await else {
-                break;
-            };
-            last_page = page.records.len();
-            batch.records.extend(page.records);
-            batch.next_iterator = page.next_iterator;
-            batch.behind = page.behind;
-        }
-        Ok(batch)
-    }
-
-    async fn read_page(&self, iterator: &str) -> Result<Batch, StreamError> {
-        let settings = &self.context.settings;
-        retry(&settings.retry, "get_records", || async {
-            let started = Instant::now();
-            let result = self.context.source.read(iterator, settings.batch_size).await;
-            metrics::histogram!(metric::GETRECORDS_DURATION).record(started.elapsed().as_secs_f64());
-            result
-        })
-        .await
     }
 
     /// An iterator at `position`; a position already trimmed away restarts at the horizon.

@@ -652,7 +652,10 @@ async fn group_rows_seen_in_the_stream_spare_the_first_read() {
         let worker = &worker;
         async move {
             worker
-                .metric("stream_worker_group_row_lookups_total", &format!(r#"source="{source}""#))
+                .metric(
+                    "stream_worker_group_row_lookups_total",
+                    &format!(r#"source="{source}""#),
+                )
                 .await
         }
     };
