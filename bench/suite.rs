@@ -122,7 +122,8 @@ impl Db {
                 std::env::var("BENCH_WORKER_LOG_LEVEL").unwrap_or_else(|_| "warn".into()),
             )
             .env("WORKER_IDLE_INTERVAL_MS", idle_ms.to_string())
-            .envs(std::env::vars().filter(|(name, _)| name.starts_with("TOKIO_")))
+            // Tuning runs: WORKER_* settings (and TOKIO_WORKER_THREADS) given to the suite reach the worker.
+            .envs(std::env::vars().filter(|(name, _)| name.starts_with("WORKER_") || name.starts_with("TOKIO_")))
             .env("WORKER_DEAD_LETTER_FILE", dead_letters)
             .stdout(Stdio::null())
             .kill_on_drop(true);
@@ -521,6 +522,7 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
             .unwrap_or_default();
         by_group.entry(group).or_default().push(row);
     }
+    let conditional = flags.number("conditional", 0)? == 1;
     let started = Instant::now();
     let results = futures::stream::iter(by_group.into_values())
         .map(|rows| {
@@ -537,10 +539,22 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
                         ("pk".to_owned(), row["pk"].clone()),
                         ("sk".to_owned(), row["sk"].clone()),
                     ]);
-                    let delete = Delete::builder().table_name(TABLE).set_key(Some(key)).build()?;
-                    items.push(TransactWriteItem::builder().delete(delete).build());
-                    let put = Put::builder().table_name(TABLE).set_item(Some(moved)).build()?;
-                    items.push(TransactWriteItem::builder().put(put).build());
+                    let mut delete = Delete::builder().table_name(TABLE).set_key(Some(key));
+                    let mut put = Put::builder().table_name(TABLE).set_item(Some(moved));
+                    if conditional {
+                        // The worker's safety: delete only if stored unchanged, put only into a free key.
+                        let mut condition = String::from("attribute_exists(pk)");
+                        for (index, (name, value)) in row.iter().filter(|(n, _)| *n != "pk" && *n != "sk").enumerate() {
+                            condition.push_str(&format!(" AND #a{index} = :v{index}"));
+                            delete = delete
+                                .expression_attribute_names(format!("#a{index}"), name)
+                                .expression_attribute_values(format!(":v{index}"), value.clone());
+                        }
+                        delete = delete.condition_expression(condition);
+                        put = put.condition_expression("attribute_not_exists(pk)");
+                    }
+                    items.push(TransactWriteItem::builder().delete(delete.build()?).build());
+                    items.push(TransactWriteItem::builder().put(put.build()?).build());
                 }
                 db.client
                     .transact_write_items()
@@ -559,7 +573,8 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
     }
     let reached = present(&db, &keys).await? == keys.len();
     Ok(
-        json!({ "scenario": "drain", "contender": "ceiling", "messages": count, "groups": keys.len() / 2,
+        json!({ "scenario": "drain", "contender": if conditional { "ceiling_conditional" } else { "ceiling" },
+               "messages": count, "groups": keys.len() / 2,
                "seconds": if reached { Some(seconds) } else { None } }),
     )
 }
