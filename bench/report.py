@@ -23,14 +23,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SIZES = {
     "full": {
         "read": {"records": 10000, "rounds": 3},
-        "drain": {"messages": 2000, "groups": 100},
+        "drain": {"messages": 2000, "groups": 100, "rounds": 3},
         # 200 messages/s is beyond DynamoDB Local: it runs about 100 TransactWriteItems/s (see
         # the drain ceiling), and every message needs one. 50/s leaves it headroom.
         "latency": {"rate": 50, "groups": 500, "seconds": 20},
     },
     "smoke": {
         "read": {"records": 300, "rounds": 1},
-        "drain": {"messages": 60, "groups": 6},
+        "drain": {"messages": 60, "groups": 6, "rounds": 1},
         "latency": {"rate": 20, "groups": 10, "seconds": 2},
     },
 }
@@ -118,7 +118,7 @@ def plot(results, path):
     left.legend()
 
     read = results["read"]
-    drain = {r["contender"]: r for r in results["drain"]}
+    drain = best_drains(results["drain"])
     names = ["read: bare GetRecords", "read: worker (no-op)"]
     values = [max(read["bare_records_per_second"]), max(read["worker_records_per_second"])]
     for contender, label in [("lambda_logic", "drain: Lambda logic"), ("worker", "drain: worker"),
@@ -134,6 +134,17 @@ def plot(results, path):
     figure.savefig(path, dpi=110)
 
 
+def best_drains(drains):
+    """Per contender, its fastest round (a contender that never finished keeps seconds None)."""
+    best = {}
+    for run in drains:
+        current = best.get(run["contender"])
+        if current is None or (run["seconds"] is not None
+                                and (current["seconds"] is None or run["seconds"] < current["seconds"])):
+            best[run["contender"]] = run
+    return best
+
+
 def verdict(value, goal, higher_is_better=True):
     if value is None:
         return "not measured"
@@ -143,7 +154,8 @@ def verdict(value, goal, higher_is_better=True):
 
 def markdown(results, info, mode, sizes, png_name):
     read = results["read"]
-    drain = {r["contender"]: r for r in results["drain"]}
+    drain = best_drains(results["drain"])
+    rounds = sizes["drain"]["rounds"]
     lines = [
         "# Benchmarks",
         "",
@@ -170,6 +182,11 @@ def markdown(results, info, mode, sizes, png_name):
         "",
         "## Results against the goals",
         "",
+        "Drain times run, for every contender alike, from its start (the worker's and the poller's "
+        "spawn, the ceiling's first write) until one observer, polling the final rows with "
+        "BatchGetItem every 20 ms, sees every group row at its newest message. Latency runs from "
+        "PutItem's return until both rows show the message, read the same way.",
+        "",
         "| figure | measured | reference | ratio or value | goal | |",
         "|---|---|---|---|---|---|",
     ]
@@ -182,14 +199,15 @@ def markdown(results, info, mode, sizes, png_name):
         f"records/s, {cpu_bare:.1f} µs CPU per record | {worker / bare:.2f} | ≥ "
         f"{GOALS['read_ratio']} | {verdict(worker / bare, GOALS['read_ratio'])} |")
     w, lam, ceil = drain["worker"]["seconds"], drain["lambda_logic"]["seconds"], drain["ceiling"]["seconds"]
-    size = f"{drain['worker']['messages']} messages over {drain['worker']['groups']} conversations"
+    size = (f"{drain['worker']['messages']} messages over {drain['worker']['groups']} conversations, "
+            f"best of {rounds} (Lambda logic: one run)")
     lam_text = f"{lam:.2f} s" if lam else f"not done in {drain['lambda_logic']['limit_seconds']} s"
     lines.append(
         f"| backlog drain, {size} | worker {w:.2f} s | Lambda logic (Python boto3) {lam_text} | "
         f"{(lam / w) if lam else float('nan'):.1f}× faster | ≥ {GOALS['vs_lambda']:.0f}× | "
         f"{verdict(lam / w if lam else None, GOALS['vs_lambda'])} |")
     lines.append(
-        f"| backlog drain, same backlog | worker {w:.2f} s | ceiling (one transaction per conversation) "
+        f"| backlog drain, same backlog, best of {rounds} | worker {w:.2f} s | ceiling (the fewest calls: one TransactWriteItems per 25 conversations) "
         f"{ceil:.2f} s | {ceil / w:.2f} of the ceiling | ≥ {GOALS['vs_ceiling']} | "
         f"{verdict(ceil / w, GOALS['vs_ceiling'])} |")
     if drain.get("ceiling_conditional", {}).get("seconds"):
@@ -239,17 +257,24 @@ def main():
     poller = REPO / "bench" / "lambda_poller.py"
     results = {"sizes": sizes}
     # A fresh DynamoDB Local is a cold JVM: warm it up, and throw the figures away.
-    run_suite(suite, "drain", endpoint=endpoint, worker=worker, **SIZES["smoke"]["drain"])
+    run_suite(suite, "drain", endpoint=endpoint, worker=worker, messages=60, groups=6)
     run_suite(suite, "latency", endpoint=endpoint, worker=worker, idle_ms=250,
               **dict(sizes["latency"], seconds=min(5, sizes["latency"]["seconds"])))
     results["read"] = run_suite(suite, "read-path", endpoint=endpoint, **sizes["read"])
-    results["drain"] = [
-        run_suite(suite, "drain-ceiling", endpoint=endpoint, **sizes["drain"]),
-        # Diagnostic, not a goal: the ceiling's transactions with the worker's conditions.
-        run_suite(suite, "drain-ceiling", endpoint=endpoint, conditional=1, **sizes["drain"]),
-        run_suite(suite, "drain", endpoint=endpoint, worker=worker, **sizes["drain"]),
-        run_suite(suite, "drain-lambda", endpoint=endpoint, poller=poller, limit_seconds=900, **sizes["drain"]),
-    ]
+    # Rounds alternate the fast contenders, so that drift on the machine hits them alike; each
+    # round is a fresh database. The Lambda logic, an order of magnitude slower, runs once.
+    backlog = {"messages": sizes["drain"]["messages"], "groups": sizes["drain"]["groups"]}
+    results["drain"] = []
+    for _ in range(sizes["drain"]["rounds"]):
+        results["drain"] += [
+            # The fewest calls: 25 conversations (100 actions, the API's limit) per transaction.
+            run_suite(suite, "drain-ceiling", endpoint=endpoint, pack=25, **backlog),
+            # Diagnostic, not a goal: the same transactions with the worker's conditions.
+            run_suite(suite, "drain-ceiling", endpoint=endpoint, pack=25, conditional=1, **backlog),
+            run_suite(suite, "drain", endpoint=endpoint, worker=worker, **backlog),
+        ]
+    results["drain"].append(
+        run_suite(suite, "drain-lambda", endpoint=endpoint, poller=poller, limit_seconds=900, **backlog))
     # Worker and floor alternate, so that drift on the machine hits both alike.
     results["latency"] = []
     results["latency_floor"] = []

@@ -133,7 +133,9 @@ pub async fn start_with_source<S: StreamSource>(
     })?;
 
     let tables = aws::dynamodb_client(sdk);
-    let updater = Arc::new(GroupSummaryUpdater::new(tables.clone(), &settings.table_name));
+    let updater = Arc::new(
+        GroupSummaryUpdater::new(tables.clone(), &settings.table_name).with_write_calls(settings.max_write_calls),
+    );
     let handler_retry = handler_retry(settings);
     let stream_retry = RetryPolicy {
         max_attempts: None,

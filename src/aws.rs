@@ -1,9 +1,10 @@
 //! AWS clients and the classification of their errors.
 //!
 //! Owns how SDK clients are built (endpoints, region and credentials from aws-config's default
-//! chain, or explicit overrides for tests) and the one place that decides whether an SDK error
-//! is worth retrying. The SDK's own retries are turned off: every retry goes through
-//! [`crate::retry`], so each is classified the same way, counted and logged.
+//! chain, or explicit overrides for tests), the one place that decides whether an SDK error
+//! is worth retrying, and group commit of independent transactions ([`transact`]). The SDK's
+//! own retries are turned off: every retry goes through [`crate::retry`], so each is classified
+//! the same way, counted and logged.
 //!
 //! Must not: know any table, stream or record shape.
 
@@ -17,6 +18,8 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 
 use crate::retry::Retryable;
+
+pub mod transact;
 
 /// Error codes that mean "try again later" across DynamoDB, DynamoDB Streams, Kinesis and SQS.
 const RETRYABLE_CODES: &[&str] = &[
@@ -242,7 +245,7 @@ pub async fn scan_all(
 }
 
 /// A failed AWS call, classified.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{operation} failed{}: {message}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
 pub struct AwsError {
     pub operation: &'static str,

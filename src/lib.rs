@@ -14,7 +14,8 @@
 //! - [`cli`]: the binary's commands, exit codes, signals.
 //! - [`app`]: wires settings, clients, source, dispatcher, updater, HTTP; nothing else knows all.
 //! - [`config`]: layered settings, validated once.
-//! - [`aws`]: SDK clients, paging helpers, and the one place that classifies AWS errors.
+//! - [`aws`]: SDK clients, paging helpers, the one place that classifies AWS errors, and group
+//!   commit of independent transactions into shared calls ([`aws::transact`]).
 //! - [`stream`]: generic stream reading — sources, shard lineage, polling, leases, checkpoints.
 //!   Defines the [`stream::Consumer`] trait; knows nothing of Cruddur.
 //! - [`dispatch`]: per-key ordered fan-out with bounded in-flight work and the per-shard

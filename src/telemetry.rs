@@ -24,6 +24,7 @@ pub mod metric {
     pub const DEAD_LETTERS: &str = "stream_worker_dead_letters_total";
     pub const GROUP_UPDATES: &str = "stream_worker_group_updates_total";
     pub const GROUP_UPDATE_RACES: &str = "stream_worker_group_update_races_total";
+    pub const WRITE_TRANSACTIONS: &str = "stream_worker_write_transactions_total";
     pub const GROUP_ROW_LOOKUPS: &str = "stream_worker_group_row_lookups_total";
     pub const GROUP_UPDATE_DURATION: &str = "stream_worker_group_update_duration_seconds";
     pub const RETRIES: &str = "stream_worker_retries_total";
@@ -47,6 +48,7 @@ pub mod metric {
         DEAD_LETTERS,
         GROUP_UPDATES,
         GROUP_UPDATE_RACES,
+        WRITE_TRANSACTIONS,
         GROUP_ROW_LOOKUPS,
         GROUP_UPDATE_DURATION,
         RETRIES,
@@ -62,6 +64,32 @@ pub mod metric {
         LEASE_LOST,
         SHARDS,
     ];
+}
+
+/// Per-label tallies of one batch, so that a labelled counter is updated once per label and
+/// batch rather than once per record (each update looks its series up in the registry, a cost
+/// that showed per record on the read path). Few labels: a linear search beats hashing.
+#[derive(Debug)]
+pub struct Tally<L>(Vec<(L, u64)>);
+
+impl<L: PartialEq> Default for Tally<L> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<L: PartialEq> Tally<L> {
+    pub fn add(&mut self, label: L, count: u64) {
+        match self.0.iter_mut().find(|(seen, _)| *seen == label) {
+            Some((_, total)) => *total += count,
+            None => self.0.push((label, count)),
+        }
+    }
+
+    /// Each label with its total, in the order labels were first added.
+    pub fn into_counts(self) -> impl Iterator<Item = (L, u64)> {
+        self.0.into_iter()
+    }
 }
 
 /// Histogram buckets for latencies, in seconds: DynamoDB round trips are milliseconds, retries
@@ -99,6 +127,11 @@ pub fn describe() {
     describe_counter!(
         GROUP_UPDATE_RACES,
         "Group-row transactions that lost a race (a condition failed) and were decided again on fresh reads."
+    );
+    describe_counter!(
+        WRITE_TRANSACTIONS,
+        "TransactWriteItems calls made for group updates; updates that wait for a call share the next one, \
+         so under load this grows slower than the updates."
     );
     describe_counter!(
         GROUP_ROW_LOOKUPS,
@@ -158,6 +191,7 @@ fn register_unlabelled() {
         CHECKPOINTS,
         STREAM_GAPS,
         GROUP_UPDATE_RACES,
+        WRITE_TRANSACTIONS,
         LEASE_LOST,
     ] {
         metrics::counter!(counter).absolute(0);
@@ -226,7 +260,18 @@ pub fn init_logging(format: LogFormat, filter: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::metric;
+    use super::{metric, Tally};
+
+    #[test]
+    fn a_tally_sums_per_label_in_first_seen_order() {
+        let mut tally = Tally::default();
+        for label in ["insert", "remove", "insert", "modify", "insert"] {
+            tally.add(label, 1);
+        }
+        tally.add("remove", 3);
+        let counts: Vec<_> = tally.into_counts().collect();
+        assert_eq!(counts, [("insert", 3), ("remove", 4), ("modify", 1)]);
+    }
 
     #[test]
     fn the_readme_lists_every_metric() {

@@ -37,7 +37,7 @@ pub use watermark::{Ticket, Watermark};
 use crate::deadletter::{DeadLetter, DeadLetterDestination, DeadLetterError};
 use crate::retry::{retry, retry_until, RetryPolicy, Retryable};
 use crate::stream::{lock, Consumer, Record, SequenceNumber, ShardId, ShardLane};
-use crate::telemetry::metric;
+use crate::telemetry::{metric, Tally};
 
 /// What a record means to the handler.
 #[derive(Debug)]
@@ -279,12 +279,14 @@ impl<H: Handler> DispatchLane<H> {
         let mut unit_of_key: HashMap<String, usize> = HashMap::new();
         let mut rejected = Vec::new();
         let mut done_now = Vec::new();
+        let mut ignored = Tally::default();
+        let mut coalesced = 0;
         let mut watermark = lock(&self.progress.watermark);
         for record in records {
             let ticket = watermark.push(record.sequence_number.clone());
             match handler.route(&record) {
                 Route::Ignore(reason) => {
-                    metrics::counter!(metric::RECORDS_IGNORED, "reason" => reason).increment(1);
+                    ignored.add(reason, 1);
                     done_now.push(ticket);
                 }
                 Route::Reject { reason, detail } => {
@@ -304,7 +306,7 @@ impl<H: Handler> DispatchLane<H> {
                     };
                     match unit_of_key.get(&unit.key) {
                         Some(&index) => {
-                            metrics::counter!(metric::RECORDS_COALESCED).increment(1);
+                            coalesced += 1;
                             units[index].absorb(unit, |a, b| handler.supersedes(a, b));
                         }
                         None => {
@@ -314,6 +316,13 @@ impl<H: Handler> DispatchLane<H> {
                     }
                 }
             }
+        }
+        drop(watermark);
+        for (reason, count) in ignored.into_counts() {
+            metrics::counter!(metric::RECORDS_IGNORED, "reason" => reason).increment(count);
+        }
+        if coalesced > 0 {
+            metrics::counter!(metric::RECORDS_COALESCED).increment(coalesced);
         }
         (units, rejected, done_now)
     }

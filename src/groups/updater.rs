@@ -3,7 +3,9 @@
 //! Read, decide ([`super::plan`]), write one transaction whose every step is conditional: each
 //! old row is deleted only if still stored unchanged, each new row is put only if its key is
 //! free. A crash leaves either the old rows or the new ones, never neither and never both; a
-//! lost race (a condition failed) re-reads and re-decides.
+//! lost race (a condition failed) re-reads and re-decides. The transaction may share its
+//! `TransactWriteItems` call with other conversations' ([`crate::aws::transact`]) when the calls
+//! allowed in flight are busy; it still commits or fails alone.
 //!
 //! Reads: first the rows remembered for the conversation ([`super::memory`]: what this updater
 //! last wrote, or what the stream showed written), when they show every participant (no read
@@ -15,12 +17,12 @@
 
 use std::sync::Arc;
 
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
 
 use super::memory::RowMemory;
 use super::model::{self, GroupRow, MessageInserted, GROUP_INDEX, GROUP_PREFIX};
 use super::plan::{self, Decision, Writes};
+use crate::aws::transact::{ActionSet, Commit, CommitError, TransactionCombiner};
 use crate::aws::{self, AwsError};
 use crate::dispatch::{Handler, Route};
 use crate::retry::Retryable;
@@ -57,6 +59,9 @@ enum WriteFailure {
     Error(UpdateError),
 }
 
+/// `TransactWriteItems` calls in flight at once unless set otherwise (`max_write_calls`).
+pub const DEFAULT_WRITE_CALLS: usize = 8;
+
 /// Keeps group rows of one messages table current.
 #[derive(Debug, Clone)]
 pub struct GroupSummaryUpdater {
@@ -64,15 +69,24 @@ pub struct GroupSummaryUpdater {
     table: String,
     /// Per conversation, its rows as last written, read or seen in the stream: a guess.
     memory: Arc<RowMemory>,
+    /// Updates waiting for a call share the next one.
+    transactions: TransactionCombiner,
 }
 
 impl GroupSummaryUpdater {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
         Self {
+            transactions: TransactionCombiner::new(client.clone(), DEFAULT_WRITE_CALLS),
             client,
             table: table.into(),
             memory: Default::default(),
         }
+    }
+
+    /// At most `calls` `TransactWriteItems` calls in flight; updates that wait share one.
+    pub fn with_write_calls(mut self, calls: usize) -> Self {
+        self.transactions = TransactionCombiner::new(self.client.clone(), calls);
+        self
     }
 
     pub(crate) fn client(&self) -> &aws_sdk_dynamodb::Client {
@@ -203,58 +217,48 @@ impl GroupSummaryUpdater {
         query_group_rows(query).await
     }
 
+    /// One conversation's writes as one all-or-nothing set, committed alone or in a call
+    /// shared with other conversations' (the combiner keeps each set's outcome its own).
     async fn write(&self, writes: Writes) -> Result<(), WriteFailure> {
         let build_error = |error| WriteFailure::Error(AwsError::invalid_request("TransactWriteItems", error).into());
-        let mut items = Vec::with_capacity(writes.deletes.len() + writes.puts.len());
+        let mut actions = Vec::with_capacity(writes.deletes.len() + writes.puts.len());
+        let mut touched = Vec::with_capacity(actions.capacity());
         for row in writes.deletes {
-            items.push(
+            touched.push(item_name(&row.item));
+            actions.push(
                 TransactWriteItem::builder()
                     .delete(unchanged_delete(&self.table, row).map_err(build_error)?)
                     .build(),
             );
         }
         for item in writes.puts {
+            touched.push(item_name(&item));
             let put = Put::builder()
                 .table_name(&self.table)
                 .set_item(Some(item))
                 .condition_expression("attribute_not_exists(pk)")
                 .build()
                 .map_err(build_error)?;
-            items.push(TransactWriteItem::builder().put(put).build());
+            actions.push(TransactWriteItem::builder().put(put).build());
         }
-        let result = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await;
-        let Err(error) = result else { return Ok(()) };
-        if let Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) = error.as_service_error() {
-            let codes: Vec<&str> = cancelled
-                .cancellation_reasons()
-                .iter()
-                .filter_map(|r| r.code())
-                .collect();
-            if codes.contains(&"ConditionalCheckFailed") {
-                return Err(WriteFailure::LostRace);
-            }
-            let transient = [
-                "TransactionConflict",
-                "ThrottlingError",
-                "ProvisionedThroughputExceeded",
-                "RequestLimitExceeded",
-            ];
-            if !codes.iter().any(|code| transient.contains(code)) {
-                return Err(WriteFailure::Error(UpdateError::Rejected(codes.join(", "))));
-            }
-            let mut classified = AwsError::from_sdk("TransactWriteItems", &error);
-            classified.retryable = true;
-            return Err(WriteFailure::Error(classified.into()));
+        match self.transactions.commit(ActionSet::new(actions, touched)).await {
+            Ok(Commit::Committed) => Ok(()),
+            Ok(Commit::ConditionFailed) => Err(WriteFailure::LostRace),
+            Err(CommitError::Aws(error)) => Err(WriteFailure::Error(error.into())),
+            Err(CommitError::Rejected(codes)) => Err(WriteFailure::Error(UpdateError::Rejected(codes))),
         }
-        Err(WriteFailure::Error(
-            AwsError::from_sdk("TransactWriteItems", &error).into(),
-        ))
     }
+}
+
+/// A group row's key as one string (all rows are in one table): what the combiner needs to
+/// keep two actions on one item out of one call.
+fn item_name(item: &aws::Item) -> String {
+    let part = |name: &str| {
+        item.get(name)
+            .and_then(|value| value.as_s().ok())
+            .map_or("", String::as_str)
+    };
+    format!("{}\u{0}{}", part("pk"), part("sk"))
 }
 
 /// Where an update found its conversation's rows: memory, index or table.

@@ -21,7 +21,7 @@ use super::{
     lock, Batch, Lease, LeaseStore, Position, Record, ShardId, ShardLane, StreamError, StreamHealth, StreamSource,
 };
 use crate::retry::retry;
-use crate::telemetry::metric;
+use crate::telemetry::{metric, Tally};
 
 /// What every shard reader shares.
 pub(super) struct ShardContext<S> {
@@ -252,8 +252,12 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
     }
 
     fn observe(&mut self, records: &[Record], behind: Option<std::time::Duration>) {
+        let mut received = Tally::default();
         for record in records {
-            metrics::counter!(metric::RECORDS_RECEIVED, "event" => record.event.label()).increment(1);
+            received.add(record.event.label(), 1);
+        }
+        for (label, count) in received.into_counts() {
+            metrics::counter!(metric::RECORDS_RECEIVED, "event" => label).increment(count);
         }
         let newest_record_age = || {
             records

@@ -11,4 +11,5 @@ mod operations;
 mod proxy;
 mod sharing;
 mod support;
+mod transact;
 mod updates;
