@@ -247,11 +247,15 @@ def markdown(results, info, mode, sizes, png_name):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mode", choices=["full", "smoke"], default="full")
-    parser.add_argument("--endpoint", required=True)
-    parser.add_argument("--suite", required=True)
-    parser.add_argument("--worker", required=True)
+    parser.add_argument("--mode", choices=["full", "smoke", "render"], default="full",
+                        help="render: write docs/BENCHMARKS.md again from the raw results it holds "
+                             "(after editing bench/ANALYSIS.md); measures nothing")
+    parser.add_argument("--endpoint")
+    parser.add_argument("--suite")
+    parser.add_argument("--worker")
     args = parser.parse_args()
+    if args.mode == "render":
+        return render_again()
     sizes = SIZES[args.mode]
     suite, endpoint, worker = args.suite, args.endpoint, args.worker
     poller = REPO / "bench" / "lambda_poller.py"
@@ -288,10 +292,27 @@ def main():
         out = REPO / "docs"
     else:
         out = pathlib.Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+    results["machine"] = machine()
+    results["mode"] = args.mode
+    write_report(results, out)
+
+
+def write_report(results, out):
     out.mkdir(parents=True, exist_ok=True)
     plot(results, out / "benchmarks.png")
-    (out / "BENCHMARKS.md").write_text(markdown(results, machine(), args.mode, sizes, "benchmarks.png"))
+    text = markdown(results, results["machine"], results["mode"], results["sizes"], "benchmarks.png")
+    (out / "BENCHMARKS.md").write_text(text)
     print(f"bench: wrote {out / 'BENCHMARKS.md'} and {out / 'benchmarks.png'}", file=sys.stderr)
+
+
+def render_again():
+    """The report again from the raw results in docs/BENCHMARKS.md, with the current analysis."""
+    report = (REPO / "docs" / "BENCHMARKS.md").read_text()
+    start = report.index("```json\n") + len("```json\n")
+    results = json.loads(report[start:report.index("\n```", start)])
+    if "machine" not in results:
+        sys.exit("bench: docs/BENCHMARKS.md predates render mode (no machine in its raw results): run bench/run")
+    write_report(results, REPO / "docs")
 
 
 if __name__ == "__main__":

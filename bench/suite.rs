@@ -460,6 +460,10 @@ async fn seeded(flags: &Flags) -> Result<(Db, Vec<(Item, String)>, usize), Failu
 async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let (db, keys, count) = seeded(flags).await?;
     let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
+    // Wall-clock start, so that bench/drain-timeline can line the worker's log up with it.
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64());
     let started = Instant::now();
     let mut child = db
         .worker(&flags.text("worker")?, 250, &scratch.to_string_lossy())
@@ -468,7 +472,8 @@ async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
     keep_worker_metrics().await;
     child.kill().await?;
     Ok(
-        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds }),
+        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds,
+               "started_unix": started_unix }),
     )
 }
 

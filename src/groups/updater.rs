@@ -60,7 +60,7 @@ enum WriteFailure {
 }
 
 /// `TransactWriteItems` calls in flight at once unless set otherwise (`max_write_calls`).
-pub const DEFAULT_WRITE_CALLS: usize = 8;
+pub const DEFAULT_WRITE_CALLS: usize = 4;
 
 /// Keeps group rows of one messages table current.
 #[derive(Debug, Clone)]

@@ -125,7 +125,11 @@ impl<S: StreamSource> ShardContext<S> {
         retry(&self.settings.retry, "get_records", || async {
             let started = Instant::now();
             let result = self.source.read(iterator, self.settings.batch_size).await;
-            metrics::histogram!(metric::GETRECORDS_DURATION).record(started.elapsed().as_secs_f64());
+            let seconds = started.elapsed().as_secs_f64();
+            metrics::histogram!(metric::GETRECORDS_DURATION).record(seconds);
+            if let Ok(page) = &result {
+                tracing::debug!(records = page.records.len(), seconds, "page read");
+            }
             result
         })
         .await
