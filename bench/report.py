@@ -22,8 +22,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # group-row moves (two deletes, two puts).
 SIZES = {
     "full": {
-        "read": {"records": 10000, "rounds": 3},
-        "drain": {"messages": 2000, "groups": 100, "rounds": 3},
+        "read": {"records": 10000, "rounds": 5},
+        "drain": {"messages": 2000, "groups": 100, "rounds": 5},
         # 200 messages/s is beyond DynamoDB Local: it runs about 100 TransactWriteItems/s (see
         # the drain ceiling), and every message needs one. 50/s leaves it headroom.
         "latency": {"rate": 50, "groups": 500, "seconds": 20},
