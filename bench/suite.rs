@@ -101,6 +101,16 @@ impl Db {
         })
     }
 
+    /// Deletes every table of this database once its figures are taken: DynamoDB Local keeps
+    /// every database in one JVM, and left in place they slow the contenders that come later.
+    async fn drop_tables(&self) -> Result<(), Failure> {
+        let listed = self.client.list_tables().send().await?;
+        for table in listed.table_names() {
+            self.client.delete_table().table_name(table).send().await?;
+        }
+        Ok(())
+    }
+
     /// The worker binary on this database.
     fn worker(&self, binary: &str, idle_ms: u64, dead_letters: &str) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(binary);
@@ -439,6 +449,7 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
         worker_cpu.push(per_record(between, after));
     }
     let best = |rates: &[f64]| rates.iter().copied().fold(0.0, f64::max);
+    db.drop_tables().await?;
     Ok(json!({
         "scenario": "read_path", "records": records, "rounds": rounds,
         "bare_records_per_second": bare, "worker_records_per_second": worker,
@@ -471,6 +482,7 @@ async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let seconds = wait_final(&db, &keys, started, Duration::from_secs(600)).await?;
     keep_worker_metrics().await;
     child.kill().await?;
+    db.drop_tables().await?;
     Ok(
         json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds,
                "started_unix": started_unix }),
@@ -494,6 +506,7 @@ async fn drain_lambda(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let limit = Duration::from_secs(flags.number("limit-seconds", 900)?);
     let seconds = wait_final(&db, &keys, started, limit).await?;
     child.kill().await?;
+    db.drop_tables().await?;
     Ok(
         json!({ "scenario": "drain", "contender": "lambda_logic", "messages": count, "groups": keys.len() / 2,
                "seconds": seconds, "limit_seconds": limit.as_secs() }),
@@ -591,6 +604,7 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
         result?;
     }
     let seconds = seconds.ok_or("the ceiling's writes failed")?;
+    db.drop_tables().await?;
     Ok(
         json!({ "scenario": "drain", "contender": if conditional { "ceiling_conditional" } else { "ceiling" },
                "messages": count, "groups": keys.len() / 2, "seconds": seconds?,
@@ -868,6 +882,7 @@ async fn latency(flags: &Flags) -> Result<serde_json::Value, Failure> {
     if let Some(task) = floor_task {
         task.await??;
     }
+    db.drop_tables().await?;
     let mut sorted = latencies.lock().await.clone();
     sorted.sort_by(f64::total_cmp);
     let wait = idle_ms as f64 / 2000.0;
