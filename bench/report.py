@@ -145,6 +145,12 @@ def best_drains(drains):
     return best
 
 
+def median_seconds(drains, contender):
+    """The median time of a contender's finished rounds, or None."""
+    times = [run["seconds"] for run in drains if run["contender"] == contender and run["seconds"] is not None]
+    return statistics.median(times) if times else None
+
+
 def verdict(value, goal, higher_is_better=True):
     if value is None:
         return "not measured"
@@ -216,6 +222,13 @@ def markdown(results, info, mode, sizes, png_name):
             f"| backlog drain, same backlog (diagnostic) | worker {w:.2f} s | ceiling whose transactions carry "
             f"the worker's conditions (delete only if unchanged, put only into a free key) {cond:.2f} s | "
             f"{cond / w:.2f} of it | — | |")
+    medians = {name: median_seconds(results["drain"], name) for name in ("worker", "ceiling", "ceiling_conditional")}
+    if rounds > 1 and all(medians.values()):
+        lines.append(
+            f"| backlog drain, same backlog, median of {rounds} (diagnostic: how much the best rounds flatter) | "
+            f"worker {medians['worker']:.2f} s | ceiling {medians['ceiling']:.2f} s, with the worker's conditions "
+            f"{medians['ceiling_conditional']:.2f} s | {medians['ceiling'] / medians['worker']:.2f} and "
+            f"{medians['ceiling_conditional'] / medians['worker']:.2f} | — | |")
     for r, floor in zip(results["latency"], results["latency_floor"]):
         label = f"steady latency, {r['rate']}/s over {sizes['latency']['groups']} conversations, idle {r['idle_ms']} ms"
         added50, added99 = (r["p50"] - floor["p50"]) * 1000, (r["p99"] - floor["p99"]) * 1000
