@@ -156,7 +156,8 @@ fn people(count: usize) -> Vec<User> {
 
 fn stamp(base: i64, offset_ms: i64) -> String {
     let at = chrono::DateTime::from_timestamp_millis(base + offset_ms).unwrap_or_default();
-    at.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
+    // The canonical form (the app on a UTC clock): what the worker writes into group rows.
+    at.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
 }
 
 /// Creates `groups` conversations (user 2i with user 2i+1) at distinct times.

@@ -76,7 +76,8 @@ enum Command {
     /// The lease table: each shard's owner, lease counter, checkpoint and lineage.
     Leases,
     /// Rebuild every conversation's group rows from its message rows: move stale rows to the
-    /// newest message, create missing rows, delete duplicates. Safe while workers run. Run it
+    /// newest message, create missing rows, delete duplicates, put every row's sk in the
+    /// canonical form (UTC, +00:00, microseconds). Safe while workers run. Run it
     /// after a stream gap (the worker logs when). Progress goes to stderr, changes to stdout.
     Reconcile {
         /// Report what would change without writing.
@@ -281,7 +282,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             let verb = if dry_run { "would be " } else { "" };
             println!(
                 "reconcile{}: {} items, {} conversations; {} {verb}repaired ({} stale rows moved, {} missing rows created, \
-                 {} duplicate rows deleted); {} not repairable",
+                 {} duplicate rows deleted, {} rows normalized); {} not repairable",
                 if dry_run { " (dry run, nothing written)" } else { "" },
                 totals.items,
                 totals.conversations,
@@ -289,6 +290,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
                 totals.moved,
                 totals.created,
                 totals.duplicates,
+                totals.normalized,
                 totals.problems
             );
             Ok(())
@@ -369,10 +371,11 @@ impl reconcile::Observer for Progress {
 
     fn repaired(&mut self, group_uuid: &str, repair: &reconcile::Repair) {
         let verb = if self.dry_run { "would " } else { "" };
-        if repair.moved + repair.created + repair.duplicates > 0 {
+        if repair.moved + repair.created + repair.duplicates + repair.normalized > 0 {
             println!(
-                "{group_uuid}: {verb}move {} stale, {verb}create {} missing, {verb}delete {} duplicate row(s)",
-                repair.moved, repair.created, repair.duplicates
+                "{group_uuid}: {verb}move {} stale, {verb}create {} missing, {verb}delete {} duplicate, \
+                 {verb}normalize {} row(s)",
+                repair.moved, repair.created, repair.duplicates, repair.normalized
             );
         }
         if let Some(problem) = &repair.problem {

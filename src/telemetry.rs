@@ -135,7 +135,8 @@ pub fn describe() {
     );
     describe_counter!(
         GROUP_ROW_LOOKUPS,
-        "Times an update looked up its conversation's group rows, by source: memory (no read), index (a GSI query), \
+        "Times an update looked up its conversation's group rows, by source: memory (no read: nothing to do), \
+         key (remembered rows read again by key before a move), index (a GSI query), \
          table (strongly consistent queries, after a lost race or a lagging index)."
     );
     describe_histogram!(

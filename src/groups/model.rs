@@ -5,7 +5,9 @@
 //!   `message_group_uuid`, so it stays out of the GSI.
 //! - Group row, one per participant: `pk = GRP#<owner_user_uuid>`, `sk = last message time`,
 //!   `message_group_uuid`, `message`, and the *other* participant's `user_uuid`,
-//!   `user_display_name`, `user_handle`.
+//!   `user_display_name`, `user_handle`. This worker writes its `sk` in the canonical form
+//!   ([`timestamp::canonical`]) and adds `message_uuid`, the message the row shows, so that
+//!   rows and messages share one total order ([`Position`]).
 
 use std::fmt;
 
@@ -20,18 +22,49 @@ use crate::stream::{EventKind, Record};
 pub const MESSAGE_PREFIX: &str = "MSG#";
 pub const GROUP_PREFIX: &str = "GRP#";
 pub const GROUP_INDEX: &str = "message-group-sk-index";
+/// On a message row, its uuid; on a group row (written by this worker), the uuid of the
+/// message the row shows.
+pub const MESSAGE_UUID: &str = "message_uuid";
+
+/// Where a message, or the message a group row shows, stands in its conversation: by instant,
+/// then by message uuid. One total order for coalescing, updating and reconciling, so that two
+/// messages at one instant leave the same survivor however they arrive. A row whose `sk` is
+/// not a timestamp sorts before everything; a row written without a message uuid (the app's
+/// own) before every message of its instant that has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position<'a> {
+    pub at: Option<DateTime<Utc>>,
+    pub message_uuid: Option<&'a str>,
+}
 
 /// A message was posted to a conversation: its group rows must move up to it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MessageInserted {
     pub group_uuid: String,
-    /// The message's `sk` exactly as stored: group rows take it verbatim.
+    /// The message's `sk` exactly as stored (message rows are never rewritten); group rows
+    /// take its canonical form.
     pub sk: String,
     pub at: DateTime<Utc>,
+    /// The message's own uuid, when its row has one (the app always writes one).
+    pub message_uuid: Option<String>,
     pub text: String,
     /// The sender's user uuid, when the row has one: the way to the group rows without the
     /// eventually consistent index.
     pub sender_uuid: Option<String>,
+}
+
+impl MessageInserted {
+    pub fn position(&self) -> Position<'_> {
+        Position {
+            at: Some(self.at),
+            message_uuid: self.message_uuid.as_deref(),
+        }
+    }
+
+    /// The `sk` its group rows take: the canonical form of its instant.
+    pub fn row_sk(&self) -> String {
+        timestamp::format(self.at)
+    }
 }
 
 /// Message text never reaches a log.
@@ -129,16 +162,19 @@ fn decode(record: &Record) -> Result<Route<MessageInserted>, (&'static str, Stri
         ));
     };
     let message = required(image, "message", "the message row")?;
-    let sender_uuid = match image.get("user_uuid") {
-        None => None,
-        Some(_) => Some(required(image, "user_uuid", "the message row")?.to_owned()),
+    let optional = |name| match image.get(name) {
+        None => Ok(None),
+        Some(_) => required(image, name, "the message row").map(|value| Some(value.to_owned())),
     };
+    let sender_uuid = optional("user_uuid")?;
+    let message_uuid = optional(MESSAGE_UUID)?;
     Ok(Route::Apply {
         key: group_uuid.to_owned(),
         event: MessageInserted {
             group_uuid: group_uuid.to_owned(),
             sk: sk.to_owned(),
             at,
+            message_uuid,
             text: message.to_owned(),
             sender_uuid,
         },
@@ -174,6 +210,14 @@ impl GroupRow {
     /// The conversation the row belongs to.
     pub fn group_uuid(&self) -> Option<&str> {
         text(&self.item, "message_group_uuid")
+    }
+
+    /// Where the message the row shows stands.
+    pub fn position(&self) -> Position<'_> {
+        Position {
+            at: self.at,
+            message_uuid: text(&self.item, MESSAGE_UUID),
+        }
     }
 }
 
@@ -323,6 +367,7 @@ mod tests {
             group_uuid: "g".into(),
             sk: "t".into(),
             at: Utc::now(),
+            message_uuid: None,
             text: "secret words".into(),
             sender_uuid: None,
         };

@@ -6,7 +6,9 @@
 //! its group rows, and everyone the rows and messages name. [`repair`] then decides, purely, what
 //! brings the conversation to one row per participant at its newest message: stale rows move
 //! (through [`plan::decide`], the updater's own rule), duplicate rows go, a missing row is
-//! created naming the other participant. The writes are the updater's conditional transaction,
+//! created naming the other participant, and every row whose `sk` is not in the canonical form
+//! ([`timestamp::canonical`]) is rewritten to it (rows the app wrote at its writer's offset,
+//! rows from before this worker wrote canonical keys). The writes are the updater's conditional transaction,
 //! so running beside the worker is safe: if either changed the rows first, the other's
 //! conditions fail and it re-reads (here: that conversation, strongly consistently).
 //!
@@ -18,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::{DateTime, Utc};
 
-use super::model::{text, GroupRow, MessageInserted, GROUP_PREFIX, MESSAGE_PREFIX};
+use super::model::{text, GroupRow, MessageInserted, Position, GROUP_PREFIX, MESSAGE_PREFIX, MESSAGE_UUID};
 use super::plan::{self, Decision, Writes};
 use super::timestamp;
 use super::updater::{GroupSummaryUpdater, UpdateError};
@@ -58,8 +60,18 @@ impl Identity {
 struct Newest {
     sk: String,
     at: DateTime<Utc>,
+    message_uuid: Option<String>,
     text: String,
     sender: Option<String>,
+}
+
+impl Newest {
+    fn position(&self) -> Position<'_> {
+        Position {
+            at: Some(self.at),
+            message_uuid: self.message_uuid.as_deref(),
+        }
+    }
 }
 
 /// One conversation as the table shows it.
@@ -127,17 +139,20 @@ impl Survey {
         if let Some(sender) = &sender {
             conversation.person(sender, Identity::from_item(item));
         }
-        let newer = conversation
-            .newest
-            .as_ref()
-            .is_none_or(|newest| (at, sk) > (newest.at, newest.sk.as_str()));
+        let candidate = Newest {
+            sk: sk.to_owned(),
+            at,
+            message_uuid: text(item, MESSAGE_UUID).map(str::to_owned),
+            text: message.to_owned(),
+            sender,
+        };
+        // The updater's order; at equal positions the raw `sk` decides, so a scan's page order
+        // cannot change the survivor.
+        let newer = conversation.newest.as_ref().is_none_or(|newest| {
+            (candidate.position(), candidate.sk.as_str()) > (newest.position(), newest.sk.as_str())
+        });
         if newer {
-            conversation.newest = Some(Newest {
-                sk: sk.to_owned(),
-                at,
-                text: message.to_owned(),
-                sender,
-            });
+            conversation.newest = Some(candidate);
         }
         true
     }
@@ -169,13 +184,15 @@ pub struct Repair {
     pub created: usize,
     /// Extra rows of a participant, deleted.
     pub duplicates: usize,
+    /// Rows rewritten only to put their `sk` in the canonical form.
+    pub normalized: usize,
     /// Why part of the conversation could not be repaired, if so.
     pub problem: Option<String>,
 }
 
 impl Repair {
     fn is_empty(&self) -> bool {
-        self.writes.deletes.is_empty() && self.writes.puts.is_empty()
+        self.writes.is_empty()
     }
 }
 
@@ -192,14 +209,33 @@ pub fn repair(conversation: &Conversation) -> Repair {
         group_uuid: conversation.group_uuid.clone(),
         sk: newest.sk.clone(),
         at: newest.at,
+        message_uuid: newest.message_uuid.clone(),
         text: newest.text.clone(),
         sender_uuid: newest.sender.clone(),
     };
     if let Decision::Write(writes) = plan::decide(&conversation.rows, &message) {
-        repair.moved = writes.puts.len();
+        // A row already at the newest message's instant only changes form (and learns the
+        // message's uuid): normalized, not moved.
+        let newest_of = |pk: Option<&str>| {
+            conversation
+                .rows
+                .iter()
+                .filter(|row| text(&row.item, "pk") == pk)
+                .map(GroupRow::position)
+                .max()
+                .and_then(|position| position.at)
+        };
+        for item in writes.written() {
+            if newest_of(text(item, "pk")) == Some(newest.at) {
+                repair.normalized += 1;
+            } else {
+                repair.moved += 1;
+            }
+        }
         repair.duplicates = writes.deletes.len() - writes.puts.len();
         repair.writes = writes;
     }
+    normalize_survivors(conversation, &mut repair);
     let owners: BTreeSet<&str> = conversation.rows.iter().map(|row| row.owner.as_str()).collect();
     let participants: Vec<&String> = conversation.people.keys().collect();
     let missing: Vec<&String> = participants
@@ -225,7 +261,7 @@ pub fn repair(conversation: &Conversation) -> Repair {
         let identity = &conversation.people[*other];
         let mut item = Item::from([
             ("pk".to_owned(), AttributeValue::S(format!("{GROUP_PREFIX}{owner}"))),
-            ("sk".to_owned(), AttributeValue::S(newest.sk.clone())),
+            ("sk".to_owned(), AttributeValue::S(message.row_sk())),
             (
                 "message_group_uuid".to_owned(),
                 AttributeValue::S(conversation.group_uuid.clone()),
@@ -233,6 +269,9 @@ pub fn repair(conversation: &Conversation) -> Repair {
             ("message".to_owned(), AttributeValue::S(newest.text.clone())),
             ("user_uuid".to_owned(), AttributeValue::S((*other).clone())),
         ]);
+        if let Some(uuid) = &newest.message_uuid {
+            item.insert(MESSAGE_UUID.into(), AttributeValue::S(uuid.clone()));
+        }
         if let Some(name) = &identity.display_name {
             item.insert("user_display_name".into(), AttributeValue::S(name.clone()));
         }
@@ -245,6 +284,24 @@ pub fn repair(conversation: &Conversation) -> Repair {
     repair
 }
 
+/// Rows that stay where they are (ahead of every message, or already at the newest) but whose
+/// `sk` is not in the canonical form move to it, every attribute kept.
+fn normalize_survivors(conversation: &Conversation, repair: &mut Repair) {
+    let mut normalized = Vec::new();
+    for row in conversation.rows.iter().filter(|row| !repair.writes.displaces(row)) {
+        let Some(canonical) = timestamp::canonical(&row.sk).filter(|form| *form != row.sk) else {
+            continue;
+        };
+        let mut item = row.item.clone();
+        item.insert("sk".to_owned(), AttributeValue::S(canonical));
+        normalized.push((row.clone(), item));
+    }
+    for (row, item) in normalized {
+        repair.writes.move_row(&row, item);
+        repair.normalized += 1;
+    }
+}
+
 /// What a reconcile run found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -254,6 +311,7 @@ pub struct Totals {
     pub moved: usize,
     pub created: usize,
     pub duplicates: usize,
+    pub normalized: usize,
     pub problems: usize,
 }
 
@@ -321,6 +379,7 @@ pub async fn reconcile(
                 totals.moved += outcome.moved;
                 totals.created += outcome.created;
                 totals.duplicates += outcome.duplicates;
+                totals.normalized += outcome.normalized;
             }
             if outcome.problem.is_some() {
                 totals.problems += 1;
@@ -381,13 +440,28 @@ mod tests {
             ("pk".into(), s(&format!("MSG#{group}"))),
             ("sk".into(), s(sk)),
             ("message".into(), s(text)),
+            (MESSAGE_UUID.into(), s(&format!("uuid-of-{text}"))),
             ("user_uuid".into(), s(sender)),
             ("user_handle".into(), s(&format!("h-{sender}"))),
             ("user_display_name".into(), s(&format!("D {sender}"))),
         ])
     }
 
+    /// A row as the worker writes it: canonical `sk`, the message's uuid.
     fn row(group: &str, owner: &str, other: &str, sk: &str, text: &str) -> Item {
+        let mut item = app_row(
+            group,
+            owner,
+            other,
+            &timestamp::canonical(sk).unwrap_or(sk.to_owned()),
+            text,
+        );
+        item.insert(MESSAGE_UUID.into(), s(&format!("uuid-of-{text}")));
+        item
+    }
+
+    /// A row as the app writes it: `sk` verbatim, no message uuid.
+    fn app_row(group: &str, owner: &str, other: &str, sk: &str, text: &str) -> Item {
         Item::from([
             ("pk".into(), s(&format!("GRP#{owner}"))),
             ("sk".into(), s(sk)),
@@ -448,8 +522,9 @@ mod tests {
             .iter()
             .find(|item| text(item, "pk") == Some("GRP#b"))
             .expect("b's row is created");
-        assert_eq!(text(created, "sk"), Some("2023-01-02T00:00:00"));
+        assert_eq!(text(created, "sk"), Some("2023-01-02T00:00:00.000000+00:00"));
         assert_eq!(text(created, "message"), Some("two"));
+        assert_eq!(text(created, MESSAGE_UUID), Some("uuid-of-two"));
         assert_eq!(text(created, "user_uuid"), Some("a"));
         assert_eq!(
             text(created, "user_handle"),
@@ -468,6 +543,42 @@ mod tests {
             row("g", "b", "a", "2023-01-05T00:00:00", "deleted message"),
         ]);
         assert_eq!(fixed, Repair::default());
+    }
+
+    #[test]
+    fn rows_in_other_forms_are_normalized_wherever_they_stand() {
+        let fixed = repair_of(&[
+            message("g", "2023-01-01T00:00:00", "one", "a"),
+            // Ahead of every message, at the writer's offset: stays ahead, in canonical form.
+            app_row("g", "a", "b", "2023-01-05T05:30:00+05:30", "deleted message"),
+            // Canonical already: untouched.
+            row("g", "b", "a", "2023-01-05T00:00:00", "deleted message"),
+        ]);
+        assert_eq!((fixed.moved, fixed.normalized), (0, 1));
+        assert_eq!(fixed.writes.deletes.len(), 1);
+        assert_eq!(
+            fixed
+                .writes
+                .puts
+                .iter()
+                .map(|item| text(item, "sk"))
+                .collect::<Vec<_>>(),
+            vec![Some("2023-01-05T00:00:00.000000+00:00")]
+        );
+        assert_eq!(fixed.writes.puts[0].get("message"), Some(&s("deleted message")));
+    }
+
+    #[test]
+    fn the_newest_of_messages_at_one_instant_is_the_greater_uuid_in_any_order() {
+        let one = message("g", "2023-01-01T12:00:00Z", "m1", "a");
+        let two = message("g", "2023-01-01T17:30:00+05:30", "m2", "b");
+        for items in [[one.clone(), two.clone()], [two.clone(), one.clone()]] {
+            let survey = survey(&items);
+            assert_eq!(
+                survey.conversations["g"].newest.as_ref().map(|n| n.text.as_str()),
+                Some("m2")
+            );
+        }
     }
 
     #[test]

@@ -8,20 +8,26 @@
 //! allowed in flight are busy; it still commits or fails alone.
 //!
 //! Reads: first the rows remembered for the conversation ([`super::memory`]: what this updater
-//! last wrote, or what the stream showed written), when they show every participant (no read
-//! at all: in steady state the worker is their only writer). Then the GSI (one cheap query). The index is eventually consistent, so when it does not show every
-//! participant that its rows name, and after any lost race, the rows are read from the table
-//! itself with strongly consistent queries through the sender's partition. Remembered rows are
-//! only a guess: every write is conditional on the rows being stored exactly so, and a lost race
-//! forgets them and reads again.
+//! last wrote, or what the stream showed written), when they show every participant. They may
+//! only settle that nothing needs doing (a replay, a late record: no read at all). A write is
+//! always built from rows read just before it, because its conditions can only check the
+//! attributes it knows: an attribute the app added to a row since it was remembered (seen by
+//! another worker's shard) would otherwise be dropped by the move. Remembered rows that need a
+//! move are read again by key (one strongly consistent BatchGetItem); the window between that
+//! read and the conditional write is the only one left. Rows are read from the GSI (one cheap
+//! query) for a conversation not remembered; the index is eventually consistent, so
+//! when it does not show every participant that its rows name, for a remembered conversation,
+//! and after any lost race, they are read from the table itself with strongly consistent
+//! queries through the sender's partition.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, TransactWriteItem};
 
 use super::memory::RowMemory;
 use super::model::{self, GroupRow, MessageInserted, GROUP_INDEX, GROUP_PREFIX};
-use super::plan::{self, Decision, Writes};
+use super::plan::{self, Decision, Replace, Writes};
 use crate::aws::transact::{ActionSet, Commit, CommitError, TransactionCombiner};
 use crate::aws::{self, AwsError};
 use crate::dispatch::{Handler, Route};
@@ -108,29 +114,33 @@ impl GroupSummaryUpdater {
     }
 
     /// Brings the message's conversation up to it; returns the outcome label.
+    ///
+    /// Remembered rows may only say that nothing needs doing: a write is built from rows read
+    /// strongly consistently, since its conditions can only check the attributes it knows (an
+    /// attribute another writer added since would otherwise be dropped by the move).
     pub async fn apply(&self, message: &MessageInserted) -> Result<&'static str, UpdateError> {
         let group = message.group_uuid.as_str();
+        let mut fresh = None;
         let mut consistent = false;
+        if let Some(rows) = self.memory.recall(group, message.sender_uuid.as_deref()) {
+            let decision = plan::decide(&rows, message);
+            if !matches!(decision, Decision::Write(_)) {
+                count_lookup("memory");
+                return Ok(decision.outcome());
+            }
+            // The rows are known to exist: read them again by key, strongly consistently.
+            fresh = self.rows_by_key(&rows).await?;
+            consistent = fresh.is_none();
+        }
         for _ in 0..MAX_RACES {
-            let recalled = if consistent {
-                None
-            } else {
-                self.memory.recall(group, message.sender_uuid.as_deref())
-            };
-            let from_memory = recalled.is_some();
-            let rows = match recalled {
-                Some(rows) => {
-                    count_lookup("memory");
-                    rows
-                }
+            let rows = match fresh.take() {
+                Some(rows) => rows,
                 None => self.load_rows(message, consistent).await?,
             };
             let decision = plan::decide(&rows, message);
             let outcome = decision.outcome();
             let Decision::Write(writes) = decision else {
-                if !from_memory {
-                    self.memory.remember(group, rows);
-                }
+                self.memory.remember(group, rows);
                 return Ok(outcome);
             };
             let after = plan::rows_after(&rows, &writes);
@@ -172,6 +182,43 @@ impl GroupSummaryUpdater {
         }
         // No sender, or the sender has no row in this group: the index is the only way left.
         self.rows_from_index(group).await
+    }
+
+    /// `rows` as stored now, read by key strongly consistently in one call; `None` when any of
+    /// them is gone (someone moved it) or was not read, for a full read instead.
+    async fn rows_by_key(&self, rows: &[GroupRow]) -> Result<Option<Vec<GroupRow>>, UpdateError> {
+        let keys: Vec<aws::Item> = rows
+            .iter()
+            .map(|row| {
+                row.item
+                    .iter()
+                    .filter(|(name, _)| *name == "pk" || *name == "sk")
+                    .map(|(name, value)| (name.clone(), value.clone()))
+                    .collect()
+            })
+            .collect();
+        let wanted = KeysAndAttributes::builder()
+            .set_keys(Some(keys))
+            .consistent_read(true)
+            .build()
+            .map_err(|error| AwsError::invalid_request("BatchGetItem", error))?;
+        count_lookup("key");
+        let output = self
+            .client
+            .batch_get_item()
+            .request_items(&self.table, wanted)
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("BatchGetItem", &error))?;
+        let unprocessed = output.unprocessed_keys.as_ref().is_some_and(|left| !left.is_empty());
+        let found: Vec<GroupRow> = output
+            .responses
+            .and_then(|mut tables| tables.remove(&self.table))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(GroupRow::from_item)
+            .collect();
+        Ok((!unprocessed && found.len() == rows.len()).then_some(found))
     }
 
     async fn rows_from_index(&self, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {
@@ -221,13 +268,21 @@ impl GroupSummaryUpdater {
     /// shared with other conversations' (the combiner keeps each set's outcome its own).
     async fn write(&self, writes: Writes) -> Result<(), WriteFailure> {
         let build_error = |error| WriteFailure::Error(AwsError::invalid_request("TransactWriteItems", error).into());
-        let mut actions = Vec::with_capacity(writes.deletes.len() + writes.puts.len());
+        let mut actions = Vec::with_capacity(writes.deletes.len() + writes.puts.len() + writes.replaces.len());
         let mut touched = Vec::with_capacity(actions.capacity());
         for row in writes.deletes {
             touched.push(item_name(&row.item));
             actions.push(
                 TransactWriteItem::builder()
                     .delete(unchanged_delete(&self.table, row).map_err(build_error)?)
+                    .build(),
+            );
+        }
+        for Replace { old, new } in writes.replaces {
+            touched.push(item_name(&new));
+            actions.push(
+                TransactWriteItem::builder()
+                    .put(unchanged_replace(&self.table, old, new).map_err(build_error)?)
                     .build(),
             );
         }
@@ -273,23 +328,51 @@ async fn query_group_rows(
     Ok(items.into_iter().filter_map(GroupRow::from_item).collect())
 }
 
+/// The condition "`row` is still stored with exactly the attributes that were read": the
+/// expression, its names and its values.
+type Unchanged = (String, HashMap<String, String>, HashMap<String, AttributeValue>);
+
+fn unchanged(row: GroupRow) -> Unchanged {
+    let mut condition = String::from("attribute_exists(pk)");
+    let (mut names, mut values) = (HashMap::new(), HashMap::new());
+    for (index, (name, value)) in row
+        .item
+        .into_iter()
+        .filter(|(name, _)| name != "pk" && name != "sk")
+        .enumerate()
+    {
+        condition.push_str(&format!(" AND #a{index} = :v{index}"));
+        names.insert(format!("#a{index}"), name);
+        values.insert(format!(":v{index}"), value);
+    }
+    (condition, names, values)
+}
+
 /// Deletes `row` only if it is still stored with exactly the attributes that were read.
 fn unchanged_delete(table: &str, row: GroupRow) -> Result<Delete, aws_sdk_dynamodb::error::BuildError> {
-    let mut condition = String::from("attribute_exists(pk)");
+    let key = [("pk", row.item.get("pk")), ("sk", row.item.get("sk"))];
     let mut builder = Delete::builder().table_name(table);
-    let mut index = 0;
-    for (name, value) in row.item {
-        if name == "pk" || name == "sk" {
-            builder = builder.key(name, value);
-            continue;
-        }
-        condition.push_str(&format!(" AND #a{index} = :v{index}"));
-        builder = builder
-            .expression_attribute_names(format!("#a{index}"), name)
-            .expression_attribute_values(format!(":v{index}"), value);
-        index += 1;
+    for (name, value) in key {
+        builder = builder.key(name, value.cloned().unwrap_or(AttributeValue::S(String::new())));
     }
-    builder.condition_expression(condition).build()
+    let (condition, names, values) = unchanged(row);
+    builder
+        .condition_expression(condition)
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
+        .build()
+}
+
+/// Puts `new` over `old` (same key) only if `old` is still stored exactly as read.
+fn unchanged_replace(table: &str, old: GroupRow, new: aws::Item) -> Result<Put, aws_sdk_dynamodb::error::BuildError> {
+    let (condition, names, values) = unchanged(old);
+    Put::builder()
+        .table_name(table)
+        .set_item(Some(new))
+        .condition_expression(condition)
+        .set_expression_attribute_names(Some(names))
+        .set_expression_attribute_values(Some(values))
+        .build()
 }
 
 impl Handler for GroupSummaryUpdater {
@@ -304,8 +387,10 @@ impl Handler for GroupSummaryUpdater {
         model::route(record)
     }
 
+    /// The one order of [`model::Position`]: at equal positions the earlier record stays,
+    /// as [`plan::decide`] leaves a row at the message's own position.
     fn supersedes(&self, candidate: &MessageInserted, current: &MessageInserted) -> bool {
-        candidate.at >= current.at
+        candidate.position() > current.position()
     }
 
     async fn handle(&self, message: &MessageInserted) -> Result<(), UpdateError> {
@@ -318,6 +403,62 @@ impl Handler for GroupSummaryUpdater {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::groups::timestamp;
+
+    fn offline_updater() -> GroupSummaryUpdater {
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+            .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+            .build();
+        GroupSummaryUpdater::new(aws_sdk_dynamodb::Client::from_conf(config), "t")
+    }
+
+    fn message(sk: &str, uuid: &str) -> MessageInserted {
+        MessageInserted {
+            group_uuid: "g".into(),
+            sk: sk.into(),
+            at: timestamp::parse(sk).expect("timestamp"),
+            message_uuid: Some(uuid.into()),
+            text: format!("text of {uuid}"),
+            sender_uuid: Some("a".into()),
+        }
+    }
+
+    /// Two messages at one instant (11:00Z and 16:30+05:30): the survivor coalescing picks in
+    /// one batch is the one that two batches leave, in either stream order.
+    #[test]
+    fn coalescing_and_updating_agree_on_ties() {
+        let updater = offline_updater();
+        let rows = vec![
+            model::test_row("a", "b", "2023-03-20T10:00:00Z"),
+            model::test_row("b", "a", "2023-03-20T10:00:00Z"),
+        ];
+        let (one, two) = (
+            message("2023-03-20T11:00:00Z", "u-1"),
+            message("2023-03-20T16:30:00+05:30", "u-2"),
+        );
+        for (first, second) in [(&one, &two), (&two, &one)] {
+            let coalesced = if updater.supersedes(second, first) {
+                second
+            } else {
+                first
+            };
+            let mut applied = rows.clone();
+            for message in [first, second] {
+                if let Decision::Write(writes) = plan::decide(&applied, message) {
+                    applied = plan::rows_after(&applied, &writes);
+                }
+            }
+            let shown: Vec<_> = applied.iter().map(|row| model::text(&row.item, "message")).collect();
+            assert_eq!(shown, vec![Some(coalesced.text.as_str()); 2]);
+            assert_eq!(coalesced.text, "text of u-2", "instant, then message uuid");
+        }
+        let same = message("2023-03-20T11:00:00Z", "u-1");
+        assert!(
+            !updater.supersedes(&same, &one),
+            "a replay of one message keeps the first"
+        );
+    }
 
     #[test]
     fn deletes_are_conditional_on_every_attribute() {

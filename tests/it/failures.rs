@@ -11,7 +11,7 @@ use cruddur_stream_worker::groups::admin::User;
 use cruddur_stream_worker::stream::SequenceNumber;
 
 use crate::proxy::{Fault, FaultProxy, Faults};
-use crate::support::{endpoint, s, users, wait_until, TestDb, TestQueue};
+use crate::support::{canonical, endpoint, s, users, wait_until, TestDb, TestQueue};
 
 fn text(value: &str) -> AttributeValue {
     AttributeValue::S(value.to_owned())
@@ -37,7 +37,8 @@ impl TestDb {
             .find_map(|lease| SequenceNumber::parse(s(lease, "checkpoint")))
     }
 
-    /// Every group row of `group` is at `sk` and there is one per participant in `owners`.
+    /// Every group row of `group` is at `sk`'s instant (in any form) and there is one per
+    /// participant in `owners`.
     async fn group_is_at(&self, group: &str, owners: &[&User], sk: &str, message: &str) -> bool {
         let rows = self.group_rows(group).await;
         let row_owners: BTreeSet<&str> = rows.iter().map(|row| s(row, "pk")).collect();
@@ -46,7 +47,7 @@ impl TestDb {
             && row_owners == wanted.iter().map(String::as_str).collect()
             && rows
                 .iter()
-                .all(|row| s(row, "sk") == sk && s(row, "message") == message)
+                .all(|row| canonical(s(row, "sk")) == canonical(sk) && s(row, "message") == message)
     }
 }
 
@@ -381,7 +382,10 @@ async fn reconcile_repairs_a_damaged_table_and_then_finds_nothing_to_do() {
     assert_eq!(db.snapshot().await, before, "a dry run writes nothing");
     assert!(out.contains("would"), "{out}");
     assert!(
-        out.contains("3 would be repaired (2 stale rows moved, 1 missing rows created, 1 duplicate rows deleted)"),
+        out.contains(
+            "4 would be repaired (2 stale rows moved, 1 missing rows created, 1 duplicate rows deleted, \
+             5 rows normalized)"
+        ),
         "{out}"
     );
 
@@ -392,6 +396,17 @@ async fn reconcile_repairs_a_damaged_table_and_then_finds_nothing_to_do() {
     assert!(db.group_is_at(&missing, &[ra, rc], "2024-05-01T00:00:01", "one").await);
     assert!(db.group_is_at(&doubled, &[rb, rd], "2024-05-01T00:00:02", "two").await);
     assert!(db.group_is_at(&fine, &[rc, rd], "2024-05-01T00:00:03", "fine").await);
+    let group_rows: Vec<_> = db
+        .snapshot()
+        .await
+        .into_iter()
+        .filter(|item| item["pk"].contains("GRP#"))
+        .collect();
+    assert_eq!(group_rows.len(), 8);
+    for row in &group_rows {
+        let sk = row["sk"].trim_start_matches("S(\"").trim_end_matches("\")");
+        assert_eq!(sk, canonical(sk), "every group row in the canonical form: {row:?}");
+    }
     let rebuilt = db.group_rows(&missing).await;
     let rc_row = rebuilt
         .iter()
@@ -561,11 +576,11 @@ async fn run_without_a_dead_letter_destination_is_a_configuration_error() {
     );
 }
 
-/// The updater remembers the rows it wrote: the next update of the conversation reads nothing.
-/// Every Query fails behind the proxy, so a read would fail the update.
+/// The updater remembers the rows it wrote: the next update of the conversation reads them
+/// again by key, with no query. Every Query fails behind the proxy, so a query would fail the
+/// update.
 #[tokio::test]
-async fn a_second_update_of_a_conversation_reads_nothing() {
-    use cruddur_stream_worker::groups::model::MessageInserted;
+async fn a_second_update_of_a_conversation_reads_its_rows_by_key_without_a_query() {
     use cruddur_stream_worker::groups::updater::GroupSummaryUpdater;
     let db = TestDb::new().await;
     let people = users(&["la", "lb"]);
@@ -575,13 +590,7 @@ async fn a_second_update_of_a_conversation_reads_nothing() {
     let proxy = FaultProxy::start(&endpoint(), Faults::none()).await;
     let client = cruddur_stream_worker::aws::dynamodb_client(&db.sdk_via(&proxy.url()).await);
     let updater = GroupSummaryUpdater::new(client, &db.table);
-    let message = |sk: &str, text: &str| MessageInserted {
-        group_uuid: group.clone(),
-        sk: sk.to_owned(),
-        at: cruddur_stream_worker::groups::timestamp::parse(sk).expect("timestamp"),
-        text: text.to_owned(),
-        sender_uuid: Some(people[0].uuid.clone()),
-    };
+    let message = |sk: &str, text: &str| TestDb::message_event(&group, &people[0], sk, text);
     assert_eq!(
         updater
             .apply(&message("2024-08-01T00:00:01", "one"))
@@ -598,8 +607,15 @@ async fn a_second_update_of_a_conversation_reads_nothing() {
         updater
             .apply(&message("2024-08-01T00:00:02", "two"))
             .await
-            .expect("no read needed"),
+            .expect("no query needed"),
         "applied"
+    );
+    assert_eq!(
+        updater
+            .apply(&message("2024-08-01T00:00:01", "one"))
+            .await
+            .expect("no read at all for a late record"),
+        "stale"
     );
     assert!(
         db.group_is_at(&group, &[&people[0], &people[1]], "2024-08-01T00:00:02", "two")
@@ -608,10 +624,11 @@ async fn a_second_update_of_a_conversation_reads_nothing() {
 }
 
 /// The stream shows the group rows written when the conversations were opened: the worker
-/// learns them there, so even its first update of each conversation reads nothing. Every Query
-/// fails behind the proxy; with 2 attempts a read would dead-letter the update.
+/// learns them there, so even its first update of each conversation needs no query (it reads
+/// the rows by key). Every Query fails behind the proxy; with 2 attempts a query would
+/// dead-letter the update.
 #[tokio::test]
-async fn group_rows_seen_in_the_stream_spare_the_first_read() {
+async fn group_rows_seen_in_the_stream_spare_the_first_query() {
     let db = TestDb::new().await;
     let people = users(&["ka", "kb", "kc"]);
     let mut expected = Vec::new();
@@ -659,8 +676,9 @@ async fn group_rows_seen_in_the_stream_spare_the_first_read() {
                 .await
         }
     };
-    assert!(lookups("memory").await >= 3.0, "{}", worker.log());
+    assert!(lookups("key").await >= 3.0, "{}", worker.log());
     assert_eq!(lookups("index").await, 0.0, "no update read the index");
+    assert_eq!(lookups("table").await, 0.0, "no update queried the table");
     assert_eq!(proxy.counts().1, 0, "no Query was even tried");
     assert!(db.dead_letters().is_empty());
 }

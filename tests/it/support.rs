@@ -12,6 +12,7 @@ use cruddur_stream_worker::app;
 use cruddur_stream_worker::aws::{self, AwsOverrides, Item};
 use cruddur_stream_worker::config::{self, Settings, Sources};
 use cruddur_stream_worker::groups::admin::{self, User};
+use cruddur_stream_worker::groups::model::MessageInserted;
 use cruddur_stream_worker::stream::{SequenceNumber, StreamReport, LEASE_TABLE_KEY};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -196,12 +197,16 @@ impl TestDb {
         items
     }
 
-    /// Waits until every participant of `group` has exactly one row at `sk` with `text`.
+    /// Waits until every participant of `group` has exactly one row at `sk` (in the canonical
+    /// form group rows take) with `text`.
     pub async fn wait_for_group(&self, group: &str, sk: &str, text: &str) {
         let last = std::sync::Mutex::new(Vec::new());
         let done = wait_until(Duration::from_secs(30), || async {
             let rows = self.group_rows(group).await;
-            let reached = rows.len() == 2 && rows.iter().all(|row| s(row, "sk") == sk && s(row, "message") == text);
+            let reached = rows.len() == 2
+                && rows
+                    .iter()
+                    .all(|row| s(row, "sk") == canonical(sk) && s(row, "message") == text);
             *last.lock().expect("not poisoned") = rows;
             reached
         })
@@ -211,6 +216,29 @@ impl TestDb {
             "group {group} never reached {sk} {text:?}; rows: {:#?}",
             last.lock().expect("not poisoned")
         );
+    }
+
+    /// Forgets every checkpoint (drops the lease table): the next worker replays the stream
+    /// from its start.
+    pub async fn forget_checkpoints(&self) {
+        self.client
+            .delete_table()
+            .table_name(&self.lease_table)
+            .send()
+            .await
+            .expect("drop leases");
+    }
+
+    /// A message event of `group` as the stream would carry it, with a uuid named after `sk`.
+    pub fn message_event(group: &str, sender: &User, sk: &str, text: &str) -> MessageInserted {
+        MessageInserted {
+            group_uuid: group.to_owned(),
+            sk: sk.to_owned(),
+            at: cruddur_stream_worker::groups::timestamp::parse(sk).expect("timestamp"),
+            message_uuid: Some(format!("m-{sk}")),
+            text: text.to_owned(),
+            sender_uuid: Some(sender.uuid.clone()),
+        }
     }
 
     /// The lease row of every shard, by shard id.
@@ -428,6 +456,11 @@ pub fn s<'a>(item: &'a Item, name: &str) -> &'a str {
         Some(AttributeValue::S(value)) => value,
         _ => "",
     }
+}
+
+/// The form a group row's `sk` takes for a message at `sk`.
+pub fn canonical(sk: &str) -> String {
+    cruddur_stream_worker::groups::timestamp::canonical(sk).unwrap_or_else(|| panic!("{sk} is a timestamp"))
 }
 
 pub fn repo() -> PathBuf {
