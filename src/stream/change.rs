@@ -1,6 +1,12 @@
 //! DynamoDB change records as JSON, the form Kinesis Data Streams for DynamoDB carries them in
-//! (`eventName`, `dynamodb.Keys`, `dynamodb.NewImage`, `dynamodb.ApproximateCreationDateTime` in
-//! epoch milliseconds) and the form dead letters keep them in, so that one decoder serves both.
+//! (`eventName`, `dynamodb.Keys`, `dynamodb.NewImage`, `dynamodb.ApproximateCreationDateTime`)
+//! and the form dead letters keep them in, so that one decoder serves both.
+//!
+//! `ApproximateCreationDateTime` is an epoch number whose unit Kinesis Data Streams for DynamoDB
+//! sets per table (`ApproximateCreationDateTimePrecision`: MICROSECOND by default, or
+//! MILLISECOND). The record's own `ApproximateCreationDateTimePrecision` is honoured where it is
+//! carried; otherwise the unit is inferred from the magnitude (any date between 1973 and 5138
+//! has a different number of digits in seconds, milliseconds and microseconds).
 //!
 //! Invariant: encoding then decoding a [`Record`] gives back its event, keys, new image and
 //! creation time (to the millisecond); attribute values use DynamoDB JSON (`{"S": "..."}`),
@@ -28,6 +34,7 @@ pub fn to_json(record: &Record) -> Json {
         .and_then(|since| u64::try_from(since.as_millis()).ok())
     {
         dynamodb.insert("ApproximateCreationDateTime".into(), json!(millis));
+        dynamodb.insert("ApproximateCreationDateTimePrecision".into(), json!("MILLISECOND"));
     }
     json!({ "eventName": event_name(record.event), "dynamodb": dynamodb })
 }
@@ -37,10 +44,7 @@ pub fn to_json(record: &Record) -> Json {
 /// becomes [`EventKind::Other`]), for the handler to judge.
 pub fn from_json(sequence_number: SequenceNumber, change: &Json, arrived: Option<SystemTime>) -> Record {
     let change_record = &change["dynamodb"];
-    let created_at = change_record["ApproximateCreationDateTime"]
-        .as_u64()
-        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms))
-        .or(arrived);
+    let created_at = creation_time(change_record).or(arrived);
     Record {
         sequence_number,
         event: change["eventName"]
@@ -50,6 +54,54 @@ pub fn from_json(sequence_number: SequenceNumber, change: &Json, arrived: Option
         new_image: item_from_json(&change_record["NewImage"]),
         created_at,
     }
+}
+
+/// Epoch units an `ApproximateCreationDateTime` comes in.
+#[derive(Clone, Copy)]
+enum Unit {
+    Seconds,
+    Millis,
+    Micros,
+}
+
+impl Unit {
+    /// The unit of an epoch number that is not labelled: by magnitude.
+    fn inferred(value: f64) -> Self {
+        if value >= 1e14 {
+            Unit::Micros
+        } else if value >= 1e11 {
+            Unit::Millis
+        } else {
+            Unit::Seconds
+        }
+    }
+
+    fn duration(self, value: &Json) -> Option<Duration> {
+        if let Some(whole) = value.as_u64() {
+            return Some(match self {
+                Unit::Seconds => Duration::from_secs(whole),
+                Unit::Millis => Duration::from_millis(whole),
+                Unit::Micros => Duration::from_micros(whole),
+            });
+        }
+        let per_second = match self {
+            Unit::Seconds => 1.0,
+            Unit::Millis => 1e3,
+            Unit::Micros => 1e6,
+        };
+        Duration::try_from_secs_f64(value.as_f64()? / per_second).ok()
+    }
+}
+
+/// `ApproximateCreationDateTime` in the unit its precision names (or its magnitude tells).
+fn creation_time(change_record: &Json) -> Option<SystemTime> {
+    let value = &change_record["ApproximateCreationDateTime"];
+    let unit = match change_record["ApproximateCreationDateTimePrecision"].as_str() {
+        Some("MICROSECOND") => Unit::Micros,
+        Some("MILLISECOND") => Unit::Millis,
+        _ => Unit::inferred(value.as_f64()?),
+    };
+    SystemTime::UNIX_EPOCH.checked_add(unit.duration(value)?)
 }
 
 fn event_name(event: EventKind) -> &'static str {
@@ -169,6 +221,35 @@ mod tests {
         assert_eq!(again.keys, record.keys);
         assert_eq!(again.new_image, record.new_image);
         assert_eq!(again.created_at, record.created_at);
+    }
+
+    #[test]
+    fn creation_times_honour_the_precision_or_infer_it() {
+        let at = |created: Json, precision: Option<&str>| {
+            let mut change = json!({"eventName": "INSERT", "dynamodb": {"ApproximateCreationDateTime": created}});
+            if let Some(precision) = precision {
+                change["dynamodb"]["ApproximateCreationDateTimePrecision"] = json!(precision);
+            }
+            from_json(seq(), &change, None).created_at
+        };
+        let expected = Some(SystemTime::UNIX_EPOCH + Duration::from_micros(1_764_860_387_558_988));
+        assert_eq!(at(json!(1_764_860_387_558_988u64), Some("MICROSECOND")), expected);
+        assert_eq!(
+            at(json!(1_764_860_387_558_988u64), None),
+            expected,
+            "microseconds inferred"
+        );
+        let millis = Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_860_387_558));
+        assert_eq!(at(json!(1_764_860_387_558u64), Some("MILLISECOND")), millis);
+        assert_eq!(at(json!(1_764_860_387_558u64), None), millis, "milliseconds inferred");
+        // DynamoDB Streams' own JSON (a Lambda event) gives seconds, with a fraction.
+        let seconds = at(json!(1_764_860_387.5), None).expect("seconds");
+        assert_eq!(
+            seconds,
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_860_387_500)
+        );
+        assert_eq!(at(json!(-5), None), None);
+        assert_eq!(at(json!("soon"), None), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::support::{s, users, wait_until, LeaseWatch, TestDb, TestKinesis};
+use crate::proxy::{Fault, FaultProxy, Faults};
+use crate::support::{endpoint, s, users, wait_until, LeaseWatch, TestDb, TestKinesis};
 
 /// `count` conversations among `people`, each with its own opening second.
 async fn conversations(db: &TestDb, stream: &TestKinesis, count: usize) -> Vec<(String, usize)> {
@@ -244,4 +245,67 @@ async fn a_split_and_a_merge_while_writing_lose_nothing_and_parents_finish_first
         open.all(|lease| s(lease, "owner").is_empty()),
         "unfinished leases are released on stop"
     );
+}
+
+/// Kinesis Data Streams for DynamoDB stamps `ApproximateCreationDateTime` in microseconds unless
+/// the table says MILLISECOND. Three conversations written two hours ago, in each form (the
+/// precision named, or not and inferred), whose updates keep failing: each is given up as too
+/// old (`max_record_age_seconds`), none retried forever.
+#[tokio::test]
+async fn record_ages_count_from_creation_times_in_either_precision() {
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(1).await;
+    let people = users(&["ta", "tb"]);
+    let two_hours_ago = chrono::Utc::now() - chrono::Duration::hours(2);
+    let forms = [
+        (serde_json::json!(two_hours_ago.timestamp_micros()), Some("MICROSECOND")),
+        (serde_json::json!(two_hours_ago.timestamp_micros()), None),
+        (serde_json::json!(two_hours_ago.timestamp_millis()), Some("MILLISECOND")),
+    ];
+    for (index, (created, precision)) in forms.into_iter().enumerate() {
+        let opened = format!("2024-06-0{}T00:00:00+00:00", index + 1);
+        let group = db.conversation(&people[0], &people[1], &opened, "open").await;
+        let later = format!("2024-06-0{}T00:00:01+00:00", index + 1);
+        db.message(&group, &people[1], &later, "later").await;
+        for (pk, sk) in [
+            (format!("GRP#{}", people[0].uuid), opened.as_str()),
+            (format!("GRP#{}", people[1].uuid), opened.as_str()),
+            (format!("MSG#{group}"), opened.as_str()),
+            (format!("MSG#{group}"), later.as_str()),
+        ] {
+            stream.publish_change(&db, &pk, sk, created.clone(), precision).await;
+        }
+    }
+    let proxy = FaultProxy::start(
+        &endpoint(),
+        Faults {
+            share: 1.0,
+            kinds: vec![Fault::ServerError],
+            target: Some("TransactWriteItems".into()),
+        },
+    )
+    .await;
+    let worker = db
+        .start_kinesis_worker_via(
+            &stream,
+            &proxy.url(),
+            &[("max_record_age_seconds", "60"), ("retry_max_attempts", "0")],
+        )
+        .await;
+    let too_old = wait_until(Duration::from_secs(30), || async {
+        worker
+            .metric("stream_worker_dead_letters_total", r#"reason="record_too_old""#)
+            .await
+            >= 3.0
+    })
+    .await;
+    assert!(
+        too_old,
+        "every update was given up as too old: {:#?}",
+        db.dead_letters()
+    );
+    worker.stop().await;
+    let letters = db.dead_letters();
+    assert_eq!(letters.len(), 3, "{letters:#?}");
+    assert!(letters.iter().all(|letter| letter.reason == "record_too_old"));
 }

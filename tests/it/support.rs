@@ -713,6 +713,26 @@ impl TestDb {
         group
     }
 
+    /// A worker in this process reading `stream`, its DynamoDB calls through `endpoint` (a proxy).
+    pub async fn start_kinesis_worker_via(
+        &self,
+        stream: &TestKinesis,
+        endpoint: &str,
+        overrides: &[(&str, &str)],
+    ) -> TestWorker {
+        let sdk = self.sdk_via(endpoint).await;
+        let source = cruddur_stream_worker::stream::KinesisSource::new(stream.client.clone(), &stream.name);
+        let shutdown = CancellationToken::new();
+        let running = app::start_with_source(&self.settings(overrides), &sdk, source, shutdown.clone())
+            .await
+            .expect("worker starts");
+        TestWorker {
+            http_addr: running.http_addr,
+            running: Some(running),
+            shutdown,
+        }
+    }
+
     /// A worker in this process reading `stream`.
     pub async fn start_kinesis_worker(&self, stream: &TestKinesis, overrides: &[(&str, &str)]) -> TestWorker {
         let source = cruddur_stream_worker::stream::KinesisSource::new(stream.client.clone(), &stream.name);
@@ -739,8 +759,22 @@ impl TestKinesis {
     }
 
     /// Publishes the INSERT change record of the item at (pk, sk), as read from the table,
-    /// partitioned by pk as DynamoDB does.
+    /// partitioned by pk as DynamoDB does, created now (in milliseconds, no precision field).
     async fn publish_item(&self, db: &TestDb, pk: &str, sk: &str) {
+        let now = serde_json::json!(chrono::Utc::now().timestamp_millis());
+        self.publish_change(db, pk, sk, now, None).await;
+    }
+
+    /// Publishes the INSERT change record of the item at (pk, sk) with this
+    /// `ApproximateCreationDateTime` and, when given, `ApproximateCreationDateTimePrecision`.
+    pub async fn publish_change(
+        &self,
+        db: &TestDb,
+        pk: &str,
+        sk: &str,
+        created: serde_json::Value,
+        precision: Option<&str>,
+    ) {
         let item = db
             .client
             .get_item()
@@ -758,12 +792,15 @@ impl TestKinesis {
             ("pk".to_owned(), AttributeValue::S(pk.to_owned())),
             ("sk".to_owned(), AttributeValue::S(sk.to_owned())),
         ]));
-        let change = serde_json::json!({
+        let mut change = serde_json::json!({
             "eventName": "INSERT",
             "eventSource": "aws:dynamodb",
             "tableName": db.table,
-            "dynamodb": { "ApproximateCreationDateTime": chrono::Utc::now().timestamp_millis(), "Keys": keys, "NewImage": image },
+            "dynamodb": { "ApproximateCreationDateTime": created, "Keys": keys, "NewImage": image },
         });
+        if let Some(precision) = precision {
+            change["dynamodb"]["ApproximateCreationDateTimePrecision"] = serde_json::json!(precision);
+        }
         self.client
             .put_record()
             .stream_name(&self.name)
