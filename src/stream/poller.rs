@@ -240,14 +240,26 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         }
     }
 
+    /// Whether a trimmed answer can mean lost records: only when reading resumed after a
+    /// checkpoint or after records this reader read. From TRIM_HORIZON (or LATEST) with nothing
+    /// read yet there is nothing before the horizon to lose (DynamoDB Local answers so for the
+    /// first read of an empty shard).
+    fn may_have_lost(&self) -> bool {
+        matches!(self.written, Position::After(_)) || self.report.records > 0
+    }
+
     async fn restart_after_gap(&mut self, detail: &str) -> Result<String, StreamError> {
-        metrics::counter!(metric::STREAM_GAPS).increment(1);
-        tracing::error!(
-            shard = %self.shard,
-            detail,
-            "records were trimmed from the stream before this worker read them; \
-             restarting at TRIM_HORIZON. Conversations may be stale: run `cruddur-stream-worker reconcile`"
-        );
+        if self.may_have_lost() {
+            metrics::counter!(metric::STREAM_GAPS).increment(1);
+            tracing::error!(
+                shard = %self.shard,
+                detail,
+                "records were trimmed from the stream before this worker read them; \
+                 restarting at TRIM_HORIZON. Conversations may be stale: run `cruddur-stream-worker reconcile`"
+            );
+        } else {
+            tracing::debug!(shard = %self.shard, detail, "horizon moved before the first read; reading from it again");
+        }
         let source = &self.context.source;
         retry(&self.context.settings.retry, "get_shard_iterator", || {
             source.iterator(self.stream_id, &self.shard, &Position::TrimHorizon)

@@ -156,6 +156,51 @@ async fn trimmed_records_are_counted_as_a_gap_and_reading_restarts_at_the_horizo
     );
 }
 
+/// A new user's first run: an empty stream. DynamoDB Local answers the first read from
+/// TRIM_HORIZON of an empty shard with TrimmedDataAccessException; from the horizon nothing can
+/// have been lost, so no gap is counted (no ERROR either), and the worker still reads what comes.
+#[tokio::test]
+async fn a_fresh_start_on_an_empty_stream_raises_no_alarm() {
+    let db = TestDb::new().await;
+    // The stream exists but holds nothing: write and delete nothing, just enable it.
+    let worker = db.start_worker(&[]).await;
+    let reading = wait_until(Duration::from_secs(20), || async {
+        worker.metric("stream_worker_leases_held", "").await >= 1.0 && worker.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert!(reading, "the worker holds the shard and reads it");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(worker.metric("stream_worker_stream_gaps_total", "").await, 0.0);
+    let people = users(&["fa", "fb"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-01-01T00:00:00Z", "hi")
+        .await;
+    db.message(&group, &people[1], "2024-01-01T00:00:01Z", "hello").await;
+    db.wait_for_group(&group, "2024-01-01T00:00:01Z", "hello").await;
+    assert_eq!(worker.metric("stream_worker_stream_gaps_total", "").await, 0.0);
+    worker.stop().await;
+}
+
+/// The same answer to the very first read from TRIM_HORIZON, injected: still no gap.
+#[tokio::test]
+async fn a_trimmed_answer_before_anything_was_read_from_the_horizon_is_no_gap() {
+    let db = TestDb::new().await;
+    let expected = traffic(&db).await;
+    let source = Faulty {
+        inner: db.stream_source(),
+        fault: Fault::Trim,
+        at: 0,
+        reads: AtomicU32::new(0),
+        expired_answers: Arc::new(AtomicU32::new(0)),
+    };
+    let worker = db.start_worker_on(source, &[("batch_size", "4")]).await;
+    for (group, sk, text) in &expected {
+        db.wait_for_group(group, sk, text).await;
+    }
+    assert_eq!(worker.metric("stream_worker_stream_gaps_total", "").await, 0.0);
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn racing_updaters_converge_on_the_newest_message() {
     let db = TestDb::new().await;
