@@ -387,6 +387,8 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
             max_record_age: None,
             dead_letters: DeadLetterDestination::File(scratch),
             worker_id: "bench".into(),
+            max_pending_records: 20_000,
+            max_folded_records: 5_000,
         },
     ));
     let source = DynamoDbStreamsSource::new(db.client.clone(), aws::streams_client(&db.sdk), TABLE);

@@ -145,6 +145,8 @@ pub async fn start_with_source<S: StreamSource>(
         updater,
         DispatchSettings {
             max_in_flight: settings.max_in_flight,
+            max_pending_records: settings.max_pending_records,
+            max_folded_records: settings.max_folded_records,
             retry: handler_retry,
             max_record_age: settings.max_record_age,
             dead_letters: dead_letters.clone(),

@@ -34,6 +34,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("shard_sync_interval_ms", "WORKER_SHARD_SYNC_INTERVAL_MS"),
     ("checkpoint_interval_ms", "WORKER_CHECKPOINT_INTERVAL_MS"),
     ("max_in_flight", "WORKER_MAX_IN_FLIGHT"),
+    ("max_pending_records", "WORKER_MAX_PENDING_RECORDS"),
+    ("max_folded_records", "WORKER_MAX_FOLDED_RECORDS"),
     ("max_write_calls", "WORKER_MAX_WRITE_CALLS"),
     ("lease_duration_ms", "WORKER_LEASE_DURATION_MS"),
     ("lease_take_interval_ms", "WORKER_LEASE_TAKE_INTERVAL_MS"),
@@ -84,6 +86,10 @@ pub struct Settings {
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,
     pub max_in_flight: usize,
+    /// Records of one shard read but not yet passed by its checkpoint; reading waits beyond.
+    pub max_pending_records: usize,
+    /// Records one waiting update may fold in; later ones make the next update.
+    pub max_folded_records: usize,
     /// `TransactWriteItems` calls in flight at once; updates waiting for one share it.
     pub max_write_calls: usize,
     pub lease_duration: Duration,
@@ -396,6 +402,9 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,
         max_in_flight: usize::try_from(layers.integer("max_in_flight", 1, 100_000)?).unwrap_or(100_000),
+        max_pending_records: usize::try_from(layers.integer("max_pending_records", 1, 10_000_000)?)
+            .unwrap_or(10_000_000),
+        max_folded_records: usize::try_from(layers.integer("max_folded_records", 1, 10_000_000)?).unwrap_or(10_000_000),
         max_write_calls: usize::try_from(layers.integer("max_write_calls", 1, 1_000)?).unwrap_or(1_000),
         lease_duration,
         lease_take_interval,

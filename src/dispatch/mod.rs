@@ -12,6 +12,9 @@
 //!   shard lane) has finished.
 //! - At most `max_in_flight` updates exist at once; `submit` waits for room (backpressure, no
 //!   unbounded queue).
+//! - At most `max_pending_records` (plus one batch) records of a lane wait for the watermark,
+//!   and one update folds in at most `max_folded_records`: behind an update that cannot finish,
+//!   `submit` waits instead of queueing every later record.
 //! - A record counts as handled (for the watermark) only once the update that covers it has
 //!   succeeded, or has failed for good *and* its dead letter is stored; ignored records are
 //!   handled at once. A dead letter that cannot be stored is retried until it is (the shard
@@ -71,6 +74,10 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     pub max_in_flight: usize,
+    /// Per lane: records submitted and not yet passed by the watermark before `submit` waits.
+    pub max_pending_records: usize,
+    /// Records one update may cover; later records of its key make the next update.
+    pub max_folded_records: usize,
     /// Retries of a failed update (its attempts bound included).
     pub retry: RetryPolicy,
     /// A failing update is not retried once its oldest record is older than this.
@@ -162,7 +169,7 @@ impl<H: Handler> Consumer for Dispatcher<H> {
             shared: self.shared.clone(),
             progress: Arc::new(LaneProgress {
                 watermark: Mutex::new(Watermark::default()),
-                drained: Notify::new(),
+                moved: Notify::new(),
             }),
         }
     }
@@ -177,17 +184,32 @@ pub struct DispatchLane<H: Handler> {
 
 struct LaneProgress {
     watermark: Mutex<Watermark>,
-    drained: Notify,
+    /// Fires whenever the watermark moves (and so when it has drained).
+    moved: Notify,
 }
 
 impl LaneProgress {
     fn complete(&self, tickets: &[Ticket]) {
         let mut watermark = lock(&self.watermark);
+        let before = watermark.pending();
         for ticket in tickets {
             watermark.complete(*ticket);
         }
-        if watermark.pending() == 0 {
-            self.drained.notify_waiters();
+        if watermark.pending() < before {
+            self.moved.notify_waiters();
+        }
+    }
+
+    /// Waits until fewer than `bound` records are pending.
+    async fn wait_below(&self, bound: usize) {
+        loop {
+            let moved = self.moved.notified();
+            tokio::pin!(moved);
+            moved.as_mut().enable();
+            if lock(&self.watermark).pending() < bound.max(1) {
+                return;
+            }
+            moved.await;
         }
     }
 }
@@ -304,8 +326,9 @@ impl<H: Handler> DispatchLane<H> {
                         record,
                         folded: Vec::new(),
                     };
-                    match unit_of_key.get(&unit.key) {
-                        Some(&index) => {
+                    let full = |index: usize| units[index].tickets.len() >= self.shared.settings.max_folded_records;
+                    match unit_of_key.get(&unit.key).copied().filter(|&index| !full(index)) {
+                        Some(index) => {
                             coalesced += 1;
                             units[index].absorb(unit, |a, b| handler.supersedes(a, b));
                         }
@@ -353,6 +376,10 @@ impl<H: Handler> DispatchLane<H> {
         let Some(queued) = waiting.as_mut() else {
             return Some(unit);
         };
+        if queued.tickets.len() + unit.tickets.len() > self.shared.settings.max_folded_records {
+            // Full: the unit becomes the key's next update (and needs a permit of its own).
+            return Some(unit);
+        }
         metrics::counter!(metric::RECORDS_COALESCED).increment(unit.tickets.len() as u64);
         let handler = &self.shared.handler;
         queued.absorb(unit, |a, b| handler.supersedes(a, b));
@@ -417,6 +444,7 @@ impl<H: Handler> DispatchLane<H> {
 
 impl<H: Handler> ShardLane for DispatchLane<H> {
     async fn submit(&mut self, records: Vec<Record>) {
+        self.progress.wait_below(self.shared.settings.max_pending_records).await;
         let (units, rejected, done_now) = self.plan(records);
         self.progress.complete(&done_now);
         // The semaphore is never closed; were it, running unbounded beats losing work.
@@ -438,15 +466,7 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
     }
 
     async fn drain(&mut self) {
-        loop {
-            let drained = self.progress.drained.notified();
-            tokio::pin!(drained);
-            drained.as_mut().enable();
-            if lock(&self.progress.watermark).pending() == 0 {
-                return;
-            }
-            drained.await;
-        }
+        self.progress.wait_below(1).await;
     }
 }
 
@@ -598,6 +618,8 @@ mod tests {
             max_record_age: None,
             dead_letters,
             worker_id: "test".into(),
+            max_pending_records: 100_000,
+            max_folded_records: 100_000,
         }
     }
 
@@ -869,5 +891,51 @@ mod tests {
         let mut lane = task.await.expect("submit finishes");
         lane.drain().await;
         assert_eq!(handler.applied().len(), 3);
+    }
+
+    /// One update that cannot finish (an hour-long handler) and 100 batches of 1 000 records
+    /// behind it: the lane takes records only up to its pending bound, and the stuck key's later
+    /// records make updates of at most `max_folded_records` each, then the reader waits.
+    #[tokio::test]
+    async fn a_stuck_update_bounds_what_the_lane_takes_behind_it() {
+        let handler = Recorder::new(true, &[("stuck", 3_600_000)]);
+        handler.gate.add_permits(1_000_000);
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        let mut settings = settings(64, DeadLetterDestination::File(path));
+        settings.max_pending_records = 5_000;
+        settings.max_folded_records = 20;
+        let dispatcher = Arc::new(Dispatcher::new(handler.clone(), settings));
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = taken.clone();
+        let reader = tokio::spawn(async move {
+            let mut sequence = 0;
+            for _ in 0..100 {
+                let batch = (0..1_000)
+                    .map(|n| {
+                        sequence += 1;
+                        // Every 100th record, the stuck conversation again.
+                        let key = if n % 100 == 0 {
+                            "stuck".to_owned()
+                        } else {
+                            format!("k{sequence}")
+                        };
+                        record(sequence, &key, 1)
+                    })
+                    .collect();
+                lane.submit(batch).await;
+                counter.fetch_add(1_000, Ordering::SeqCst);
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let accepted = taken.load(Ordering::SeqCst);
+        assert!(accepted <= 5_000, "the lane took {accepted} records behind a stuck one");
+        assert!(accepted >= 5_000, "it took records up to the bound: {accepted}");
+        assert!(!reader.is_finished(), "the reader waits");
+        // 50 records of the stuck key behind the running one: at most 20 per waiting update.
+        let in_flight = dispatcher.in_flight();
+        assert!((3..=5).contains(&in_flight), "updates in flight: {in_flight}");
+        reader.abort();
     }
 }
