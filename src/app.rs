@@ -20,7 +20,7 @@ use crate::config::{DeadLetterTarget, Settings, Source};
 use crate::deadletter::{DeadLetterDestination, DeadLetterError};
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::groups::updater::GroupSummaryUpdater;
-use crate::retry::RetryPolicy;
+use crate::retry::{RetryPolicy, Retryable};
 use crate::stream::{
     DynamoDbStreamsSource, KinesisSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings,
     StreamSource, StreamWorker,
@@ -45,12 +45,22 @@ pub enum AppError {
         destination: String,
         source: DeadLetterError,
     },
+    #[error("{0}; the checkpoint stays before that record: fix the destination and start again")]
+    DeadLetterLost(String),
 }
 
 impl AppError {
-    /// Bad configuration rather than a runtime failure.
+    /// Bad configuration rather than a runtime failure: no destination, or one that answers
+    /// with a permanent error at start (a wrong queue URL, a missing permission).
     pub fn is_config(&self) -> bool {
-        matches!(self, AppError::NoDeadLetters)
+        match self {
+            AppError::NoDeadLetters => true,
+            AppError::DeadLetters {
+                source: DeadLetterError::Aws(error),
+                ..
+            } => !error.is_retryable(),
+            _ => false,
+        }
     }
 }
 
@@ -62,6 +72,7 @@ pub fn dead_letter_destination(settings: &Settings, sdk: &SdkConfig) -> Result<D
         Some(DeadLetterTarget::Queue(url)) => Ok(DeadLetterDestination::Queue {
             client: aws::sqs_client(sdk),
             url: url.clone(),
+            max_bytes: crate::deadletter::DEFAULT_QUEUE_MESSAGE_BYTES,
         }),
     }
 }
@@ -116,7 +127,7 @@ pub async fn start_with_source<S: StreamSource>(
     shutdown: CancellationToken,
 ) -> Result<Running, AppError> {
     let metrics = telemetry::prometheus();
-    let dead_letters = dead_letter_destination(settings, sdk)?;
+    let mut dead_letters = dead_letter_destination(settings, sdk)?;
     dead_letters.check().await.map_err(|source| AppError::DeadLetters {
         destination: dead_letters.describe(),
         source,
@@ -187,13 +198,24 @@ pub async fn start_with_source<S: StreamSource>(
     });
     tracing::info!(%http_addr, worker_id = %settings.worker_id, table = %settings.table_name, dead_letters = %dead_letters.describe(), "worker started");
 
+    // The worker stops on shutdown, or when a dead letter can be stored nowhere.
+    let stop = shutdown.child_token();
+    let (failed, stopper) = (dispatcher.failed(), stop.clone());
+    tokio::spawn(async move {
+        if stopper.run_until_cancelled(failed.cancelled()).await.is_some() {
+            stopper.cancel();
+        }
+    });
     let task = tokio::spawn(async move {
-        let result = worker.run(shutdown).await;
+        let result = worker.run(stop).await;
         // Readers drained their lanes; this also waits for anything a failed reader left.
         dispatcher.wait_idle().await;
         http_stop.cancel();
         if let Ok(Err(error)) = server.await {
             tracing::warn!(error = %error, "HTTP server stopped with an error");
+        }
+        if let Some(failure) = dispatcher.failure() {
+            return Err(AppError::DeadLetterLost(failure));
         }
         Ok(result?)
     });

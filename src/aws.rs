@@ -280,7 +280,12 @@ impl AwsError {
         Self {
             operation,
             code,
-            message: DisplayErrorContext(error).to_string(),
+            // The service's own message when it answered (never the raw response: logs carry
+            // this); the error chain otherwise (timeouts, connection failures).
+            message: match error {
+                SdkError::ServiceError(_) => error.message().unwrap_or("(no message)").to_owned(),
+                _ => DisplayErrorContext(error).to_string(),
+            },
             retryable,
         }
     }

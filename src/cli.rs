@@ -296,7 +296,11 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Redrive => {
-            let destination = app::dead_letter_destination(&settings, &sdk)?;
+            let mut destination = app::dead_letter_destination(&settings, &sdk)?;
+            destination
+                .check()
+                .await
+                .with_context(|| format!("dead-letter destination {}", destination.describe()))?;
             let updater = GroupSummaryUpdater::new(client, table);
             let policy = app::handler_retry(&settings);
             eprintln!("redrive: replaying dead letters from {}", destination.describe());

@@ -4,6 +4,16 @@
 //! error, attempts, and the change record itself in DynamoDB JSON, so `redrive` can replay it)
 //! and its two destinations: an SQS queue (production) and a JSON-lines file (local runs).
 //!
+//! Letters fit their destination: a queue's `MaximumMessageSize` (read at start-up, 256 KiB
+//! unless the queue says otherwise). A letter too large keeps its record's keys but not its
+//! new image (`record_trimmed`: redrive reads the row back from the table by key), and one that
+//! covers more folded records than fit is split into several letters, each with the record and
+//! a share of the covered records' keys, so every covered message can be replayed.
+//!
+//! Errors are classified: an unreachable destination (network, throttling, 5xx, a file system
+//! error) is retried and the shard waits; a permanent one (too large, access denied, queue
+//! missing) is reported as such, for the caller to stop on.
+//!
 //! Invariants:
 //! - [`DeadLetterDestination::write`] returns only once the letter is stored (the file synced
 //!   to disk, the queue's SendMessage answered); the caller must not checkpoint past a record
@@ -41,12 +51,53 @@ pub struct DeadLetter {
     /// RFC 3339, UTC.
     pub failed_at: String,
     pub worker_id: String,
-    /// Earlier records of the same key and batch folded into this one: replaying this letter
-    /// covers them too.
+    /// Earlier records of the same key folded into this one (their sequence numbers and keys):
+    /// redrive replays them too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub covers: Vec<String>,
+    pub covers: Vec<Covered>,
     /// The change record, as Kinesis carries DynamoDB change records.
     pub record: serde_json::Value,
+    /// The record's new image was left out to fit the destination: only its keys are kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_trimmed: bool,
+}
+
+/// A record a letter covers besides its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Covered {
+    /// With its keys (DynamoDB JSON), so that redrive can read it back from the table.
+    Record {
+        sequence_number: String,
+        keys: serde_json::Value,
+    },
+    /// Letters written before keys were kept: a sequence number only.
+    Sequence(String),
+}
+
+impl Covered {
+    pub fn new(record: &Record) -> Self {
+        Covered::Record {
+            sequence_number: record.sequence_number.as_str().to_owned(),
+            keys: change::keys_to_json(record),
+        }
+    }
+
+    pub fn sequence_number(&self) -> &str {
+        match self {
+            Covered::Record { sequence_number, .. } | Covered::Sequence(sequence_number) => sequence_number,
+        }
+    }
+
+    /// The covered record as keys only (an INSERT with no image), when its keys were kept.
+    pub fn record(&self) -> Option<Record> {
+        let Covered::Record { sequence_number, keys } = self else {
+            return None;
+        };
+        let sequence = SequenceNumber::parse(sequence_number)?;
+        let change = serde_json::json!({ "eventName": "INSERT", "dynamodb": { "Keys": keys } });
+        Some(change::from_json(sequence, &change, None))
+    }
 }
 
 impl DeadLetter {
@@ -61,6 +112,7 @@ impl DeadLetter {
             worker_id: worker_id.to_owned(),
             covers: Vec::new(),
             record: change::to_json(record),
+            record_trimmed: false,
         }
     }
 
@@ -81,9 +133,50 @@ impl DeadLetter {
     }
 
     fn to_json_line(&self) -> Result<String, DeadLetterError> {
-        let mut line = serde_json::to_string(self).map_err(|error| DeadLetterError::Invalid(error.to_string()))?;
+        let mut line = self.to_json()?;
         line.push('\n');
         Ok(line)
+    }
+
+    fn to_json(&self) -> Result<String, DeadLetterError> {
+        serde_json::to_string(self).map_err(|error| DeadLetterError::Invalid(error.to_string()))
+    }
+
+    /// This letter as letters of at most `max_bytes` each (see the module docs): itself when it
+    /// fits; else with its record trimmed to its keys and its covered records shared out.
+    pub fn fit(mut self, max_bytes: usize) -> Result<Vec<DeadLetter>, DeadLetterError> {
+        if self.to_json()?.len() <= max_bytes {
+            return Ok(vec![self]);
+        }
+        if let Some(dynamodb) = self.record.get_mut("dynamodb").and_then(|d| d.as_object_mut()) {
+            dynamodb.remove("NewImage");
+        }
+        self.record_trimmed = true;
+        let covers = std::mem::take(&mut self.covers);
+        let base = self.to_json()?.len();
+        if base > max_bytes {
+            return Err(DeadLetterError::TooLarge(format!(
+                "{base} bytes with the record's keys alone, over the destination's {max_bytes}"
+            )));
+        }
+        let mut pieces = vec![self.clone()];
+        let mut size = base;
+        for covered in covers {
+            // The entry, a comma, and the `"covers":[]` a first entry brings.
+            let entry = serde_json::to_string(&covered)
+                .map_err(|e| DeadLetterError::Invalid(e.to_string()))?
+                .len()
+                + 14;
+            if size + entry > max_bytes && pieces.last().is_some_and(|piece| !piece.covers.is_empty()) {
+                pieces.push(self.clone());
+                size = base;
+            }
+            size += entry;
+            if let Some(piece) = pieces.last_mut() {
+                piece.covers.push(covered);
+            }
+        }
+        Ok(pieces)
     }
 }
 
@@ -97,25 +190,39 @@ pub enum DeadLetterError {
     Invalid(String),
     #[error("could not build the request: {0}")]
     Request(String),
+    #[error("a dead letter cannot fit the destination: {0}")]
+    TooLarge(String),
 }
 
 impl Retryable for DeadLetterError {
+    /// File system errors are retried (a full disk, a directory that comes back); an AWS error
+    /// as classified (throttling, 5xx and network: yes; too large, access denied, no such
+    /// queue: no).
     fn is_retryable(&self) -> bool {
         match self {
             DeadLetterError::Io { .. } => true,
             DeadLetterError::Aws(error) => error.is_retryable(),
-            DeadLetterError::Invalid(_) | DeadLetterError::Request(_) => false,
+            DeadLetterError::Invalid(_) | DeadLetterError::Request(_) | DeadLetterError::TooLarge(_) => false,
         }
     }
 }
+
+/// A queue's message size limit when it does not say (256 KiB: SQS's limit until 2025 and the
+/// default of queues made before; queues may now allow up to 1 MiB, read at start-up).
+pub const DEFAULT_QUEUE_MESSAGE_BYTES: usize = 262_144;
 
 /// Where dead letters go.
 #[derive(Debug, Clone)]
 pub enum DeadLetterDestination {
     /// JSON lines appended to a file.
     File(PathBuf),
-    /// One SQS message per letter.
-    Queue { client: aws_sdk_sqs::Client, url: String },
+    /// One SQS message per letter, of at most `max_bytes` (the queue's `MaximumMessageSize`,
+    /// read by [`DeadLetterDestination::check`]).
+    Queue {
+        client: aws_sdk_sqs::Client,
+        url: String,
+        max_bytes: usize,
+    },
 }
 
 /// What a redrive did.
@@ -139,8 +246,11 @@ impl DeadLetterDestination {
     }
 
     /// Checks at start-up that the destination can be written, where that can be checked
-    /// without writing a letter (a file's directory exists and the file opens for appending).
-    pub async fn check(&self) -> Result<(), DeadLetterError> {
+    /// without writing a letter: a file's directory exists and the file opens for appending; a
+    /// queue exists and answers these credentials (`GetQueueAttributes`), whose
+    /// `MaximumMessageSize` letters are then fitted to. A queue that cannot be reached for now
+    /// is not an error (a warning: letters wait for it); one that answers no is.
+    pub async fn check(&mut self) -> Result<(), DeadLetterError> {
         match self {
             DeadLetterDestination::File(path) => {
                 let owned = path.clone();
@@ -149,26 +259,54 @@ impl DeadLetterDestination {
                 })
                 .await
             }
-            DeadLetterDestination::Queue { .. } => Ok(()),
+            DeadLetterDestination::Queue { client, url, max_bytes } => {
+                use aws_sdk_sqs::types::QueueAttributeName;
+                let answer = client
+                    .get_queue_attributes()
+                    .queue_url(url.as_str())
+                    .attribute_names(QueueAttributeName::MaximumMessageSize)
+                    .send()
+                    .await
+                    .map_err(|error| AwsError::from_sdk("GetQueueAttributes", &error));
+                let output = match answer {
+                    Ok(output) => output,
+                    // Down for now: letters wait for it (the shard with them), as at any time.
+                    Err(error) if error.is_retryable() => {
+                        tracing::warn!(queue = %url, error = %error, max_bytes = *max_bytes, "dead-letter queue not reachable at start; letters will wait for it");
+                        return Ok(());
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                if let Some(limit) = output
+                    .attributes
+                    .and_then(|attributes| attributes.get(&QueueAttributeName::MaximumMessageSize).cloned())
+                    .and_then(|limit| limit.parse().ok())
+                {
+                    *max_bytes = limit;
+                }
+                Ok(())
+            }
         }
     }
 
-    /// Stores one letter; returns once it is durable.
+    /// Stores one letter (as several when it must be split to fit); returns once it is durable.
     pub async fn write(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
-        let line = letter.to_json_line()?;
         match self {
             DeadLetterDestination::File(path) => {
+                let line = letter.to_json_line()?;
                 let owned = path.clone();
                 blocking(path, move || append_line(&owned, line.as_bytes())).await
             }
-            DeadLetterDestination::Queue { client, url } => {
-                client
-                    .send_message()
-                    .queue_url(url)
-                    .message_body(line.trim_end())
-                    .send()
-                    .await
-                    .map_err(|error| AwsError::from_sdk("SendMessage", &error))?;
+            DeadLetterDestination::Queue { client, url, max_bytes } => {
+                for piece in letter.clone().fit(*max_bytes)? {
+                    client
+                        .send_message()
+                        .queue_url(url)
+                        .message_body(piece.to_json()?)
+                        .send()
+                        .await
+                        .map_err(|error| AwsError::from_sdk("SendMessage", &error))?;
+                }
                 Ok(())
             }
         }
@@ -209,7 +347,7 @@ impl DeadLetterDestination {
                     fs::remove_file(&file).map_err(|source| DeadLetterError::Io { path: file, source })?;
                 }
             }
-            DeadLetterDestination::Queue { client, url } => {
+            DeadLetterDestination::Queue { client, url, .. } => {
                 let mut seen = std::collections::HashSet::new();
                 // Messages this run leaves in the queue (unreadable ones, letters it wrote back):
                 // hidden while it runs so that they do not crowd out the rest, visible again
@@ -420,6 +558,68 @@ mod tests {
         let record = back.record().expect("record");
         assert_eq!(record.sequence_number.as_str(), "0007");
         assert_eq!(record.keys.get("pk"), Some(&AttributeValue::S("MSG#g".into())));
+    }
+
+    /// A letter whose record has a 300 KB text and that covers 5 000 folded records: pieces of
+    /// at most the queue's size, the record's keys in each, every covered record in one.
+    #[test]
+    fn a_letter_too_large_is_trimmed_to_keys_and_split() {
+        let mut big = record("0042");
+        big.new_image
+            .as_mut()
+            .expect("image")
+            .insert("message".into(), AttributeValue::S("x".repeat(300_000)));
+        let mut letter = DeadLetter::new(&ShardId("s".into()), &big, "test", "boom".into(), 3, "w");
+        letter.covers = (0..5_000)
+            .map(|n| {
+                let mut folded = record(&format!("{n:021}"));
+                folded
+                    .keys
+                    .insert("sk".into(), AttributeValue::S(format!("2024-01-01T00:00:{n:06}")));
+                Covered::new(&folded)
+            })
+            .collect();
+        let all = letter.covers.clone();
+        let pieces = letter.clone().fit(DEFAULT_QUEUE_MESSAGE_BYTES).expect("fits");
+        assert!(pieces.len() > 1, "5 000 keys do not fit one message");
+        let mut covered = Vec::new();
+        for piece in &pieces {
+            assert!(piece.to_json().expect("json").len() <= DEFAULT_QUEUE_MESSAGE_BYTES);
+            assert!(piece.record_trimmed);
+            let record = piece.record().expect("record");
+            assert_eq!(record.keys, big.keys, "each piece names the record by its keys");
+            assert!(record.new_image.is_none());
+            covered.extend(piece.covers.iter().cloned());
+        }
+        assert_eq!(covered, all, "every covered record, once, in order");
+        let replayable = all[7].record().expect("keys kept");
+        assert_eq!(
+            replayable.keys.get("sk"),
+            Some(&AttributeValue::S("2024-01-01T00:00:000007".into()))
+        );
+        // A letter that fits is left alone.
+        let small = DeadLetter::new(&ShardId("s".into()), &record("1"), "test", "boom".into(), 1, "w");
+        assert_eq!(
+            small.clone().fit(DEFAULT_QUEUE_MESSAGE_BYTES).expect("fits"),
+            vec![small]
+        );
+        // Keys alone too large for a tiny queue: a permanent error, not a retry.
+        let error = letter.fit(50).expect_err("cannot fit");
+        assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn letters_written_before_covered_keys_still_read() {
+        let line = r#"{"shard":"s","sequence_number":"9","reason":"r","error":"e","attempts":1,
+            "failed_at":"2026-01-01T00:00:00.000Z","worker_id":"w","covers":["7","8"],
+            "record":{"eventName":"INSERT","dynamodb":{"Keys":{"pk":{"S":"MSG#g"}}}}}"#;
+        let letter: DeadLetter = serde_json::from_str(line).expect("an old letter");
+        assert_eq!(
+            letter.covers,
+            vec![Covered::Sequence("7".into()), Covered::Sequence("8".into())]
+        );
+        assert!(letter.covers.iter().all(|covered| covered.record().is_none()));
+        assert!(!letter.record_trimmed);
     }
 
     #[tokio::test]

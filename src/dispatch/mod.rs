@@ -17,8 +17,9 @@
 //!   `submit` waits instead of queueing every later record.
 //! - A record counts as handled (for the watermark) only once the update that covers it has
 //!   succeeded, or has failed for good *and* its dead letter is stored; ignored records are
-//!   handled at once. A dead letter that cannot be stored is retried until it is (the shard
-//!   waits), never skipped.
+//!   handled at once. A dead letter that cannot be stored for now is retried until it is (the
+//!   shard waits), never skipped; one that can be stored nowhere (a permanent destination
+//!   error) fails the dispatcher, and the worker stops with that error.
 //!
 //! Must not: know the records' meaning (that is the handler's) or write checkpoints (that is
 //! the stream's, which asks the lane for its watermark).
@@ -33,11 +34,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use watermark::{Ticket, Watermark};
 
-use crate::deadletter::{DeadLetter, DeadLetterDestination, DeadLetterError};
+use crate::deadletter::{Covered, DeadLetter, DeadLetterDestination};
 use crate::retry::{retry, retry_until, RetryPolicy, Retryable};
 use crate::stream::{lock, Consumer, Record, SequenceNumber, ShardId, ShardLane};
 use crate::telemetry::{metric, Tally};
@@ -68,6 +70,13 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Applies one update. Must be idempotent: after a crash it runs again.
     fn handle(&self, event: &Self::Event) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// A record from a dead letter made whole again where the letter kept only its keys (it was
+    /// too large for the destination); `None` when there is nothing left to replay (the item is
+    /// gone). By default, the record as it is.
+    fn restore(&self, record: Record) -> impl Future<Output = Result<Option<Record>, Self::Error>> + Send {
+        async move { Ok(Some(record)) }
+    }
 }
 
 /// How much may run at once, how failures retry, and where what fails for good goes.
@@ -121,6 +130,9 @@ struct Shared<H: Handler> {
     tails: Mutex<HashMap<String, Tail<H::Event>>>,
     next_unit: AtomicU64,
     tracker: TaskTracker,
+    /// Fires when a dead letter could not be stored anywhere: the worker must stop.
+    failed: CancellationToken,
+    failure: Mutex<Option<String>>,
 }
 
 impl<H: Handler> Dispatcher<H> {
@@ -139,6 +151,8 @@ impl<H: Handler> Dispatcher<H> {
                 tails: Mutex::new(HashMap::new()),
                 next_unit: AtomicU64::new(0),
                 tracker: TaskTracker::new(),
+                failed: CancellationToken::new(),
+                failure: Mutex::new(None),
             }),
         }
     }
@@ -150,6 +164,17 @@ impl<H: Handler> Dispatcher<H> {
             .max_in_flight
             .max(1)
             .saturating_sub(self.shared.permits.available_permits())
+    }
+
+    /// Fires when a record that failed for good could not be dead-lettered: nothing may pass
+    /// it, so the worker must stop (lanes stop taking records and stop waiting to drain).
+    pub fn failed(&self) -> CancellationToken {
+        self.shared.failed.clone()
+    }
+
+    /// Why the dispatcher failed, once it has.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
     }
 
     /// Waits until every update ever submitted has finished.
@@ -200,16 +225,20 @@ impl LaneProgress {
         }
     }
 
-    /// Waits until fewer than `bound` records are pending.
-    async fn wait_below(&self, bound: usize) {
+    /// Waits until fewer than `bound` records are pending, or until `failed` fires (then
+    /// nothing more will move).
+    async fn wait_below(&self, bound: usize, failed: &CancellationToken) {
         loop {
             let moved = self.moved.notified();
             tokio::pin!(moved);
             moved.as_mut().enable();
-            if lock(&self.watermark).pending() < bound.max(1) {
+            if lock(&self.watermark).pending() < bound.max(1) || failed.is_cancelled() {
                 return;
             }
-            moved.await;
+            tokio::select! {
+                _ = moved => {}
+                _ = failed.cancelled() => return,
+            }
         }
     }
 }
@@ -231,8 +260,8 @@ struct Unit<E> {
     tickets: Vec<Ticket>,
     /// The surviving record: what a dead letter keeps.
     record: Record,
-    /// The other records it covers, folded into it.
-    folded: Vec<SequenceNumber>,
+    /// The other records it covers, folded into it: keys only (no image), for dead letters.
+    folded: Vec<Record>,
     /// Creation time of its oldest record, where the record-age limit counts from.
     oldest: Option<SystemTime>,
 }
@@ -243,15 +272,15 @@ impl<E> Unit<E> {
     fn absorb(&mut self, later: Unit<E>, supersedes: impl Fn(&E, &E) -> bool) {
         self.tickets.extend(later.tickets);
         self.oldest = earliest(self.oldest, later.oldest);
-        if supersedes(&later.event, &self.event) {
+        let mut folded = if supersedes(&later.event, &self.event) {
             self.event = later.event;
-            let folded = std::mem::replace(&mut self.record, later.record);
-            self.folded.push(folded.sequence_number);
-            self.folded.extend(later.folded);
+            std::mem::replace(&mut self.record, later.record)
         } else {
-            self.folded.push(later.record.sequence_number);
-            self.folded.extend(later.folded);
-        }
+            later.record
+        };
+        folded.new_image = None;
+        self.folded.push(folded);
+        self.folded.extend(later.folded);
     }
 }
 
@@ -262,32 +291,34 @@ struct Rejected {
     ticket: Ticket,
 }
 
-/// A dead-letter write error, retried whatever its kind: giving up would let the checkpoint
-/// pass a record that is stored nowhere.
-struct KeepTrying(DeadLetterError);
-
-impl Retryable for KeepTrying {
-    fn is_retryable(&self) -> bool {
-        true
-    }
-}
-
-impl Display for KeepTrying {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
 impl<H: Handler> Shared<H> {
-    /// Stores a dead letter, retrying until it is stored, then counts it.
-    async fn dead_letter(&self, letter: &DeadLetter, reason: &'static str) {
+    /// Stores a dead letter, retrying while the destination is unreachable (the shard waits),
+    /// then counts it. A permanent failure (too large, access denied, no such queue) means the
+    /// letter can be stored nowhere: the dispatcher is failed (see [`Dispatcher::failure`])
+    /// and `false` returned; the caller must not mark the record handled.
+    async fn dead_letter(&self, letter: &DeadLetter, reason: &'static str) -> bool {
         let destination = &self.settings.dead_letters;
-        let stored = retry(&self.dead_letter_retry, "write_dead_letter", || async {
-            destination.write(letter).await.map_err(KeepTrying)
+        match retry(&self.dead_letter_retry, "write_dead_letter", || {
+            destination.write(letter)
         })
-        .await;
-        if stored.is_ok() {
-            metrics::counter!(metric::DEAD_LETTERS, "reason" => reason).increment(1);
+        .await
+        {
+            Ok(()) => {
+                metrics::counter!(metric::DEAD_LETTERS, "reason" => reason).increment(1);
+                true
+            }
+            Err(error) => {
+                let failure = format!(
+                    "the dead letter of shard {} record {} cannot be stored in {}: {error}",
+                    letter.shard,
+                    letter.sequence_number,
+                    destination.describe()
+                );
+                tracing::error!(error = %failure, "stopping: a record that failed for good cannot be dead-lettered");
+                lock(&self.failure).get_or_insert(failure);
+                self.failed.cancel();
+                false
+            }
         }
     }
 }
@@ -356,8 +387,9 @@ impl<H: Handler> DispatchLane<H> {
         let progress = self.progress.clone();
         self.shared.tracker.spawn(async move {
             let _permit = permit;
-            shared.dead_letter(&rejected.letter, rejected.reason).await;
-            progress.complete(&[rejected.ticket]);
+            if shared.dead_letter(&rejected.letter, rejected.reason).await {
+                progress.complete(&[rejected.ticket]);
+            }
         });
     }
 
@@ -427,10 +459,13 @@ impl<H: Handler> DispatchLane<H> {
                 let error = failure.error.to_string();
                 tracing::error!(shard = %shard, sequence = %unit.record.sequence_number, key = %unit.key, reason, attempts = failure.attempts, error, "update failed for good; dead-lettering it");
                 let mut letter = DeadLetter::new(&shard, &unit.record, reason, error, failure.attempts, &settings.worker_id);
-                letter.covers = unit.folded.iter().map(|sequence| sequence.as_str().to_owned()).collect();
-                shared.dead_letter(&letter, reason).await;
+                letter.covers = unit.folded.iter().map(Covered::new).collect();
+                if shared.dead_letter(&letter, reason).await {
+                    progress.complete(&unit.tickets);
+                }
+            } else {
+                progress.complete(&unit.tickets);
             }
-            progress.complete(&unit.tickets);
             drop(finished);
             let mut tails = lock(&shared.tails);
             if tails.get(&key).is_some_and(|tail| tail.id == id) {
@@ -444,7 +479,14 @@ impl<H: Handler> DispatchLane<H> {
 
 impl<H: Handler> ShardLane for DispatchLane<H> {
     async fn submit(&mut self, records: Vec<Record>) {
-        self.progress.wait_below(self.shared.settings.max_pending_records).await;
+        let failed = &self.shared.failed;
+        self.progress
+            .wait_below(self.shared.settings.max_pending_records, failed)
+            .await;
+        if failed.is_cancelled() {
+            // The worker stops: nothing more is taken (none of it is checkpointed either).
+            return;
+        }
         let (units, rejected, done_now) = self.plan(records);
         self.progress.complete(&done_now);
         // The semaphore is never closed; were it, running unbounded beats losing work.
@@ -466,7 +508,7 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
     }
 
     async fn drain(&mut self) {
-        self.progress.wait_below(1).await;
+        self.progress.wait_below(1, &self.shared.failed).await;
     }
 }
 
@@ -489,15 +531,38 @@ pub async fn replay<H: Handler>(
         Ok(record) => record,
         Err(error) => return Err(letter.failed_again("unreadable", error.to_string(), 0)),
     };
+    let outcome = match replay_record(handler, policy, record).await {
+        Ok(outcome) => outcome,
+        Err((reason, error, attempts)) => return Err(letter.failed_again(reason, error, attempts)),
+    };
+    // The records it covers (older messages of the conversation), from their keys.
+    for covered in letter.covers.iter().filter_map(Covered::record) {
+        if let Err((reason, error, attempts)) = replay_record(handler, policy, covered).await {
+            return Err(letter.failed_again(reason, error, attempts));
+        }
+    }
+    Ok(outcome)
+}
+
+/// One record of a letter, restored by the handler where only its keys were kept: what
+/// happened, or why it failed (reason, error, attempts).
+async fn replay_record<H: Handler>(
+    handler: &H,
+    policy: &RetryPolicy,
+    record: Record,
+) -> Result<&'static str, (&'static str, String, u32)> {
+    let restored = retry_until(policy, "redrive_restore", None, || handler.restore(record.clone())).await;
+    let record = match restored {
+        Ok(Some(record)) => record,
+        Ok(None) => return Ok("gone"),
+        Err(failure) => return Err((reason::of(failure.gave_up), failure.error.to_string(), failure.attempts)),
+    };
     match handler.route(&record) {
         Route::Ignore(reason) => Ok(reason),
-        Route::Reject { reason, detail } => Err(letter.failed_again(reason, detail, 0)),
+        Route::Reject { reason, detail } => Err((reason, detail, 0)),
         Route::Apply { event, .. } => match retry_until(policy, "redrive", None, || handler.handle(&event)).await {
             Ok(()) => Ok("applied"),
-            Err(failure) => {
-                let error = failure.error.to_string();
-                Err(letter.failed_again(reason::of(failure.gave_up), error, failure.attempts))
-            }
+            Err(failure) => Err((reason::of(failure.gave_up), failure.error.to_string(), failure.attempts)),
         },
     }
 }
@@ -674,7 +739,11 @@ mod tests {
         let summary: Vec<(String, &str, u32, Vec<String>)> = letters
             .iter()
             .map(|l| {
-                let covers = l.covers.iter().map(|c| c.trim_start_matches('0').to_owned()).collect();
+                let covers = l
+                    .covers
+                    .iter()
+                    .map(|c| c.sequence_number().trim_start_matches('0').to_owned())
+                    .collect();
                 (
                     l.sequence_number.trim_start_matches('0').to_owned(),
                     l.reason.as_str(),

@@ -398,6 +398,28 @@ impl Handler for GroupSummaryUpdater {
         metrics::counter!(metric::GROUP_UPDATES, "outcome" => outcome).increment(1);
         Ok(())
     }
+
+    /// A dead letter that kept only an inserted row's keys: the row as stored now (strongly
+    /// consistent); `None` when it was deleted since.
+    async fn restore(&self, mut record: Record) -> Result<Option<Record>, UpdateError> {
+        if record.new_image.is_some() || record.event != crate::stream::EventKind::Insert {
+            return Ok(Some(record));
+        }
+        let item = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(record.keys.clone()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("GetItem", &error))?
+            .item;
+        Ok(item.map(|item| {
+            record.new_image = Some(item);
+            record
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,11 @@ pub fn to_json(record: &Record) -> Json {
     json!({ "eventName": event_name(record.event), "dynamodb": dynamodb })
 }
 
+/// The record's keys in DynamoDB JSON.
+pub fn keys_to_json(record: &Record) -> Json {
+    item_to_json(&record.keys)
+}
+
 /// The record a change record describes; `created_at` falls back to `arrived` when the change
 /// record has no creation time. Parts that do not decode are left out (an unknown event name
 /// becomes [`EventKind::Other`]), for the handler to judge.

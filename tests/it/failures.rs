@@ -696,3 +696,147 @@ async fn run_with_an_unwritable_dead_letter_file_fails_at_start() {
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot be written"), "{stderr}");
 }
+
+/// A message of 300 KB whose update fails for good: its letter would be over the queue's
+/// 256 KiB. It is stored with the record's keys only, the shard moves on, and `redrive` reads
+/// the message back from the table to apply it.
+#[tokio::test]
+async fn an_oversized_dead_letter_is_stored_by_its_keys_and_redrive_reads_the_message_back() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::create().await;
+    queue.limit_messages_to(262_144).await;
+    let people = users(&["ova", "ovb"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-10-01T00:00:00Z", "open")
+        .await;
+    let long = "a long message ".repeat(20_000);
+    db.message(&group, &people[1], "2024-10-01T00:00:01Z", &long).await;
+    let proxy = FaultProxy::start(
+        &endpoint(),
+        Faults {
+            share: 1.0,
+            kinds: vec![Fault::ServerError],
+            target: Some("TransactWriteItems".into()),
+        },
+    )
+    .await;
+    let sqs = crate::support::sqs_endpoint();
+    let queue_env = [
+        ("AWS_ENDPOINT_URL_SQS", sqs.as_str()),
+        ("WORKER_DEAD_LETTER_FILE", ""),
+        ("WORKER_DEAD_LETTER_QUEUE_URL", queue.url.as_str()),
+    ];
+    let proxy_url = proxy.url();
+    let mut worker = db
+        .spawn_worker_process_with(
+            &[],
+            &[
+                &queue_env[..],
+                &[
+                    ("AWS_ENDPOINT_URL_DYNAMODB", proxy_url.as_str()),
+                    ("WORKER_RETRY_MAX_ATTEMPTS", "2"),
+                    ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
+                ],
+            ]
+            .concat(),
+        )
+        .await;
+    db.wait_caught_up().await;
+    assert_eq!(
+        worker.metric("stream_worker_dead_letters_total", "").await,
+        1.0,
+        "{}",
+        worker.log()
+    );
+    worker.signal("TERM");
+    assert!(worker.wait_exit().await.success(), "{}", worker.log());
+    let bodies = queue.bodies_hidden_for(0).await;
+    assert_eq!(bodies.len(), 1, "one letter");
+    assert!(bodies[0].len() <= 262_144);
+    let letter: DeadLetter = serde_json::from_str(&bodies[0]).expect("a dead letter");
+    assert!(letter.record_trimmed);
+    assert_eq!(letter.covers.len(), 1, "the opening message, folded in");
+
+    let (code, out, err) = run_command_with(&db, &["redrive"], &queue_env).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 replayed"), "{out}");
+    assert!(
+        db.group_is_at(&group, &[&people[0], &people[1]], "2024-10-01T00:00:01Z", &long)
+            .await
+    );
+}
+
+/// A wrong queue URL is bad configuration: `run` says so and exits 2 at start, not at the first
+/// record that fails.
+#[tokio::test]
+async fn run_with_a_queue_that_does_not_exist_exits_2_at_start() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::create().await;
+    let missing = format!("{}-missing", queue.url);
+    let sqs = crate::support::sqs_endpoint();
+    let env = [
+        ("AWS_ENDPOINT_URL_SQS", sqs.as_str()),
+        ("WORKER_DEAD_LETTER_FILE", ""),
+        ("WORKER_DEAD_LETTER_QUEUE_URL", missing.as_str()),
+    ];
+    let run = run_command_with(&db, &["run"], &env);
+    let (code, out, err) = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("run stops at start");
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains(&missing) && err.contains("GetQueueAttributes"), "{err}");
+}
+
+/// The queue is deleted while the worker runs: the next dead letter can be stored nowhere. The
+/// worker stops with an error that says so (no endless retries), and its checkpoint stays
+/// before that record.
+#[tokio::test]
+async fn a_dead_letter_that_can_be_stored_nowhere_stops_the_worker_with_a_clear_error() {
+    let db = TestDb::new().await;
+    let queue = TestQueue::create().await;
+    let people = users(&["nwa", "nwb"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-11-01T00:00:00Z", "open")
+        .await;
+    let sqs = crate::support::sqs_endpoint();
+    let mut worker = db
+        .spawn_worker_process_with(
+            &[],
+            &[
+                ("AWS_ENDPOINT_URL_SQS", sqs.as_str()),
+                ("WORKER_DEAD_LETTER_FILE", ""),
+                ("WORKER_DEAD_LETTER_QUEUE_URL", queue.url.as_str()),
+                ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
+            ],
+        )
+        .await;
+    db.wait_caught_up().await;
+    queue
+        .client
+        .delete_queue()
+        .queue_url(&queue.url)
+        .send()
+        .await
+        .expect("delete the queue");
+    db.put_raw(&[
+        ("pk", text(&format!("MSG#{group}"))),
+        ("sk", text("2024-11-01T00:00:01Z")),
+    ])
+    .await;
+    let poison = db
+        .stream_records()
+        .await
+        .last()
+        .map(|(seq, _, _)| SequenceNumber::parse(seq).expect("sequence"))
+        .expect("poison record");
+    let status = tokio::time::timeout(Duration::from_secs(30), worker.wait_exit())
+        .await
+        .unwrap_or_else(|_| panic!("the worker stops by itself: {}", worker.log()));
+    assert_eq!(status.code(), Some(1), "{}", worker.log());
+    let log = worker.log();
+    assert!(log.contains("cannot be stored"), "{log}");
+    assert!(
+        db.checkpoint().await.is_none_or(|checkpoint| checkpoint < poison),
+        "no checkpoint past the record whose letter was lost"
+    );
+}

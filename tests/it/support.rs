@@ -928,20 +928,46 @@ impl TestQueue {
         }
     }
 
+    /// Sets the queue's `MaximumMessageSize` (local SQS makes queues of 1 MiB; older queues,
+    /// and many templates, have 256 KiB).
+    pub async fn limit_messages_to(&self, bytes: usize) {
+        self.client
+            .set_queue_attributes()
+            .queue_url(&self.url)
+            .attributes(
+                aws_sdk_sqs::types::QueueAttributeName::MaximumMessageSize,
+                bytes.to_string(),
+            )
+            .send()
+            .await
+            .expect("set the message size limit");
+    }
+
     /// Every message body in the queue, leaving them there (invisible for a while).
     pub async fn bodies(&self) -> Vec<String> {
+        self.bodies_hidden_for(30).await
+    }
+
+    /// Every message body in the queue, hidden for `seconds` after (0: visible again at once).
+    pub async fn bodies_hidden_for(&self, seconds: i32) -> Vec<String> {
         let mut bodies = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         loop {
             let received = self
                 .client
                 .receive_message()
                 .queue_url(&self.url)
                 .max_number_of_messages(10)
-                .visibility_timeout(30)
+                .visibility_timeout(seconds)
                 .send()
                 .await
                 .expect("receive");
-            let messages = received.messages.unwrap_or_default();
+            let messages: Vec<_> = received
+                .messages
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| seen.insert(m.message_id.clone()))
+                .collect();
             if messages.is_empty() {
                 return bodies;
             }
