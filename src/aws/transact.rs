@@ -78,11 +78,20 @@ impl ActionSet {
 }
 
 /// What became of a set that the service answered for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Commit {
     Committed,
     /// A condition of the set failed: someone changed its items first. Nothing was written.
-    ConditionFailed,
+    /// One entry per action of the set: the item as stored, for an action whose condition
+    /// failed and that asked for it (`ReturnValuesOnConditionCheckFailure = ALL_OLD`).
+    ConditionFailed(Vec<Option<super::Item>>),
+}
+
+/// One action's cancellation reason: its code and, when asked for, the item as stored.
+#[derive(Debug, Clone, Default)]
+struct Reason {
+    code: Option<String>,
+    item: Option<super::Item>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -244,12 +253,15 @@ impl Inner {
                 }
                 Err(error) => error,
             };
-            let reasons: Option<Vec<Option<String>>> = match error.as_service_error() {
+            let reasons: Option<Vec<Reason>> = match error.as_service_error() {
                 Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) => Some(
                     cancelled
                         .cancellation_reasons()
                         .iter()
-                        .map(|reason| reason.code().map(str::to_owned))
+                        .map(|reason| Reason {
+                            code: reason.code().map(str::to_owned),
+                            item: reason.item().cloned(),
+                        })
                         .collect(),
                 ),
                 _ => None,
@@ -269,8 +281,7 @@ impl Inner {
                 _ => {
                     let answer = match reasons {
                         // Reasons that do not line up with the actions: judge by their codes.
-                        Some(reasons) => judge(reasons.iter().map(Option::as_deref), &classified)
-                            .unwrap_or_else(|| Err(classified.clone().into())),
+                        Some(reasons) => judge(&reasons, &classified).unwrap_or_else(|| Err(classified.clone().into())),
                         None => Err(classified.into()),
                     };
                     for waiting in pack {
@@ -286,13 +297,13 @@ impl Inner {
 /// Answers the sets of a cancelled call from their own reasons; returns the sets the service
 /// did not object to, to be sent again. When no set can be blamed, every set gets the error
 /// (nothing to leave out, so sending again would only repeat it).
-fn answer_cancelled(pack: Vec<Waiting>, reasons: &[Option<String>], error: &AwsError) -> Vec<Waiting> {
+fn answer_cancelled(pack: Vec<Waiting>, reasons: &[Reason], error: &AwsError) -> Vec<Waiting> {
     let mut offset = 0;
     let mut verdicts = Vec::with_capacity(pack.len());
     for waiting in &pack {
         let own = &reasons[offset..offset + waiting.set.len()];
         offset += waiting.set.len();
-        verdicts.push(judge(own.iter().map(Option::as_deref), error));
+        verdicts.push(judge(own, error));
     }
     if verdicts.iter().all(Option::is_none) {
         let answer: Answer = Err(error.clone().into());
@@ -315,13 +326,22 @@ fn answer_cancelled(pack: Vec<Waiting>, reasons: &[Option<String>], error: &AwsE
 
 /// What a set's cancellation reasons say: `None` when the service did not object to any of
 /// its actions ("None" or no code), else the set's answer.
-fn judge<'a>(codes: impl Iterator<Item = Option<&'a str>>, error: &AwsError) -> Option<Answer> {
-    let objections: Vec<&str> = codes.flatten().filter(|code| *code != "None").collect();
+fn judge(reasons: &[Reason], error: &AwsError) -> Option<Answer> {
+    let objections: Vec<&str> = reasons
+        .iter()
+        .filter_map(|reason| reason.code.as_deref())
+        .filter(|code| *code != "None")
+        .collect();
     if objections.is_empty() {
         return None;
     }
     if objections.contains(&"ConditionalCheckFailed") {
-        return Some(Ok(Commit::ConditionFailed));
+        let failed = |reason: &Reason| reason.code.as_deref() == Some("ConditionalCheckFailed");
+        let items = reasons
+            .iter()
+            .map(|reason| reason.item.clone().filter(|_| failed(reason)))
+            .collect();
+        return Some(Ok(Commit::ConditionFailed(items)));
     }
     if objections.iter().any(|code| TRANSIENT_REASONS.contains(code)) {
         let mut transient = error.clone();
@@ -486,8 +506,14 @@ mod tests {
         }
     }
 
-    fn codes(codes: &[&str]) -> Vec<Option<String>> {
-        codes.iter().map(|code| Some(code.to_string())).collect()
+    fn codes(codes: &[&str]) -> Vec<Reason> {
+        codes
+            .iter()
+            .map(|code| Reason {
+                code: Some(code.to_string()),
+                item: None,
+            })
+            .collect()
     }
 
     #[test]
@@ -510,7 +536,7 @@ mod tests {
         let again = answer_cancelled(waiting.into(), &reasons, &error());
         assert_eq!(items_of(&again), ["a", "d"]);
         assert!(answers[0].try_recv().is_err(), "a is sent again, not answered");
-        assert!(matches!(answers[1].try_recv(), Ok(Ok(Commit::ConditionFailed))));
+        assert!(matches!(answers[1].try_recv(), Ok(Ok(Commit::ConditionFailed(_)))));
         assert!(matches!(answers[2].try_recv(), Ok(Err(CommitError::Rejected(reason))) if reason == "ValidationError"));
     }
 
@@ -522,7 +548,7 @@ mod tests {
         let reasons = codes(&["ConditionalCheckFailed", "ConditionalCheckFailed", "None", "None"]);
         let again = answer_cancelled(waiting.into(), &reasons, &error());
         assert!(again.is_empty());
-        assert!(matches!(answers[0].try_recv(), Ok(Ok(Commit::ConditionFailed))));
+        assert!(matches!(answers[0].try_recv(), Ok(Ok(Commit::ConditionFailed(_)))));
     }
 
     #[test]
@@ -535,7 +561,14 @@ mod tests {
         assert!(matches!(answer, Err(CommitError::Aws(ref e)) if e.retryable));
 
         let (waiting, mut answers) = queue(vec![set(&["a"], 1, 1), set(&["b"], 1, 1)]);
-        let again = answer_cancelled(waiting.into(), &[None, Some("None".into())], &error());
+        let blameless = [
+            Reason::default(),
+            Reason {
+                code: Some("None".into()),
+                item: None,
+            },
+        ];
+        let again = answer_cancelled(waiting.into(), &blameless, &error());
         assert!(again.is_empty(), "nothing to leave out: no endless resend");
         for answer in &mut answers {
             assert!(matches!(answer.try_recv(), Ok(Err(CommitError::Aws(_)))));

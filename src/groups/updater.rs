@@ -23,7 +23,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+};
 
 use super::memory::RowMemory;
 use super::model::{self, GroupRow, MessageInserted, GROUP_INDEX, GROUP_PREFIX};
@@ -46,6 +48,10 @@ pub enum UpdateError {
     Contended,
     #[error("transaction rejected: {0}")]
     Rejected(String),
+    /// The row key a move needs belongs to another conversation of the same user (two
+    /// conversations whose messages share one instant): no retry can free it.
+    #[error("group row key {key} is held by conversation {holder}")]
+    KeyHeld { key: String, holder: String },
 }
 
 impl Retryable for UpdateError {
@@ -53,7 +59,7 @@ impl Retryable for UpdateError {
         match self {
             UpdateError::Aws(error) => error.is_retryable(),
             UpdateError::Contended => true,
-            UpdateError::Rejected(_) => false,
+            UpdateError::Rejected(_) | UpdateError::KeyHeld { .. } => false,
         }
     }
 }
@@ -286,19 +292,33 @@ impl GroupSummaryUpdater {
                     .build(),
             );
         }
+        let first_put = actions.len();
+        let mut ours = Vec::with_capacity(writes.puts.len());
         for item in writes.puts {
             touched.push(item_name(&item));
+            ours.push(model::text(&item, "message_group_uuid").map(str::to_owned));
             let put = Put::builder()
                 .table_name(&self.table)
                 .set_item(Some(item))
                 .condition_expression("attribute_not_exists(pk)")
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .build()
                 .map_err(build_error)?;
             actions.push(TransactWriteItem::builder().put(put).build());
         }
         match self.transactions.commit(ActionSet::new(actions, touched)).await {
             Ok(Commit::Committed) => Ok(()),
-            Ok(Commit::ConditionFailed) => Err(WriteFailure::LostRace),
+            Ok(Commit::ConditionFailed(stored)) => {
+                let held = stored.iter().skip(first_put).zip(&ours).find_map(|(stored, ours)| {
+                    let stored = stored.as_ref()?;
+                    let holder = model::text(stored, "message_group_uuid").unwrap_or("(none)");
+                    (Some(holder) != ours.as_deref()).then(|| UpdateError::KeyHeld {
+                        key: item_name(stored).replace('\u{0}', " "),
+                        holder: holder.to_owned(),
+                    })
+                });
+                Err(held.map_or(WriteFailure::LostRace, WriteFailure::Error))
+            }
             Err(CommitError::Aws(error)) => Err(WriteFailure::Error(error.into())),
             Err(CommitError::Rejected(codes)) => Err(WriteFailure::Error(UpdateError::Rejected(codes))),
         }

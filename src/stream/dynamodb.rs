@@ -107,7 +107,10 @@ impl StreamSource for DynamoDbStreamsSource {
             .stream_arn(stream_id)
             .shard_id(&shard.0);
         let request = match position {
-            Position::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            // LATEST resolved to an instant: from the horizon, the reader skips what came before.
+            Position::TrimHorizon | Position::LatestAt(_) => {
+                request.shard_iterator_type(ShardIteratorType::TrimHorizon)
+            }
             Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
             Position::After(sequence) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)

@@ -108,7 +108,7 @@ impl LeaseStore {
             .table_name(&self.table)
             .item(LEASE_TABLE_KEY, AttributeValue::S(shard.id.0.clone()))
             .item("stream_id", AttributeValue::S(stream_id.to_owned()))
-            .item("checkpoint", AttributeValue::S(checkpoint.encode().to_owned()))
+            .item("checkpoint", AttributeValue::S(checkpoint.encode().into_owned()))
             .item("parent_shard_ids", AttributeValue::L(parents))
             .item("shard_end", AttributeValue::Bool(shard_end))
             .item("lease_counter", AttributeValue::N("0".into()))
@@ -186,7 +186,7 @@ impl LeaseStore {
             "SET checkpoint = :checkpoint, shard_end = :end, updated_at = :now",
             |request| {
                 request
-                    .expression_attribute_values(":checkpoint", AttributeValue::S(position.encode().to_owned()))
+                    .expression_attribute_values(":checkpoint", AttributeValue::S(position.encode().into_owned()))
                     .expression_attribute_values(":end", AttributeValue::Bool(shard_end))
             },
         )
@@ -212,6 +212,31 @@ impl LeaseStore {
             .await
             .map_err(|error| AwsError::from_sdk("DeleteItem", &error))?;
         Ok(())
+    }
+
+    /// Deletes the row of an unfinished shard gone from the stream, only if nobody wrote it since
+    /// it was seen (its counter unchanged). `Ok(false)` when someone did.
+    pub async fn retire(&self, seen: &Lease) -> Result<bool, StreamError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key(LEASE_TABLE_KEY, AttributeValue::S(seen.shard.0.clone()))
+            .condition_expression("lease_counter = :seen")
+            .expression_attribute_values(":seen", AttributeValue::N(seen.counter.to_string()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(AwsError::from_sdk("DeleteItem", &error).into()),
+        }
     }
 
     /// An update of a lease this worker holds at `counter`: conditional on both, bumps the

@@ -17,9 +17,35 @@ use super::{Lease, Position, ShardId, ShardInfo, StartingPosition};
 /// no shard of this stream has a lease row yet.
 pub(super) fn initial_lease(shard: &ShardInfo, fresh_stream: bool, starting: StartingPosition) -> (Position, bool) {
     match (starting, fresh_stream) {
-        (StartingPosition::Latest, true) => (Position::Latest, shard.closed),
+        (StartingPosition::Latest, true) => (Position::latest_now(), shard.closed),
         _ => (Position::TrimHorizon, false),
     }
+}
+
+/// Lease rows of this stream (rows written before `stream_id` was kept count as this stream's):
+/// when there are none, the stream has never been read by this consumer.
+pub(super) fn is_fresh(stream_id: &str, leases: &HashMap<ShardId, Lease>) -> bool {
+    !leases
+        .values()
+        .any(|lease| lease.stream_id.as_deref().is_none_or(|id| id == stream_id))
+}
+
+/// Unfinished lease rows of this stream whose shard is no longer listed: trimmed away before
+/// they were read to the end (a consumer down past the retention). Their records are lost to
+/// the stream; the rows can order nothing any more.
+pub(super) fn orphans<'a>(
+    stream_id: &str,
+    shards: &[ShardInfo],
+    leases: &'a HashMap<ShardId, Lease>,
+) -> Vec<&'a Lease> {
+    let listed: HashSet<&ShardId> = shards.iter().map(|shard| &shard.id).collect();
+    let mut orphans: Vec<&Lease> = leases
+        .values()
+        .filter(|lease| !lease.shard_end && !listed.contains(&lease.shard))
+        .filter(|lease| lease.stream_id.as_deref().is_none_or(|id| id == stream_id))
+        .collect();
+    orphans.sort_by(|a, b| a.shard.cmp(&b.shard));
+    orphans
 }
 
 /// Shards to start reading now, in the source's order: not finished, not `busy`, and every
@@ -151,17 +177,60 @@ mod tests {
     }
 
     #[test]
-    fn latest_applies_only_to_a_stream_never_read() {
+    fn a_stream_is_fresh_only_without_rows_of_its_own() {
+        let mut leases = HashMap::new();
+        assert!(is_fresh("s1", &leases));
+        let (id, mut row) = lease("a", false);
+        row.stream_id = Some("s0".into());
+        leases.insert(id.clone(), row.clone());
+        assert!(is_fresh("s1", &leases), "rows of another stream (a table made again)");
+        row.stream_id = Some("s1".into());
+        leases.insert(id.clone(), row.clone());
+        assert!(
+            !is_fresh("s1", &leases),
+            "even when none of its shards is listed any more"
+        );
+        row.stream_id = None;
+        leases.insert(id, row);
+        assert!(!is_fresh("s1", &leases), "rows from before stream ids were kept");
+    }
+
+    #[test]
+    fn unfinished_rows_of_shards_gone_from_the_stream_are_orphans() {
+        // After a day down: every listed shard is new; the rows name shards long trimmed.
+        let listed = vec![shard("new", &["gone-2"], false)];
+        let mut leases: HashMap<ShardId, Lease> = [lease("gone-1", true), lease("gone-2", false), lease("new", false)]
+            .into_iter()
+            .collect();
+        for row in leases.values_mut() {
+            row.stream_id = Some("s1".into());
+        }
+        let (other_id, mut other) = lease("elsewhere", false);
+        other.stream_id = Some("s0".into());
+        leases.insert(other_id, other);
+        let found: Vec<&str> = orphans("s1", &listed, &leases)
+            .iter()
+            .map(|lease| lease.shard.0.as_str())
+            .collect();
+        assert_eq!(
+            found,
+            vec!["gone-2"],
+            "finished, listed and other streams' rows are not"
+        );
+    }
+
+    #[test]
+    fn latest_applies_only_to_a_stream_never_read_and_is_stored_resolved() {
         let open = shard("open", &["closed"], false);
         let closed = shard("closed", &[], true);
-        assert_eq!(
+        assert!(matches!(
             initial_lease(&open, true, StartingPosition::Latest),
-            (Position::Latest, false)
-        );
-        assert_eq!(
+            (Position::LatestAt(_), false)
+        ));
+        assert!(matches!(
             initial_lease(&closed, true, StartingPosition::Latest),
-            (Position::Latest, true)
-        );
+            (Position::LatestAt(_), true)
+        ));
         assert_eq!(
             initial_lease(&open, false, StartingPosition::Latest),
             (Position::TrimHorizon, false)

@@ -72,7 +72,7 @@ pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
     lane: L,
     stop: CancellationToken,
 ) -> Result<ShardReport, StreamError> {
-    tracing::info!(shard = %lease.shard, checkpoint = lease.checkpoint.encode(), "reading shard");
+    tracing::info!(shard = %lease.shard, checkpoint = %lease.checkpoint.encode(), "reading shard");
     let mut reader = ShardReader {
         report: ShardReport::new(lease.shard.clone()),
         context: &context,
@@ -160,7 +160,15 @@ struct ShardReader<'a, S, L> {
 
 impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
     async fn run(&mut self, cancel: &CancellationToken) -> Result<(), StreamError> {
+        if self.written == Position::Latest {
+            self.resolve_latest().await?;
+        }
         let start = self.written.clone();
+        // Records made before `LATEST` was resolved are read but not handed over.
+        let skip_before = match start {
+            Position::LatestAt(at) => Some(at),
+            _ => None,
+        };
         let mut iterator = self.acquire(&start).await?;
         // The next read, started while the previous batch was handed over.
         let mut read_ahead: Option<Result<Batch, StreamError>> = None;
@@ -173,10 +181,16 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
                 },
             };
             match read {
-                Ok(batch) => {
+                Ok(mut batch) => {
                     self.context.health.read_succeeded();
-                    let got_records = !batch.records.is_empty();
+                    let read_any = !batch.records.is_empty();
                     self.observe(&batch.records, batch.behind);
+                    if let Some(cutoff) = skip_before {
+                        batch
+                            .records
+                            .retain(|record| record.created_at.is_none_or(|at| at >= cutoff));
+                    }
+                    let got_records = !batch.records.is_empty();
                     let Some(next) = batch.next_iterator else {
                         if got_records {
                             self.lane.submit(batch.records).await;
@@ -196,7 +210,7 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
                         read_ahead = next_read;
                     }
                     self.save(false, false).await?;
-                    if !got_records {
+                    if !read_any {
                         tokio::select! {
                             _ = cancel.cancelled() => {}
                             _ = tokio::time::sleep(self.context.settings.idle_interval) => {}
@@ -224,6 +238,20 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
             }
         }
         self.finish(false).await
+    }
+
+    /// A `LATEST` checkpoint (as earlier versions stored it) resolved to an instant and stored
+    /// at once, so that a handoff from here on skips nothing.
+    async fn resolve_latest(&mut self) -> Result<(), StreamError> {
+        let resolved = Position::latest_now();
+        let (leases, held) = (&self.context.leases, &self.held);
+        retry(&self.context.settings.retry, "checkpoint", || {
+            held.checkpoint(leases, &resolved, false)
+        })
+        .await?;
+        tracing::info!(shard = %self.shard, checkpoint = %resolved.encode(), "LATEST resolved");
+        self.written = resolved;
+        Ok(())
     }
 
     /// An iterator at `position`; a position already trimmed away restarts at the horizon.
@@ -323,7 +351,7 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         })
         .await?;
         metrics::counter!(metric::CHECKPOINTS).increment(1);
-        tracing::debug!(shard = %self.shard, checkpoint = target.encode(), shard_end, "checkpoint written");
+        tracing::debug!(shard = %self.shard, checkpoint = %target.encode(), shard_end, "checkpoint written");
         self.report.checkpoint = Some(target.clone());
         self.written = target;
         self.last_write = Instant::now();

@@ -129,6 +129,10 @@ struct State {
     holdoff: HashMap<ShardId, Instant>,
     /// The stream as last described.
     stream: Option<StreamShards>,
+    /// Unfinished rows of shards the last sync did not list: retired when the next one does
+    /// not list them either (a row another worker made for a shard newer than our listing is
+    /// listed by then).
+    orphans_seen: HashSet<ShardId>,
     observations: Observations,
     last_renewal: Instant,
     next_sync: Instant,
@@ -147,6 +151,7 @@ impl State {
             held: HashMap::new(),
             holdoff: HashMap::new(),
             stream: None,
+            orphans_seen: HashSet::new(),
             observations: Observations::default(),
             last_renewal: now,
             next_sync: now,
@@ -251,7 +256,7 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
     /// Describes the stream and keeps the lease rows in step with its shards.
     async fn sync_shards(&self, state: &mut State) {
         let sync_interval = self.context.settings.shard_sync_interval;
-        match self.try_sync_shards().await {
+        match self.try_sync_shards(&mut state.orphans_seen).await {
             Ok(described) => {
                 state.stream = Some(described);
                 state.failed_syncs = 0;
@@ -276,12 +281,15 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         }
     }
 
-    async fn try_sync_shards(&self) -> Result<StreamShards, StreamError> {
+    async fn try_sync_shards(&self, orphans_seen: &mut HashSet<ShardId>) -> Result<StreamShards, StreamError> {
         let context = &self.context;
         let described = context.source.describe().await?;
         context.health.stream_found(&described.stream_id);
         let leases = context.leases.load_all().await?;
-        let fresh_stream = !described.shards.iter().any(|shard| leases.contains_key(&shard.id));
+        // Rows of this stream, even of shards long gone, mean it was read before: new shards
+        // then start at the horizon whatever `starting_position` says.
+        let fresh_stream = lineage::is_fresh(&described.stream_id, &leases);
+        self.retire_orphans(&described, &leases, orphans_seen).await?;
         for shard in described.shards.iter().filter(|shard| !leases.contains_key(&shard.id)) {
             let (checkpoint, shard_end) =
                 lineage::initial_lease(shard, fresh_stream, context.settings.starting_position);
@@ -289,13 +297,44 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
                 .leases
                 .create(&described.stream_id, shard, &checkpoint, shard_end)
                 .await?;
-            tracing::info!(shard = %shard.id, parents = ?shard.parents, checkpoint = checkpoint.encode(), shard_end, "new shard");
+            tracing::info!(shard = %shard.id, parents = ?shard.parents, checkpoint = %checkpoint.encode(), shard_end, "new shard");
         }
         for shard in lineage::removable(&described.shards, &leases) {
             context.leases.delete(shard).await?;
             tracing::info!(shard = %shard, "removed the lease of a finished shard gone from the stream");
         }
         Ok(described)
+    }
+
+    /// Unfinished rows of shards trimmed away before they were read to the end (this consumer was
+    /// down past the retention): the records in between are lost to the stream. Counted and
+    /// logged once, with what to do, and the rows retired so that they stop waiting forever.
+    async fn retire_orphans(
+        &self,
+        described: &StreamShards,
+        leases: &HashMap<ShardId, Lease>,
+        seen: &mut HashSet<ShardId>,
+    ) -> Result<(), StreamError> {
+        let orphans = lineage::orphans(&described.stream_id, &described.shards, leases);
+        let (confirmed, new): (Vec<&Lease>, Vec<&Lease>) =
+            orphans.into_iter().partition(|lease| seen.contains(&lease.shard));
+        *seen = new.iter().map(|lease| lease.shard.clone()).collect();
+        let mut retired = Vec::new();
+        for lease in confirmed {
+            if self.context.leases.retire(lease).await? {
+                retired.push(lease.shard.0.as_str());
+            }
+        }
+        if !retired.is_empty() {
+            metrics::counter!(metric::STREAM_GAPS).increment(1);
+            tracing::error!(
+                shards = ?retired,
+                "shards were trimmed from the stream before this worker read them to the end (down longer than \
+                 the stream's retention); their leases are retired and reading goes on from the oldest record \
+                 kept. Conversations may be stale: run `cruddur-stream-worker reconcile`"
+            );
+        }
+        Ok(())
     }
 
     /// Renews, takes, steals, and starts readers.

@@ -276,24 +276,30 @@ async fn a_row_key_held_by_another_conversation_is_never_overwritten() {
         .all(|row| s(row, "sk") == canonical("2023-11-01T00:00:00") && s(row, "message") == "with zed"));
     assert_eq!(db.group_rows(&second).await.len(), 2);
 
-    // Now a newer message that lands exactly on a key the other conversation holds.
-    let held = db.conversation(zed, amy, "2023-11-02T00:00:00", "zed and amy").await;
-    db.message(&second, amy, "2023-11-02T00:00:00", "collides for real")
+    // Now a newer message that lands exactly on a key the other conversation holds (amy's row
+    // of the conversation with zed, opened at that very instant).
+    let held = db
+        .conversation(zed, amy, "2023-11-02T00:00:00.000000+00:00", "zed and amy")
         .await;
-    let worker = db.start_worker(&[("retry_max_attempts", "2")]).await;
+    db.message(&second, amy, "2023-11-02T05:30:00+05:30", "collides for real")
+        .await;
+    let worker = db.start_worker(&[("retry_max_attempts", "20")]).await;
     let gave_up = wait_until(Duration::from_secs(30), || async {
         worker
-            .metric("stream_worker_dead_letters_total", r#"reason="retries_exhausted""#)
+            .metric("stream_worker_dead_letters_total", r#"reason="permanent_error""#)
             .await
             >= 1.0
     })
     .await;
     assert!(gave_up, "the update fails for good instead of overwriting");
-    assert!(
-        worker.metric("stream_worker_group_update_races_total", "").await >= 1.0,
-        "the refusal is a lost race"
-    );
     worker.stop().await;
+    let letters = db.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    assert_eq!(
+        letters[0].attempts, 1,
+        "the cancellation reasons say it at once: no rounds of re-reads"
+    );
+    assert!(letters[0].error.contains(&held), "{}", letters[0].error);
     let held_rows = db.group_rows(&held).await;
     assert_eq!(held_rows.len(), 2, "the other conversation keeps both rows");
     assert!(held_rows.iter().all(|row| s(row, "message") == "zed and amy"));

@@ -88,3 +88,74 @@ async fn parents_are_read_to_their_end_before_children_and_new_shards_are_picked
     );
     assert_eq!(two.checkpoint, Some(Position::After(last(&two))));
 }
+
+/// Back after more than a day down: the lease rows name shards long trimmed (here an unfinished
+/// one of this very stream), and no listed shard has a row. The stream is not fresh: with
+/// `starting_position = LATEST` the listed shard still starts at the horizon (nothing retained
+/// is skipped), the gap is counted and logged once, and the orphaned row is retired. (Locally the
+/// skip itself cannot show: DynamoDB Local stamps records to the minute, and a resolved LATEST
+/// keeps the records of its own minute; `lineage::is_fresh`'s unit test covers that decision.)
+#[tokio::test]
+async fn after_an_outage_past_the_retention_the_gap_is_reported_and_nothing_retained_is_skipped() {
+    use cruddur_stream_worker::stream::{LeaseStore, SequenceNumber, ShardId, ShardInfo, StreamSource};
+    let db = TestDb::new().await;
+    let people = users(&["oa", "ob"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-12-01T00:00:00Z", "open")
+        .await;
+    db.message(&group, &people[1], "2024-12-01T00:00:01Z", "while we were down")
+        .await;
+    let described = db.stream_source().describe().await.expect("describe");
+    let earlier = LeaseStore::new(db.client.clone(), &db.lease_table, "a-worker-of-yesterday");
+    earlier.ensure_table().await.expect("lease table");
+    let gone = ShardInfo {
+        id: ShardId("shardId-00000001700000000000-0ld5ba4d".into()),
+        parents: vec![],
+        closed: false,
+    };
+    let checkpoint = Position::After(SequenceNumber::parse("000000000000000000100").expect("digits"));
+    earlier
+        .create(&described.stream_id, &gone, &checkpoint, false)
+        .await
+        .expect("an orphaned row");
+
+    let worker = db.start_worker(&[("starting_position", "LATEST")]).await;
+    db.wait_for_group(&group, "2024-12-01T00:00:01Z", "while we were down")
+        .await;
+    let retired = crate::support::wait_until(std::time::Duration::from_secs(20), || async {
+        !db.leases().await.contains_key(&gone.id.0)
+    })
+    .await;
+    assert!(retired, "the orphaned row is retired: {:#?}", db.leases().await);
+    assert_eq!(worker.metric("stream_worker_stream_gaps_total", "").await, 1.0);
+    worker.stop().await;
+}
+
+/// `LATEST` is resolved once and stored so: a worker that stops before its first checkpoint
+/// hands over a position that skips nothing written after it started.
+#[tokio::test]
+async fn latest_is_stored_resolved_so_a_handoff_skips_nothing() {
+    let db = TestDb::new().await;
+    let people = users(&["la", "lb"]);
+    let first = db.start_worker(&[("starting_position", "LATEST")]).await;
+    let stored = crate::support::wait_until(std::time::Duration::from_secs(20), || async {
+        !db.leases().await.is_empty()
+    })
+    .await;
+    assert!(stored, "the lease row exists");
+    first.stop().await;
+    for lease in db.leases().await.values() {
+        let checkpoint = s(lease, "checkpoint");
+        assert!(checkpoint.starts_with("LATEST@"), "never a bare LATEST: {checkpoint}");
+    }
+    // Written between the two workers: after the first asked for LATEST.
+    let group = db
+        .conversation(&people[0], &people[1], "2024-12-02T00:00:00Z", "open")
+        .await;
+    db.message(&group, &people[1], "2024-12-02T00:00:01Z", "in the handoff")
+        .await;
+    let second = db.start_worker(&[("starting_position", "LATEST")]).await;
+    db.wait_for_group(&group, "2024-12-02T00:00:01Z", "in the handoff")
+        .await;
+    second.stop().await;
+}
