@@ -120,6 +120,7 @@ impl StreamSource for DynamoDbStreamsSource {
             Some(GetShardIteratorError::TrimmedDataAccessException(_)) => {
                 StreamError::Trimmed(format!("shard {shard} from {}", position.encode()))
             }
+            Some(GetShardIteratorError::ResourceNotFoundException(_)) => StreamError::ShardGone(shard.clone()),
             _ => AwsError::from_sdk("GetShardIterator", &error).into(),
         })?;
         output.shard_iterator.ok_or_else(|| StreamError::Malformed {
@@ -139,6 +140,9 @@ impl StreamSource for DynamoDbStreamsSource {
             .map_err(|error| match error.as_service_error() {
                 Some(GetRecordsError::ExpiredIteratorException(_)) => StreamError::ExpiredIterator,
                 Some(GetRecordsError::TrimmedDataAccessException(_)) => StreamError::Trimmed("while reading".into()),
+                Some(GetRecordsError::ResourceNotFoundException(_)) => {
+                    StreamError::ShardGone(ShardId("(being read)".into()))
+                }
                 _ => AwsError::from_sdk("GetRecords", &error).into(),
             })?;
         let records = output

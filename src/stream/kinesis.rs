@@ -95,9 +95,8 @@ impl StreamSource for KinesisSource {
                 .starting_sequence_number(sequence.as_str()),
         };
         let output = request.send().await.map_err(|error| match error.as_service_error() {
-            Some(GetShardIteratorError::ResourceNotFoundException(_)) => {
-                StreamError::StreamNotFound(stream_id.to_owned())
-            }
+            // The stream exists (the shard sync found it): the shard is what is missing.
+            Some(GetShardIteratorError::ResourceNotFoundException(_)) => StreamError::ShardGone(shard.clone()),
             _ => AwsError::from_sdk("GetShardIterator", &error).into(),
         })?;
         output.shard_iterator.ok_or_else(|| StreamError::Malformed {

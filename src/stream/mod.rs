@@ -168,6 +168,10 @@ pub enum StreamError {
     StreamDisabled(String),
     #[error("stream {0} does not exist")]
     StreamNotFound(String),
+    /// The source answers that the shard does not exist (any more): trimmed away after the
+    /// retention. Its reader finishes the lease instead of retrying.
+    #[error("shard {0} no longer exists")]
+    ShardGone(ShardId),
     #[error("shard iterator expired")]
     ExpiredIterator,
     #[error("records were trimmed before they were read: {0}")]
@@ -187,6 +191,7 @@ impl Retryable for StreamError {
             StreamError::TableNotFound(_) | StreamError::StreamDisabled(_) | StreamError::StreamNotFound(_) => true,
             StreamError::Aws(error) => error.is_retryable(),
             StreamError::ExpiredIterator
+            | StreamError::ShardGone(_)
             | StreamError::Trimmed(_)
             | StreamError::LeaseLost { .. }
             | StreamError::Malformed { .. } => false,

@@ -169,7 +169,12 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
             Position::LatestAt(at) => Some(at),
             _ => None,
         };
-        let mut iterator = self.acquire(&start).await?;
+        let mut iterator = match self.acquire_unless(&start, cancel).await {
+            Some(Ok(iterator)) => iterator,
+            Some(Err(StreamError::ShardGone(_))) => return self.finish_gone().await,
+            Some(Err(error)) => return Err(error),
+            None => return self.finish(false).await,
+        };
         // The next read, started while the previous batch was handed over.
         let mut read_ahead: Option<Result<Batch, StreamError>> = None;
         while !cancel.is_cancelled() {
@@ -223,8 +228,12 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
                     tracing::info!(shard = %self.shard, "iterator expired; resuming from the checkpoint");
                     self.finish(false).await?;
                     let resume = self.written.clone();
-                    iterator = self.acquire(&resume).await?;
+                    iterator = match self.acquire(&resume).await {
+                        Err(StreamError::ShardGone(_)) => return self.finish_gone().await,
+                        other => other?,
+                    };
                 }
+                Err(StreamError::ShardGone(_)) => return self.finish_gone().await,
                 Err(StreamError::Trimmed(detail)) => {
                     self.finish(false).await?;
                     iterator = self.restart_after_gap(&detail).await?;
@@ -251,6 +260,35 @@ impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
         .await?;
         tracing::info!(shard = %self.shard, checkpoint = %resolved.encode(), "LATEST resolved");
         self.written = resolved;
+        Ok(())
+    }
+
+    /// [`Self::acquire`], giving way to `cancel` (`None`): an iterator not yet had is nothing lost.
+    async fn acquire_unless(
+        &mut self,
+        position: &Position,
+        cancel: &CancellationToken,
+    ) -> Option<Result<String, StreamError>> {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => None,
+            acquired = self.acquire(position) => Some(acquired),
+        }
+    }
+
+    /// The shard is gone from the stream before it was read to its end: whatever it held past
+    /// the checkpoint expired unread. Counted as a gap; the lease is finished so that its
+    /// children go on and the row is cleaned up like any finished shard's.
+    async fn finish_gone(&mut self) -> Result<(), StreamError> {
+        metrics::counter!(metric::STREAM_GAPS).increment(1);
+        tracing::error!(
+            shard = %self.shard,
+            checkpoint = %self.written.encode(),
+            "shard no longer exists (trimmed after the retention) before it was read to its end; its lease is \
+             finished. Conversations may be stale: run `cruddur-stream-worker reconcile`"
+        );
+        self.finish(true).await?;
+        self.report.ended = true;
         Ok(())
     }
 

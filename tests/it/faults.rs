@@ -419,3 +419,61 @@ async fn an_attribute_added_behind_the_updaters_memory_survives_the_next_move() 
         "stale"
     );
 }
+
+/// The real source, listing one more shard than the stream has: a shard trimmed away between
+/// the listing and the read (the source answers ResourceNotFound for it).
+pub struct Phantom<S> {
+    pub inner: S,
+    pub shard: ShardId,
+}
+
+impl<S: StreamSource> StreamSource for Phantom<S> {
+    async fn describe(&self) -> Result<StreamShards, StreamError> {
+        let mut described = self.inner.describe().await?;
+        described.shards.push(cruddur_stream_worker::stream::ShardInfo {
+            id: self.shard.clone(),
+            parents: vec![],
+            closed: false,
+        });
+        Ok(described)
+    }
+
+    async fn iterator(&self, stream_id: &str, shard: &ShardId, position: &Position) -> Result<String, StreamError> {
+        self.inner.iterator(stream_id, shard, position).await
+    }
+
+    async fn read(&self, iterator: &str, limit: i32) -> Result<Batch, StreamError> {
+        self.inner.read(iterator, limit).await
+    }
+}
+
+/// A shard the source says does not exist: its lease is finished (a gap counted once), not
+/// retried forever or restarted every few seconds, and the real shard is read as ever.
+#[tokio::test]
+async fn a_shard_that_no_longer_exists_finishes_its_lease() {
+    let db = TestDb::new().await;
+    let expected = traffic(&db).await;
+    let phantom = ShardId("shardId-00000001700000000000-00000000".into());
+    let source = Phantom {
+        inner: db.stream_source(),
+        shard: phantom.clone(),
+    };
+    let worker = db.start_worker_on(source, &[]).await;
+    for (group, sk, text) in &expected {
+        db.wait_for_group(group, sk, text).await;
+    }
+    let finished = wait_until(Duration::from_secs(20), || async {
+        db.leases()
+            .await
+            .get(&phantom.0)
+            .is_some_and(|lease| lease.get("shard_end") == Some(&aws_sdk_dynamodb::types::AttributeValue::Bool(true)))
+    })
+    .await;
+    assert!(finished, "the gone shard's lease is finished: {:#?}", db.leases().await);
+    // Several lease rounds later: counted once, not restarted.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(worker.metric("stream_worker_stream_gaps_total", "").await, 1.0);
+    tokio::time::timeout(Duration::from_secs(10), worker.stop())
+        .await
+        .expect("stops at once");
+}

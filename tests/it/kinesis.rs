@@ -309,3 +309,33 @@ async fn record_ages_count_from_creation_times_in_either_precision() {
     assert_eq!(letters.len(), 3, "{letters:#?}");
     assert!(letters.iter().all(|letter| letter.reason == "record_too_old"));
 }
+
+/// Kinesis answers GetShardIterator for a shard that no longer exists with ResourceNotFound:
+/// the lease is finished (a gap counted), not retried forever, and the worker stops at once.
+#[tokio::test]
+async fn a_kinesis_shard_that_no_longer_exists_finishes_its_lease() {
+    use cruddur_stream_worker::stream::{KinesisSource, ShardId};
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(1).await;
+    let groups = conversations(&db, &stream, 2).await;
+    let expected = wave(&db, &stream, &groups, 1).await;
+    let phantom = ShardId("shardId-000000000099".into());
+    let source = crate::faults::Phantom {
+        inner: KinesisSource::new(stream.client.clone(), &stream.name),
+        shard: phantom.clone(),
+    };
+    let worker = db.start_worker_on(source, &[]).await;
+    converge(&db, &expected).await;
+    let finished = wait_until(Duration::from_secs(20), || async {
+        db.leases()
+            .await
+            .get(&phantom.0)
+            .is_some_and(|lease| lease.get("shard_end") == Some(&AttributeValue::Bool(true)))
+    })
+    .await;
+    assert!(finished, "the gone shard's lease is finished: {:#?}", db.leases().await);
+    assert_eq!(worker.metric("stream_worker_stream_gaps_total", "").await, 1.0);
+    tokio::time::timeout(Duration::from_secs(10), worker.stop())
+        .await
+        .expect("stops at once");
+}
