@@ -5,10 +5,12 @@
 //! - shard sync (every `shard_sync_interval`, and at once when a reader finishes, so a child
 //!   starts as soon as its parent ends): describe the stream, add lease rows for new shards,
 //!   delete rows of finished shards that are gone from the stream once their children started;
-//! - lease round (every `lease_take_interval`): read the lease table, renew held leases (every
-//!   third of `lease_duration`), take free leases and steal to even out shares ([`balance`]),
-//!   start a reader for every held lease whose parents are done, and let readers of lost
-//!   leases stop.
+//! - lease round (every `lease_take_interval`): read the lease table, take free leases and steal
+//!   to even out shares ([`balance`]), start a reader for every held lease whose parents are
+//!   done, and let readers of lost leases stop.
+//!
+//! Held leases are renewed (every third of `lease_duration`) by a task of their own, so that a
+//! slow or failing lease-table scan or DescribeStream never holds a renewal back.
 //!
 //! On cancel, readers stop, drain and checkpoint while renewals go on; then every held lease is
 //! released, so another worker takes it within one of its rounds instead of after expiry.
@@ -19,7 +21,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::balance::{self, Observations, TakeReason};
@@ -134,11 +137,12 @@ struct State {
     /// listed by then).
     orphans_seen: HashSet<ShardId>,
     observations: Observations,
-    last_renewal: Instant,
     next_sync: Instant,
     failed_syncs: u32,
     last_status: Instant,
     report: StreamReport,
+    /// What the renewal task renews: the held leases as of the last change.
+    renewing: watch::Sender<Vec<Arc<HeldLease>>>,
 }
 
 impl State {
@@ -153,11 +157,40 @@ impl State {
             stream: None,
             orphans_seen: HashSet::new(),
             observations: Observations::default(),
-            last_renewal: now,
             next_sync: now,
             failed_syncs: 0,
             last_status: now,
             report: StreamReport::default(),
+            renewing: watch::Sender::new(Vec::new()),
+        }
+    }
+
+    /// Hands the held leases to the renewal task.
+    fn share_held(&self) {
+        self.renewing.send_replace(self.held.values().cloned().collect());
+    }
+}
+
+/// Renews `held` every `interval` until `stop` fires. A lease found lost is marked so (its
+/// reader stops); other failures are retried at the next tick.
+async fn renew_loop(
+    leases: LeaseStore,
+    held: watch::Receiver<Vec<Arc<HeldLease>>>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while stop.run_until_cancelled(every.tick()).await.is_some() {
+        let current: Vec<Arc<HeldLease>> = held.borrow().clone();
+        for lease in current.iter().filter(|lease| !lease.lost().is_cancelled()) {
+            match stop.run_until_cancelled(lease.renew(&leases)).await {
+                None => return,
+                Some(Err(error)) if !matches!(error, StreamError::LeaseLost { .. }) => {
+                    tracing::warn!(shard = %lease.shard, error = %error, "lease renewal failed; retrying next round");
+                }
+                Some(_) => {}
+            }
         }
     }
 }
@@ -195,6 +228,13 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             tracing::info!("created the lease table");
         }
         let mut state = State::new();
+        let renewals_stop = CancellationToken::new();
+        let renewals = tokio::spawn(renew_loop(
+            self.context.leases.clone(),
+            state.renewing.subscribe(),
+            self.context.settings.renew_interval(),
+            renewals_stop.clone(),
+        ));
         loop {
             if Instant::now() >= state.next_sync {
                 self.sync_shards(&mut state).await;
@@ -202,6 +242,7 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             if let Err(error) = self.lease_round(&mut state).await {
                 tracing::warn!(error = %error, "lease round failed");
             }
+            state.share_held();
             // Set every round, stream found or not, so that they never go idle.
             metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
             metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
@@ -220,26 +261,31 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
                 _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}
                 Some(joined) = state.tasks.join_next_with_id() => {
                     self.reader_done(&mut state, joined);
+                    state.share_held();
                     // A finished shard may unblock its children: look at once.
                     state.next_sync = Instant::now();
                 }
             }
         }
-        self.shut_down(&mut state).await;
+        self.shut_down(&mut state, renewals_stop, renewals).await;
         Ok(state.report)
     }
 
-    /// Stops every reader (each drains and checkpoints) while renewing, then releases.
-    async fn shut_down(&self, state: &mut State) {
+    /// Stops every reader (each drains and checkpoints) while renewals go on, then stops the
+    /// renewals and releases.
+    async fn shut_down(&self, state: &mut State, renewals_stop: CancellationToken, renewals: JoinHandle<()>) {
         for stop in state.readers.values() {
             stop.cancel();
         }
-        while !state.tasks.is_empty() {
-            tokio::select! {
-                Some(joined) = state.tasks.join_next_with_id() => self.reader_done(state, joined),
-                _ = tokio::time::sleep(self.context.settings.renew_interval()) => self.renew_all(state).await,
-            }
+        while let Some(joined) = state.tasks.join_next_with_id().await {
+            self.reader_done(state, joined);
+            state.share_held();
         }
+        renewals_stop.cancel();
+        if let Err(error) = renewals.await {
+            tracing::warn!(error = %error, "the lease renewal task failed");
+        }
+        state.held.retain(|_, held| !held.lost().is_cancelled());
         for held in state.held.values() {
             match held.release(&self.context.leases).await {
                 Ok(()) => tracing::info!(shard = %held.shard, "lease released"),
@@ -347,10 +393,6 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         let mut leases = context.leases.load_all().await?;
         let now = Instant::now();
         state.observations.observe(&leases, now);
-        if now.duration_since(state.last_renewal) >= context.settings.renew_interval() {
-            self.renew_all(state).await;
-            state.last_renewal = now;
-        }
         // A lease the table gives to someone else is lost, even before a write finds out.
         for held in state.held.values() {
             if leases
@@ -426,17 +468,6 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         }
         self.publish(state, &stream, &leases, &readable_ids, now);
         Ok(())
-    }
-
-    async fn renew_all(&self, state: &mut State) {
-        for held in state.held.values() {
-            if let Err(error) = held.renew(&self.context.leases).await {
-                if !matches!(error, StreamError::LeaseLost { .. }) {
-                    tracing::warn!(shard = %held.shard, error = %error, "lease renewal failed; retrying next round");
-                }
-            }
-        }
-        state.held.retain(|_, held| !held.lost().is_cancelled());
     }
 
     fn publish(

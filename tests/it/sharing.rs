@@ -211,3 +211,49 @@ async fn a_paused_worker_cannot_checkpoint_over_its_successor_and_stops_reading(
     }
     watch.finish().await;
 }
+
+/// The lease-table scan of the owner turns slow (10 s per Scan, behind a proxy): its renewals go
+/// on regardless, so a second worker never finds the lease expired and takes nothing.
+#[tokio::test]
+async fn renewals_go_on_while_the_lease_table_scan_is_slow() {
+    use crate::proxy::{Fault, FaultProxy, Faults};
+    let db = TestDb::new().await;
+    let proxy = FaultProxy::start(&crate::support::endpoint(), Faults::none()).await;
+    let owner = db
+        .start_worker_via(
+            &proxy.url(),
+            &[
+                ("lease_duration_ms", "1500"),
+                ("lease_take_interval_ms", "100"),
+                ("worker_id", "slow-scanner"),
+            ],
+        )
+        .await;
+    owner_among(&db, &["slow-scanner"]).await;
+    proxy.set(Faults {
+        share: 1.0,
+        kinds: vec![Fault::Latency(Duration::from_secs(10))],
+        target: Some("DynamoDB_20120810.Scan".into()),
+    });
+    let mut other = spawn(&db, "standby", "1500").await;
+    // Five lease durations: an unrenewed lease would have been taken three times over.
+    tokio::time::sleep(Duration::from_millis(7_500)).await;
+    assert_eq!(
+        db.owners().await.values().next().map(String::as_str),
+        Some("slow-scanner"),
+        "{}",
+        other.log()
+    );
+    assert_eq!(
+        other
+            .metric("stream_worker_lease_takeovers_total", r#"reason="expired""#)
+            .await,
+        0.0
+    );
+    other.signal("TERM");
+    other.wait_exit().await;
+    proxy.set(Faults::none());
+    tokio::time::timeout(Duration::from_secs(20), owner.stop())
+        .await
+        .expect("the owner stops");
+}
