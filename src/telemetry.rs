@@ -38,6 +38,7 @@ pub mod metric {
     pub const LEASES_HELD: &str = "stream_worker_leases_held";
     pub const LEASE_TAKEOVERS: &str = "stream_worker_lease_takeovers_total";
     pub const LEASE_LOST: &str = "stream_worker_lease_lost_total";
+    pub const DUPLICATE_WORKER_ID: &str = "stream_worker_duplicate_worker_id_total";
     pub const SHARDS: &str = "stream_worker_shards";
 
     /// Every metric the worker exports.
@@ -62,6 +63,7 @@ pub mod metric {
         LEASES_HELD,
         LEASE_TAKEOVERS,
         LEASE_LOST,
+        DUPLICATE_WORKER_ID,
         SHARDS,
     ];
 }
@@ -173,6 +175,11 @@ pub fn describe() {
         LEASE_LOST,
         "Leases this worker lost to another worker while holding them."
     );
+    describe_counter!(
+        DUPLICATE_WORKER_ID,
+        "Lease writes that found the lease written by another live task with this worker's own id \
+         (two tasks given one WORKER_ID)."
+    );
     describe_gauge!(
         SHARDS,
         "Shards by state as this worker sees the lease table (reading, owned_elsewhere, free, blocked, finished)."
@@ -194,6 +201,7 @@ fn register_unlabelled() {
         GROUP_UPDATE_RACES,
         WRITE_TRANSACTIONS,
         LEASE_LOST,
+        DUPLICATE_WORKER_ID,
     ] {
         metrics::counter!(counter).absolute(0);
     }

@@ -11,6 +11,7 @@
 //! checkpoint: its write fails and it stops reading the shard.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
@@ -46,6 +47,9 @@ pub struct LeaseStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
     owner: String,
+    /// When a lease write last found the row written by another live process under this
+    /// worker's own id (shared by every clone).
+    twin_seen: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl LeaseStore {
@@ -54,11 +58,33 @@ impl LeaseStore {
             client,
             table: table.into(),
             owner: owner.into(),
+            twin_seen: Arc::default(),
         }
     }
 
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// A write of ours found the lease written by someone with our own worker id: another live
+    /// task was given the same `WORKER_ID`. Reported loudly (at most once a minute).
+    fn twin_found(&self, shard: &ShardId) {
+        let now = std::time::Instant::now();
+        let previous = super::lock(&self.twin_seen).replace(now);
+        metrics::counter!(crate::telemetry::metric::DUPLICATE_WORKER_ID).increment(1);
+        if previous.is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(60)) {
+            tracing::error!(
+                worker_id = %self.owner,
+                shard = %shard,
+                "another live worker uses this worker id: give every task its own WORKER_ID (or leave it unset); \
+                 until then this worker leaves that worker's leases alone"
+            );
+        }
+    }
+
+    /// Whether another live task with this worker id was seen within `window`.
+    pub fn twin_seen_within(&self, window: std::time::Duration) -> bool {
+        super::lock(&self.twin_seen).is_some_and(|at| at.elapsed() < window)
     }
 
     /// Creates the lease table when missing (on-demand capacity). Returns whether it created it.
@@ -406,7 +432,7 @@ impl HeldLease {
     }
 
     pub async fn renew(&self, store: &LeaseStore) -> Result<(), StreamError> {
-        self.write(|counter| store.renew(&self.shard, counter)).await
+        self.write(store, |counter| store.renew(&self.shard, counter)).await
     }
 
     pub async fn checkpoint(
@@ -415,16 +441,20 @@ impl HeldLease {
         position: &Position,
         shard_end: bool,
     ) -> Result<(), StreamError> {
-        self.write(|counter| store.checkpoint(&self.shard, counter, position, shard_end))
-            .await
+        self.write(store, |counter| {
+            store.checkpoint(&self.shard, counter, position, shard_end)
+        })
+        .await
     }
 
     pub async fn release(&self, store: &LeaseStore) -> Result<(), StreamError> {
-        self.write(|counter| async move { store.release(&self.shard, counter).await.map(|()| counter) })
-            .await
+        self.write(store, |counter| async move {
+            store.release(&self.shard, counter).await.map(|()| counter)
+        })
+        .await
     }
 
-    async fn write<F, Fut>(&self, write: F) -> Result<(), StreamError>
+    async fn write<F, Fut>(&self, store: &LeaseStore, write: F) -> Result<(), StreamError>
     where
         F: FnOnce(u64) -> Fut,
         Fut: std::future::Future<Output = Result<u64, StreamError>>,
@@ -437,6 +467,10 @@ impl HeldLease {
                 Ok(())
             }
             Err(error @ StreamError::LeaseLost { .. }) => {
+                // Still "ours" by name, yet not written by us: a twin with our worker id.
+                if matches!(&error, StreamError::LeaseLost { owner, .. } if owner == store.owner()) {
+                    store.twin_found(&self.shard);
+                }
                 self.mark_lost();
                 Err(error)
             }

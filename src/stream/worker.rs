@@ -408,12 +408,18 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             .into_iter()
             .map(|shard| shard.id.clone())
             .collect();
+        // Rows under our own id that we do not hold: a restart's, taken back at once, unless a
+        // live twin with our id was seen lately and the row is still renewed (then it is the
+        // twin's, and taking it would only start a tug of war).
+        let duration = context.settings.lease_duration;
+        let twin = context.leases.twin_seen_within(duration * 6);
         let mut to_take: Vec<(ShardId, TakeReason)> = leases
             .values()
             .filter(|lease| {
                 lease.owner.as_deref() == Some(me.as_str())
                     && !state.held.contains_key(&lease.shard)
                     && readable_ids.contains(&lease.shard)
+                    && (!twin || state.observations.is_free(lease, now, duration))
             })
             .map(|lease| (lease.shard.clone(), TakeReason::New))
             .collect();

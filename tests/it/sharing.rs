@@ -257,3 +257,26 @@ async fn renewals_go_on_while_the_lease_table_scan_is_slow() {
         .await
         .expect("the owner stops");
 }
+
+/// Two live tasks given one worker id: the one whose lease is taken from under it by its twin
+/// says so loudly (ERROR, metric) and leaves the twin's lease alone, instead of the two taking
+/// the shard from each other every round.
+#[tokio::test]
+async fn two_live_tasks_with_one_worker_id_are_reported_and_do_not_fight() {
+    let db = TestDb::new().await;
+    let first = spawn(&db, "twin", "1500").await;
+    owner_among(&db, &["twin"]).await;
+    // Restart semantics: the second takes the lease under its id at once.
+    let second = spawn(&db, "twin", "1500").await;
+    let reported = wait_until(Duration::from_secs(15), || async {
+        first.metric("stream_worker_duplicate_worker_id_total", "").await >= 1.0
+    })
+    .await;
+    assert!(reported, "{}", first.log());
+    assert!(first.log().contains("another live worker uses this worker id"));
+    let taken = |worker: &ChildWorker| worker.log().matches("\"lease taken\"").count();
+    let before = taken(&first) + taken(&second);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = taken(&first) + taken(&second);
+    assert_eq!(after, before, "no tug of war: {}\n{}", first.log(), second.log());
+}
