@@ -444,15 +444,7 @@ async fn stuck_and_poisoned(db: &TestDb, names: [&str; 2], day: &str) -> (Vec<Us
         ("sk", text(&format!("{day}T00:00:02"))),
     ])
     .await;
-    let proxy = FaultProxy::start(
-        &endpoint(),
-        Faults {
-            share: 1.0,
-            kinds: vec![Fault::ServerError],
-            target: Some("TransactWriteItems".into()),
-        },
-    )
-    .await;
+    let proxy = FaultProxy::failing("TransactWriteItems").await;
     (people, group, proxy)
 }
 
@@ -500,6 +492,24 @@ async fn redrive_applies_fixed_dead_letters_and_keeps_the_rest() {
     assert!(out.contains("0 replayed, 1 failed again"), "{out}");
 }
 
+/// A worker process writing dead letters to a queue (`queue_env`) and its DynamoDB calls
+/// through `proxy`, giving up an update after `attempts`.
+async fn spawn_with_queue_through(
+    db: &TestDb,
+    queue_env: &[(&str, &str)],
+    proxy: &FaultProxy,
+    attempts: &str,
+) -> crate::support::ChildWorker {
+    let proxy_url = proxy.url();
+    let env = [
+        ("AWS_ENDPOINT_URL_DYNAMODB", proxy_url.as_str()),
+        ("WORKER_RETRY_MAX_ATTEMPTS", attempts),
+        ("WORKER_RETRY_MAX_DELAY_MS", "100"),
+        ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
+    ];
+    db.spawn_worker_process_with(&[], &[queue_env, &env[..]].concat()).await
+}
+
 /// The same from an SQS queue: what applies is deleted, what fails again goes back, and a
 /// second redrive right after the first sees the letter it wrote back (not hidden for the
 /// visibility timeout).
@@ -509,27 +519,8 @@ async fn redrive_from_a_queue_deletes_what_applied_and_keeps_the_rest_visible() 
     let queue = TestQueue::create().await;
     let (people, group, proxy) = stuck_and_poisoned(&db, ["sa", "sb"], "2024-07-01").await;
     let sqs = crate::support::sqs_endpoint();
-    let queue_env = [
-        ("AWS_ENDPOINT_URL_SQS", sqs.as_str()),
-        ("WORKER_DEAD_LETTER_FILE", ""),
-        ("WORKER_DEAD_LETTER_QUEUE_URL", queue.url.as_str()),
-    ];
-    let proxy_url = proxy.url();
-    let mut worker = db
-        .spawn_worker_process_with(
-            &[],
-            &[
-                &queue_env[..],
-                &[
-                    ("AWS_ENDPOINT_URL_DYNAMODB", proxy_url.as_str()),
-                    ("WORKER_RETRY_MAX_ATTEMPTS", "3"),
-                    ("WORKER_RETRY_MAX_DELAY_MS", "100"),
-                    ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
-                ],
-            ]
-            .concat(),
-        )
-        .await;
+    let queue_env = queue.worker_env(&sqs);
+    let mut worker = spawn_with_queue_through(&db, &queue_env, &proxy, "3").await;
     db.wait_caught_up().await;
     assert_eq!(
         worker
@@ -711,36 +702,10 @@ async fn an_oversized_dead_letter_is_stored_by_its_keys_and_redrive_reads_the_me
         .await;
     let long = "a long message ".repeat(20_000);
     db.message(&group, &people[1], "2024-10-01T00:00:01Z", &long).await;
-    let proxy = FaultProxy::start(
-        &endpoint(),
-        Faults {
-            share: 1.0,
-            kinds: vec![Fault::ServerError],
-            target: Some("TransactWriteItems".into()),
-        },
-    )
-    .await;
+    let proxy = FaultProxy::failing("TransactWriteItems").await;
     let sqs = crate::support::sqs_endpoint();
-    let queue_env = [
-        ("AWS_ENDPOINT_URL_SQS", sqs.as_str()),
-        ("WORKER_DEAD_LETTER_FILE", ""),
-        ("WORKER_DEAD_LETTER_QUEUE_URL", queue.url.as_str()),
-    ];
-    let proxy_url = proxy.url();
-    let mut worker = db
-        .spawn_worker_process_with(
-            &[],
-            &[
-                &queue_env[..],
-                &[
-                    ("AWS_ENDPOINT_URL_DYNAMODB", proxy_url.as_str()),
-                    ("WORKER_RETRY_MAX_ATTEMPTS", "2"),
-                    ("WORKER_CHECKPOINT_INTERVAL_MS", "50"),
-                ],
-            ]
-            .concat(),
-        )
-        .await;
+    let queue_env = queue.worker_env(&sqs);
+    let mut worker = spawn_with_queue_through(&db, &queue_env, &proxy, "2").await;
     db.wait_caught_up().await;
     assert_eq!(
         worker.metric("stream_worker_dead_letters_total", "").await,

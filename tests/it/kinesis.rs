@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::proxy::{Fault, FaultProxy, Faults};
-use crate::support::{endpoint, s, users, wait_until, LeaseWatch, TestDb, TestKinesis};
+use crate::proxy::FaultProxy;
+use crate::support::{s, users, wait_until, LeaseWatch, TestDb, TestKinesis};
 
 /// `count` conversations among `people`, each with its own opening second.
 async fn conversations(db: &TestDb, stream: &TestKinesis, count: usize) -> Vec<(String, usize)> {
@@ -276,15 +276,7 @@ async fn record_ages_count_from_creation_times_in_either_precision() {
             stream.publish_change(&db, &pk, sk, created.clone(), precision).await;
         }
     }
-    let proxy = FaultProxy::start(
-        &endpoint(),
-        Faults {
-            share: 1.0,
-            kinds: vec![Fault::ServerError],
-            target: Some("TransactWriteItems".into()),
-        },
-    )
-    .await;
+    let proxy = FaultProxy::failing("TransactWriteItems").await;
     let worker = db
         .start_kinesis_worker_via(
             &stream,

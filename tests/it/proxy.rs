@@ -78,6 +78,19 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
+    /// A proxy to the test's DynamoDB Local that answers every `target` request with a 500.
+    pub async fn failing(target: &str) -> Self {
+        Self::start(
+            &crate::support::endpoint(),
+            Faults {
+                share: 1.0,
+                kinds: vec![Fault::ServerError],
+                target: Some(target.into()),
+            },
+        )
+        .await
+    }
+
     /// Listens on a free loopback port and forwards to `upstream` (`http://127.0.0.1:N`).
     pub async fn start(upstream: &str, faults: Faults) -> Self {
         let upstream: SocketAddr = upstream

@@ -490,8 +490,18 @@ impl TestDb {
         source: S,
         overrides: &[(&str, &str)],
     ) -> TestWorker {
+        self.start_worker_with(&self.sdk, source, overrides).await
+    }
+
+    /// Starts a worker in this process on `source`, its other AWS calls made with `sdk`.
+    pub async fn start_worker_with<S: cruddur_stream_worker::stream::StreamSource>(
+        &self,
+        sdk: &SdkConfig,
+        source: S,
+        overrides: &[(&str, &str)],
+    ) -> TestWorker {
         let shutdown = CancellationToken::new();
-        let running = app::start_with_source(&self.settings(overrides), &self.sdk, source, shutdown.clone())
+        let running = app::start_with_source(&self.settings(overrides), sdk, source, shutdown.clone())
             .await
             .expect("worker starts");
         TestWorker {
@@ -722,15 +732,7 @@ impl TestDb {
     ) -> TestWorker {
         let sdk = self.sdk_via(endpoint).await;
         let source = cruddur_stream_worker::stream::KinesisSource::new(stream.client.clone(), &stream.name);
-        let shutdown = CancellationToken::new();
-        let running = app::start_with_source(&self.settings(overrides), &sdk, source, shutdown.clone())
-            .await
-            .expect("worker starts");
-        TestWorker {
-            http_addr: running.http_addr,
-            running: Some(running),
-            shutdown,
-        }
+        self.start_worker_with(&sdk, source, overrides).await
     }
 
     /// A worker in this process reading `stream`.
@@ -882,15 +884,7 @@ impl TestDb {
             aws::streams_client(&sdk),
             &self.table,
         );
-        let shutdown = CancellationToken::new();
-        let running = app::start_with_source(&self.settings(overrides), &sdk, source, shutdown.clone())
-            .await
-            .expect("worker starts");
-        TestWorker {
-            http_addr: running.http_addr,
-            running: Some(running),
-            shutdown,
-        }
+        self.start_worker_with(&sdk, source, overrides).await
     }
 }
 
@@ -926,6 +920,15 @@ impl TestQueue {
             client,
             url: created.queue_url.expect("queue url"),
         }
+    }
+
+    /// A worker's environment for dead letters to this queue on `sqs` (the local SQS).
+    pub fn worker_env<'a>(&'a self, sqs: &'a str) -> [(&'static str, &'a str); 3] {
+        [
+            ("AWS_ENDPOINT_URL_SQS", sqs),
+            ("WORKER_DEAD_LETTER_FILE", ""),
+            ("WORKER_DEAD_LETTER_QUEUE_URL", self.url.as_str()),
+        ]
     }
 
     /// Sets the queue's `MaximumMessageSize` (local SQS makes queues of 1 MiB; older queues,
