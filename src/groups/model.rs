@@ -27,14 +27,33 @@ pub const GROUP_INDEX: &str = "message-group-sk-index";
 pub const MESSAGE_UUID: &str = "message_uuid";
 
 /// Where a message, or the message a group row shows, stands in its conversation: by instant,
-/// then by message uuid. One total order for coalescing, updating and reconciling, so that two
+/// then by [`Rank`]. One total order for coalescing, updating and reconciling, so that two
 /// messages at one instant leave the same survivor however they arrive. A row whose `sk` is
-/// not a timestamp sorts before everything; a row written without a message uuid (the app's
-/// own) before every message of its instant that has one.
+/// not a timestamp sorts before everything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Position<'a> {
     pub at: Option<DateTime<Utc>>,
-    pub message_uuid: Option<&'a str>,
+    pub rank: Rank<'a>,
+}
+
+/// The order within one instant, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rank<'a> {
+    /// No message uuid: a message without one, or a row the app wrote at its writer's offset
+    /// (which every message of its instant moves, into the canonical form).
+    Unnamed,
+    /// The message's uuid (on a row: the message it shows), in string order.
+    Message(&'a str),
+    /// A row the app wrote itself (no message uuid) already in the canonical form: it stands
+    /// after every message of its instant, so the message it was written with (in the same
+    /// batch) changes nothing and costs no write.
+    Settled,
+}
+
+impl<'a> Rank<'a> {
+    fn of_message(uuid: Option<&'a str>) -> Self {
+        uuid.map_or(Rank::Unnamed, Rank::Message)
+    }
 }
 
 /// A message was posted to a conversation: its group rows must move up to it.
@@ -53,12 +72,18 @@ pub struct MessageInserted {
     pub sender_uuid: Option<String>,
 }
 
+impl<'a> Position<'a> {
+    pub fn of_message(at: DateTime<Utc>, uuid: Option<&'a str>) -> Self {
+        Position {
+            at: Some(at),
+            rank: Rank::of_message(uuid),
+        }
+    }
+}
+
 impl MessageInserted {
     pub fn position(&self) -> Position<'_> {
-        Position {
-            at: Some(self.at),
-            message_uuid: self.message_uuid.as_deref(),
-        }
+        Position::of_message(self.at, self.message_uuid.as_deref())
     }
 
     /// The `sk` its group rows take: the canonical form of its instant.
@@ -214,10 +239,12 @@ impl GroupRow {
 
     /// Where the message the row shows stands.
     pub fn position(&self) -> Position<'_> {
-        Position {
-            at: self.at,
-            message_uuid: text(&self.item, MESSAGE_UUID),
-        }
+        let rank = match text(&self.item, MESSAGE_UUID) {
+            Some(uuid) => Rank::Message(uuid),
+            None if self.at.is_some() && timestamp::is_canonical(&self.sk) => Rank::Settled,
+            None => Rank::Unnamed,
+        };
+        Position { at: self.at, rank }
     }
 }
 

@@ -323,17 +323,36 @@ mod tests {
 
     #[test]
     fn a_move_that_keeps_the_key_is_a_replacement_in_place() {
-        // The app wrote canonical rows (a UTC clock) but no message uuid.
+        // Rows at the instant of "a", and a message at the same instant with a greater uuid.
         let rows = [
-            app_row("a", "b", "2023-03-20T11:00:00.000000+00:00", "hi"),
-            app_row("b", "a", "2023-03-20T11:00:00.000000+00:00", "hi"),
+            row("a", "b", "2023-03-20T11:00:00Z", "a"),
+            row("b", "a", "2023-03-20T11:00:00Z", "a"),
         ];
-        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T11:00:00.000000+00:00", "hi")) else {
+        let Decision::Write(writes) = decide(&rows, &message("2023-03-20T16:30:00+05:30", "b")) else {
             panic!("should write")
         };
         assert!(writes.deletes.is_empty() && writes.puts.is_empty());
         assert_eq!(writes.replaces.len(), 2);
         assert_eq!(rows_after(&rows, &writes).len(), 2);
+    }
+
+    #[test]
+    fn an_app_written_canonical_row_needs_no_write_for_its_own_instant() {
+        // The app on a UTC clock wrote the rows with the conversation's first message.
+        let rows = [
+            app_row("a", "b", "2023-03-20T11:00:00.000000+00:00", "hi"),
+            app_row("b", "a", "2023-03-20T11:00:00.000000+00:00", "hi"),
+        ];
+        assert_eq!(
+            decide(&rows, &message("2023-03-20T11:00:00.000000+00:00", "hi")),
+            Decision::Stale
+        );
+        // Any message at that instant, whatever its uuid: one answer, in any order.
+        assert_eq!(decide(&rows, &message("2023-03-20T11:00:00Z", "zzz")), Decision::Stale);
+        assert!(matches!(
+            decide(&rows, &message("2023-03-20T11:00:00.000001Z", "later")),
+            Decision::Write(_)
+        ));
     }
 
     #[test]

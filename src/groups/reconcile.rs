@@ -67,10 +67,7 @@ struct Newest {
 
 impl Newest {
     fn position(&self) -> Position<'_> {
-        Position {
-            at: Some(self.at),
-            message_uuid: self.message_uuid.as_deref(),
-        }
+        Position::of_message(self.at, self.message_uuid.as_deref())
     }
 }
 
