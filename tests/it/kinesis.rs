@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::proxy::FaultProxy;
-use crate::support::{s, users, wait_until, LeaseWatch, TestDb, TestKinesis};
+use crate::proxy::{Fault, FaultProxy, Faults};
+use crate::support::{s, users, wait_until, LeaseWatch, TestDb, TestKinesis, TestQueue};
 
 /// `count` conversations among `people`, each with its own opening second.
 async fn conversations(db: &TestDb, stream: &TestKinesis, count: usize) -> Vec<(String, usize)> {
@@ -330,4 +330,87 @@ async fn a_kinesis_shard_that_no_longer_exists_finishes_its_lease() {
     tokio::time::timeout(Duration::from_secs(10), worker.stop())
         .await
         .expect("stops at once");
+}
+
+/// One record that cannot be dead-lettered for now (the queue unreachable) holds the checkpoint
+/// while 100 000 records of a conversation stream in behind it. The worker reads up to its
+/// pending bound and waits there, its memory flat; without the bound it read them all and kept
+/// every one waiting for the checkpoint.
+#[tokio::test]
+async fn behind_a_stuck_record_reading_waits_at_the_bound_and_memory_stays_flat() {
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(1).await;
+    let people = users(&["sta", "stb"]);
+    let group = db
+        .kinesis_conversation(&stream, &people[0], &people[1], "2024-03-01T00:00:00Z", "open")
+        .await;
+    let change = |sk: String, message: Option<String>| {
+        let mut image = serde_json::json!({
+            "pk": {"S": format!("MSG#{group}")}, "sk": {"S": sk},
+            "user_uuid": {"S": people[1].uuid.clone()},
+            "message_uuid": {"S": uuid::Uuid::new_v4().to_string()},
+        });
+        if let Some(message) = message {
+            image["message"] = serde_json::json!({ "S": message });
+        }
+        serde_json::json!({
+            "eventName": "INSERT",
+            "dynamodb": {
+                "Keys": {"pk": {"S": format!("MSG#{group}")}, "sk": image["sk"].clone()},
+                "NewImage": image,
+                "ApproximateCreationDateTime": chrono::Utc::now().timestamp_micros(),
+            },
+        })
+    };
+    // A poison record (no `message`) first, then the flood.
+    let mut changes = vec![change("2024-03-01T00:00:00.5Z".into(), None)];
+    let base = chrono::DateTime::parse_from_rfc3339("2024-03-01T00:00:01Z").expect("instant");
+    changes.extend((0..100_000i64).map(|n| {
+        let at = (base + chrono::Duration::milliseconds(n)).to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        change(at, Some(format!("message {n}")))
+    }));
+    stream.publish_changes(&format!("MSG#{group}"), &changes).await;
+
+    let queue = TestQueue::create().await;
+    let sqs_down = FaultProxy::start(
+        &crate::support::sqs_endpoint(),
+        Faults {
+            share: 1.0,
+            kinds: vec![Fault::ServerError],
+            target: None,
+        },
+    )
+    .await;
+    let sqs_down_url = sqs_down.url();
+    let mut env = queue.worker_env(&sqs_down_url).to_vec();
+    env.extend([
+        ("WORKER_SOURCE", "kinesis"),
+        ("WORKER_KINESIS_STREAM_NAME", stream.name.as_str()),
+        ("WORKER_RETRY_MAX_DELAY_MS", "200"),
+    ]);
+    let mut worker = db.spawn_worker_process_with(&[], &env).await;
+    // Reading goes on until the bound, then stands still (bounded: a minute at most).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = -1.0;
+    let mut settled = false;
+    while std::time::Instant::now() < deadline && !settled {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = worker.metric("stream_worker_records_received_total", "").await;
+        settled = now > 0.0 && now == last;
+        last = now;
+    }
+    let read = last;
+    assert!(
+        settled,
+        "reading never stood still: {read} records read; {}",
+        worker.log()
+    );
+    assert!(
+        read < 40_000.0,
+        "the worker read {read} of 100 003 records behind a stuck one (bound: 20 000 pending)"
+    );
+    let rss = worker.rss_bytes();
+    assert!(rss < 64 << 20, "resident memory {} MiB", rss >> 20);
+    worker.signal("KILL");
+    worker.wait_exit().await;
 }

@@ -592,6 +592,18 @@ impl TestDb {
 }
 
 impl ChildWorker {
+    /// The process's resident memory now (VmRSS), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// Sends a signal by name (TERM, KILL, STOP, CONT).
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
@@ -811,6 +823,32 @@ impl TestKinesis {
             .send()
             .await
             .expect("put record");
+    }
+
+    /// Publishes change records (DynamoDB JSON, as Kinesis Data Streams for DynamoDB writes
+    /// them) under one partition key, 500 to a PutRecords call.
+    pub async fn publish_changes(&self, partition_key: &str, changes: &[serde_json::Value]) {
+        for chunk in changes.chunks(500) {
+            let entries = chunk
+                .iter()
+                .map(|change| {
+                    aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                        .partition_key(partition_key)
+                        .data(aws_sdk_kinesis::primitives::Blob::new(change.to_string()))
+                        .build()
+                        .expect("entry")
+                })
+                .collect();
+            let output = self
+                .client
+                .put_records()
+                .stream_name(&self.name)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .expect("put records");
+            assert_eq!(output.failed_record_count, Some(0), "every record published");
+        }
     }
 
     /// Every shard: (id, parents, starting hash key, ending hash key, closed).
