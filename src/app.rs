@@ -1,8 +1,9 @@
 //! Wiring: settings and AWS clients in, a running worker out.
 //!
-//! Data flows one way: the DynamoDB Streams source feeds the stream worker, whose consumer is
-//! the dispatcher, whose handler is the group-summary updater; the stream worker checkpoints
-//! what the dispatcher reports handled. This is the only module that knows all of them.
+//! Data flows one way: the source (the table's DynamoDB stream, or a Kinesis data stream the
+//! table streams into) feeds the stream worker, whose consumer is the dispatcher, whose handler
+//! is the group-summary updater; the stream worker checkpoints what the dispatcher reports
+//! handled. This is the only module that knows all of them.
 //!
 //! Shutdown: cancelling the token stops reading; each shard drains its in-flight updates and
 //! writes its checkpoint; then the HTTP server stops. The caller bounds the wait (the grace).

@@ -22,6 +22,8 @@
 //!   checkpoint watermark; implements `stream::Consumer` for any [`dispatch::Handler`].
 //! - [`groups`]: the Cruddur data model, the group-summary updater (a `dispatch::Handler`),
 //!   and the admin commands (setup, seed, send, listings).
+//! - [`deadletter`]: records that failed for good, stored (SQS queue or JSON-lines file) with
+//!   what replays them, fitted to the destination; `redrive` reads them back.
 //! - [`retry`]: capped exponential backoff with full jitter.
 //! - [`telemetry`]: metric names and descriptions, logging.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.

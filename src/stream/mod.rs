@@ -22,6 +22,7 @@ mod lease;
 mod lineage;
 mod poller;
 mod record;
+mod settings;
 mod worker;
 
 use std::future::Future;
@@ -32,7 +33,8 @@ pub use dynamodb::DynamoDbStreamsSource;
 pub use kinesis::KinesisSource;
 pub use lease::{Lease, LeaseStore, LEASE_TABLE_KEY};
 pub use record::{EventKind, Item, Record, SequenceNumber, ShardId};
-pub use worker::{ShardReport, StreamReport, StreamSettings, StreamWorker};
+pub use settings::{ShardReport, StreamReport, StreamSettings};
+pub use worker::StreamWorker;
 
 use crate::aws::AwsError;
 use crate::retry::Retryable;

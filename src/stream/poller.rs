@@ -16,7 +16,7 @@ use std::time::{Instant, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 use super::lease::HeldLease;
-use super::worker::{ShardReport, StreamSettings};
+use super::settings::{ShardReport, StreamSettings};
 use super::{
     lock, Batch, Lease, LeaseStore, Position, Record, ShardId, ShardLane, StreamError, StreamHealth, StreamSource,
 };

@@ -28,11 +28,9 @@ use tokio_util::sync::CancellationToken;
 use super::balance::{self, Observations, TakeReason};
 use super::lease::HeldLease;
 use super::poller::{read_shard, ShardAges, ShardContext};
-use super::{
-    lineage, Consumer, Lease, LeaseStore, Position, SequenceNumber, ShardId, StartingPosition, StreamError,
-    StreamHealth, StreamShards, StreamSource,
-};
-use crate::retry::{retry, RetryPolicy, Retryable};
+use super::settings::{ShardReport, StreamReport, StreamSettings};
+use super::{lineage, Consumer, Lease, LeaseStore, ShardId, StreamError, StreamHealth, StreamShards, StreamSource};
+use crate::retry::{retry, Retryable};
 use crate::telemetry::metric;
 
 /// The wait after the first failed shard sync; it doubles with each further failure, up to the
@@ -41,79 +39,6 @@ const SYNC_RETRY_FIRST: Duration = Duration::from_millis(125);
 
 /// Shard states as the `stream_worker_shards{state}` gauge reports them.
 const SHARD_STATES: [&str; 5] = ["reading", "owned_elsewhere", "free", "blocked", "finished"];
-
-/// How the stream is read and shared.
-#[derive(Debug, Clone)]
-pub struct StreamSettings {
-    pub starting_position: StartingPosition,
-    /// GetRecords limit (1..=1000 on DynamoDB Streams).
-    pub batch_size: i32,
-    /// Records read before handing them over while pages come back full (a backlog).
-    pub read_ahead_records: usize,
-    pub idle_interval: Duration,
-    pub shard_sync_interval: Duration,
-    pub checkpoint_interval: Duration,
-    /// A lease whose counter stands still this long is taken over.
-    pub lease_duration: Duration,
-    /// How often the lease table is read to take, steal and renew.
-    pub lease_take_interval: Duration,
-    pub max_steals_per_round: usize,
-    /// How often a status line (iterator age, leases, shards) is logged: a log-based metric
-    /// source where Prometheus is not scraped (CloudWatch Logs metric filters).
-    pub status_interval: Duration,
-    /// For AWS calls of this layer; reads retry until shutdown, so leave attempts unbounded.
-    pub retry: RetryPolicy,
-}
-
-impl StreamSettings {
-    fn renew_interval(&self) -> Duration {
-        self.lease_duration / 3
-    }
-}
-
-/// What one reader of one shard did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardReport {
-    pub shard: ShardId,
-    pub records: u64,
-    pub first: Option<SequenceNumber>,
-    pub last: Option<SequenceNumber>,
-    /// The last checkpoint this reader wrote.
-    pub checkpoint: Option<Position>,
-    /// The shard was read to its end.
-    pub ended: bool,
-    /// When the reader started, and when it returned (after its final checkpoint).
-    pub started_at: Instant,
-    pub finished_at: Instant,
-}
-
-impl ShardReport {
-    pub(super) fn new(shard: ShardId) -> Self {
-        let now = Instant::now();
-        Self {
-            shard,
-            records: 0,
-            first: None,
-            last: None,
-            checkpoint: None,
-            ended: false,
-            started_at: now,
-            finished_at: now,
-        }
-    }
-}
-
-/// What the worker read, reader by reader, in the order they finished.
-#[derive(Debug, Clone, Default)]
-pub struct StreamReport {
-    pub shards: Vec<ShardReport>,
-}
-
-impl StreamReport {
-    pub fn records(&self) -> u64 {
-        self.shards.iter().map(|shard| shard.records).sum()
-    }
-}
 
 /// Reads this worker's share of one stream into one consumer.
 pub struct StreamWorker<S, C> {

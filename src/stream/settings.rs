@@ -1,0 +1,84 @@
+//! What the stream layer is told and what it tells back: the settings of reading and sharing
+//! a stream ([`StreamSettings`]) and the report of what each shard's reader read
+//! ([`ShardReport`], [`StreamReport`]).
+//!
+//! Plain data, shared by the worker and the per-shard reader: it imports nothing of theirs, so
+//! neither has to import the other for it.
+
+use std::time::{Duration, Instant};
+
+use super::{Position, SequenceNumber, ShardId, StartingPosition};
+use crate::retry::RetryPolicy;
+
+/// How the stream is read and shared.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    pub starting_position: StartingPosition,
+    /// GetRecords limit (1..=1000 on DynamoDB Streams).
+    pub batch_size: i32,
+    /// Records read before handing them over while pages come back full (a backlog).
+    pub read_ahead_records: usize,
+    pub idle_interval: Duration,
+    pub shard_sync_interval: Duration,
+    pub checkpoint_interval: Duration,
+    /// A lease whose counter stands still this long is taken over.
+    pub lease_duration: Duration,
+    /// How often the lease table is read to take, steal and renew.
+    pub lease_take_interval: Duration,
+    pub max_steals_per_round: usize,
+    /// How often a status line (iterator age, leases, shards) is logged: a log-based metric
+    /// source where Prometheus is not scraped (CloudWatch Logs metric filters).
+    pub status_interval: Duration,
+    /// For AWS calls of this layer; reads retry until shutdown, so leave attempts unbounded.
+    pub retry: RetryPolicy,
+}
+
+impl StreamSettings {
+    pub(super) fn renew_interval(&self) -> Duration {
+        self.lease_duration / 3
+    }
+}
+
+/// What one reader of one shard did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardReport {
+    pub shard: ShardId,
+    pub records: u64,
+    pub first: Option<SequenceNumber>,
+    pub last: Option<SequenceNumber>,
+    /// The last checkpoint this reader wrote.
+    pub checkpoint: Option<Position>,
+    /// The shard was read to its end.
+    pub ended: bool,
+    /// When the reader started, and when it returned (after its final checkpoint).
+    pub started_at: Instant,
+    pub finished_at: Instant,
+}
+
+impl ShardReport {
+    pub(super) fn new(shard: ShardId) -> Self {
+        let now = Instant::now();
+        Self {
+            shard,
+            records: 0,
+            first: None,
+            last: None,
+            checkpoint: None,
+            ended: false,
+            started_at: now,
+            finished_at: now,
+        }
+    }
+}
+
+/// What the worker read, reader by reader, in the order they finished.
+#[derive(Debug, Clone, Default)]
+pub struct StreamReport {
+    pub shards: Vec<ShardReport>,
+}
+
+impl StreamReport {
+    pub fn records(&self) -> u64 {
+        self.shards.iter().map(|shard| shard.records).sum()
+    }
+}
