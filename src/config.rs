@@ -120,6 +120,8 @@ pub enum ConfigError {
     },
     #[error("unknown config key `{key}` in {origin}")]
     Unknown { key: String, origin: String },
+    #[error("unknown environment variable {name}{}", closest.as_deref().map(|c| format!(" (did you mean {c}?)")).unwrap_or_default())]
+    UnknownVariable { name: String, closest: Option<String> },
     #[error("config file {path}: {problem}")]
     File { path: String, problem: String },
 }
@@ -253,6 +255,7 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
         })?;
         layers.merge_file(&text, &path.display().to_string())?;
     }
+    check_variables(&sources.env_vars)?;
     for (key, variable) in KEYS {
         if let Some(value) = sources.env_vars.get(*variable) {
             layers.0.insert(
@@ -278,6 +281,70 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
         );
     }
     validate(&layers)
+}
+
+/// `WORKER_*` variables that are not keys: they choose the layers.
+const LAYER_VARIABLES: [&str; 2] = ["WORKER_ENV", "WORKER_CONFIG_DIR"];
+
+/// Every `WORKER_*` variable must be a key's (or choose the layers): a misspelt one is an error
+/// naming the closest known variable, not silently ignored.
+fn check_variables(env_vars: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let known = || KEYS.iter().map(|(_, variable)| *variable).chain(LAYER_VARIABLES);
+    for name in env_vars.keys().filter(|name| name.starts_with("WORKER_")) {
+        if known().any(|variable| variable == name) {
+            continue;
+        }
+        let closest = known()
+            .map(|variable| (edit_distance(name, variable), variable))
+            .min()
+            .filter(|(distance, _)| *distance <= 3)
+            .map(|(_, variable)| variable.to_owned());
+        return Err(ConfigError::UnknownVariable {
+            name: name.clone(),
+            closest,
+        });
+    }
+    Ok(())
+}
+
+/// Levenshtein distance (ASCII names).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A `log_level` filter must be able to match: every directive a level (`warn`) or
+/// `target=level`, the levels spelt as tracing spells them (`warning` would be read as a target
+/// that never logs, silencing everything).
+fn check_log_level(filter: &str) -> Result<(), String> {
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            let closest = LEVELS
+                .iter()
+                .min_by_key(|known| edit_distance(&level.to_ascii_lowercase(), known))
+                .copied()
+                .unwrap_or("info");
+            return Err(format!(
+                "{directive:?} names no level (trace, debug, info, warn, error, off): did you mean {closest:?}?"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|error| format!("{filter:?} is not a tracing filter: {error}"))
 }
 
 fn read_optional(path: &Path) -> Result<Option<String>, ConfigError> {
@@ -330,9 +397,7 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         other => return Err(layers.invalid("log_format", format!("{other:?} is none of auto, json, text"))),
     };
     let log_level = layers.string("log_level")?;
-    if let Err(error) = tracing_subscriber::EnvFilter::try_new(&log_level) {
-        return Err(layers.invalid("log_level", format!("{log_level:?} is not a tracing filter: {error}")));
-    }
+    check_log_level(&log_level).map_err(|problem| layers.invalid("log_level", problem))?;
     let worker_id = match layers.string("worker_id")?.trim() {
         "" => generated_worker_id(),
         id => id.to_owned(),
@@ -451,6 +516,38 @@ mod tests {
 
     fn error_text(sources: &Sources) -> String {
         load(sources).expect_err("should fail").to_string()
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_an_error_naming_the_closest_one() {
+        let text = error_text(&sources(&[("WORKER_BATCH_SIZ", "10")], &[]));
+        assert!(
+            text.contains("WORKER_BATCH_SIZ") && text.contains("did you mean WORKER_BATCH_SIZE?"),
+            "{text}"
+        );
+        let text = error_text(&sources(&[("WORKER_SOMETHING_ELSE_ENTIRELY", "1")], &[]));
+        assert!(!text.contains("did you mean"), "{text}");
+        assert!(load(&sources(&[("WORKER_CONFIG_DIR", "config"), ("WORKER_ENV", "")], &[])).is_ok());
+    }
+
+    #[test]
+    fn a_log_level_that_can_never_match_is_an_error() {
+        for bad in ["warning", "info,cruddur_stream_worker=verbose", "WARNING"] {
+            let text = error_text(&sources(&[("WORKER_LOG_LEVEL", bad)], &[]));
+            assert!(
+                text.contains("log_level") && text.contains("WORKER_LOG_LEVEL"),
+                "{text}"
+            );
+        }
+        assert!(error_text(&sources(&[("WORKER_LOG_LEVEL", "warning")], &[])).contains("did you mean \"warn\"?"));
+        for good in [
+            "warn",
+            "INFO",
+            "warn,cruddur_stream_worker=debug",
+            "aws_smithy_runtime=off,info",
+        ] {
+            assert!(load(&sources(&[("WORKER_LOG_LEVEL", good)], &[])).is_ok(), "{good}");
+        }
     }
 
     #[test]

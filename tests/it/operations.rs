@@ -349,6 +349,16 @@ async fn bad_configuration_exits_2_naming_the_key() {
             env: Some(("AWS_REGION", "")),
             key: "AWS_REGION",
         },
+        Case {
+            args: &["run"],
+            env: Some(("WORKER_BATCH_SIZ", "10")),
+            key: "did you mean WORKER_BATCH_SIZE?",
+        },
+        Case {
+            args: &["run"],
+            env: Some(("WORKER_LOG_LEVEL", "warning")),
+            key: "WORKER_LOG_LEVEL",
+        },
     ];
     for Case { args, env, key } in cases {
         let mut command = db.command(args);
