@@ -829,7 +829,7 @@ impl TestKinesis {
     /// them) under one partition key, 500 to a PutRecords call.
     pub async fn publish_changes(&self, partition_key: &str, changes: &[serde_json::Value]) {
         for chunk in changes.chunks(500) {
-            let entries = chunk
+            let entries: Vec<_> = chunk
                 .iter()
                 .map(|change| {
                     aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
@@ -839,15 +839,28 @@ impl TestKinesis {
                         .expect("entry")
                 })
                 .collect();
-            let output = self
-                .client
-                .put_records()
-                .stream_name(&self.name)
-                .set_records(Some(entries))
-                .send()
-                .await
-                .expect("put records");
-            assert_eq!(output.failed_record_count, Some(0), "every record published");
+            // kinesalite drops a connection now and then under a parallel suite: try again
+            // (bounded; a chunk partly stored and sent again only repeats records).
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let sent = self
+                    .client
+                    .put_records()
+                    .stream_name(&self.name)
+                    .set_records(Some(entries.clone()))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(output) if output.failed_record_count.unwrap_or(0) == 0 => break,
+                    other if attempt < 10 => {
+                        let _ = other;
+                        tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                    }
+                    Ok(output) => panic!("{:?} records not published", output.failed_record_count),
+                    Err(error) => panic!("put records: {error:?}"),
+                }
+            }
         }
     }
 
