@@ -30,7 +30,10 @@ SIZES = {
     },
     "smoke": {
         "read": {"records": 300, "rounds": 1},
-        "drain": {"messages": 60, "groups": 6, "rounds": 1},
+        # The Lambda logic moves rows backwards when the stream holds a group's messages out of
+        # time order (writers race): then it never reaches the final state. A smoke run only
+        # checks that the contenders run, so it waits a minute at most, not fifteen.
+        "drain": {"messages": 60, "groups": 6, "rounds": 1, "lambda_limit_seconds": 60},
         "latency": {"rate": 20, "groups": 10, "seconds": 2},
     },
 }
@@ -295,7 +298,8 @@ def main():
         for contender in contenders[shift:] + contenders[:shift]:
             results["drain"].append(contender())
     results["drain"].append(
-        run_suite(suite, "drain-lambda", endpoint=endpoint, poller=poller, limit_seconds=900, **backlog))
+        run_suite(suite, "drain-lambda", endpoint=endpoint, poller=poller,
+                  limit_seconds=sizes["drain"].get("lambda_limit_seconds", 900), **backlog))
     # Worker and floor alternate, so that drift on the machine hits both alike.
     results["latency"] = []
     results["latency_floor"] = []
