@@ -134,3 +134,73 @@ fn every_deployment_names_a_dead_letter_destination() {
     assert!(read("deploy/Dockerfile")
         .contains("--chown=nonroot:nonroot /data/cruddur-stream-worker /var/lib/cruddur-stream-worker"));
 }
+
+#[test]
+fn the_build_context_holds_what_the_dockerfile_copies_and_no_build_output() {
+    let ignore = read(".dockerignore");
+    let lines: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(lines.first(), Some(&"*"), "everything is left out unless named");
+    let copied: Vec<String> = read("deploy/Dockerfile")
+        .lines()
+        .filter(|line| line.starts_with("COPY ") && !line.contains("--from"))
+        .flat_map(|line| {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            parts[1..parts.len() - 1]
+                .iter()
+                .map(|part| part.trim_end_matches('/').to_owned())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!copied.is_empty());
+    for source in &copied {
+        assert!(
+            lines
+                .iter()
+                .any(|line| line.trim_start_matches('!').trim_end_matches('/') == source),
+            "{source} is copied but left out of the context"
+        );
+    }
+    assert!(
+        !lines.iter().any(|line| line.contains("target")),
+        "target/ never goes in"
+    );
+}
+
+#[test]
+fn every_worker_variable_in_the_deploy_files_is_a_known_key() {
+    // Unknown WORKER_* variables stop the worker at start: a misspelt one here would never run.
+    let known: Vec<&str> = cruddur_stream_worker::config::KEYS
+        .iter()
+        .map(|(_, variable)| *variable)
+        .chain(["WORKER_ENV", "WORKER_CONFIG_DIR"])
+        .collect();
+    for file in [
+        "deploy/Dockerfile",
+        "deploy/docker-compose.yml",
+        "deploy/ecs/task-definition.json",
+        "deploy/ecs/cloudformation.yaml",
+    ] {
+        let text = read(file);
+        let mut found = 0;
+        for (start, _) in text.match_indices("WORKER_") {
+            let preceded = text[..start]
+                .chars()
+                .last()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+            if preceded {
+                continue;
+            }
+            let name: String = text[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            assert!(known.contains(&name.as_str()), "{file}: {name} is not a known variable");
+            found += 1;
+        }
+        assert!(found > 0, "{file} sets worker variables");
+    }
+}
