@@ -16,6 +16,7 @@ use aws_config::SdkConfig;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{DeadLetterTarget, Settings, Source};
 use crate::deadletter::{DeadLetterDestination, DeadLetterError};
@@ -186,9 +187,11 @@ pub async fn start_with_source<S: StreamSource>(
     let max_poll_age = settings.ready_max_poll_age;
     let readiness: http::Readiness = Arc::new(move || health.readiness(max_poll_age));
     let server = tokio::spawn(http::serve(listener, metrics.clone(), readiness, http_stop.clone()));
+    // The app's own background tasks: waited for before the worker counts as stopped.
+    let background = TaskTracker::new();
     let upkeep_stop = http_stop.clone();
     let in_flight = dispatcher.clone();
-    tokio::spawn(async move {
+    background.spawn(async move {
         // Histograms need draining now and then when the exporter's own listener is not used,
         // and gauges setting now and then or they go idle.
         let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -202,19 +205,22 @@ pub async fn start_with_source<S: StreamSource>(
     // The worker stops on shutdown, or when a dead letter can be stored nowhere.
     let stop = shutdown.child_token();
     let (failed, stopper) = (dispatcher.failed(), stop.clone());
-    tokio::spawn(async move {
+    background.spawn(async move {
         if stopper.run_until_cancelled(failed.cancelled()).await.is_some() {
             stopper.cancel();
         }
     });
+    background.close();
     let task = tokio::spawn(async move {
-        let result = worker.run(stop).await;
+        let result = worker.run(stop.clone()).await;
         // Readers drained their lanes; this also waits for anything a failed reader left.
         dispatcher.wait_idle().await;
+        stop.cancel();
         http_stop.cancel();
         if let Ok(Err(error)) = server.await {
             tracing::warn!(error = %error, "HTTP server stopped with an error");
         }
+        background.wait().await;
         if let Some(failure) = dispatcher.failure() {
             return Err(AppError::DeadLetterLost(failure));
         }
