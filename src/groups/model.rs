@@ -216,6 +216,8 @@ pub struct GroupRow {
     /// `None` when the stored `sk` is not a timestamp; such a row counts as older than any
     /// message, so the next message repairs it.
     pub at: Option<DateTime<Utc>>,
+    /// The stored `sk` is already in the canonical form ([`timestamp::canonical`]).
+    pub canonical: bool,
 }
 
 impl GroupRow {
@@ -224,7 +226,14 @@ impl GroupRow {
         let owner = text(&item, "pk")?.strip_prefix(GROUP_PREFIX)?.to_owned();
         let sk = text(&item, "sk")?.to_owned();
         let at = timestamp::parse(&sk);
-        Some(Self { item, owner, sk, at })
+        let canonical = at.is_some_and(|at| timestamp::format(at) == sk);
+        Some(Self {
+            item,
+            owner,
+            sk,
+            at,
+            canonical,
+        })
     }
 
     /// The other participant's user uuid.
@@ -241,7 +250,7 @@ impl GroupRow {
     pub fn position(&self) -> Position<'_> {
         let rank = match text(&self.item, MESSAGE_UUID) {
             Some(uuid) => Rank::Message(uuid),
-            None if self.at.is_some() && timestamp::is_canonical(&self.sk) => Rank::Settled,
+            None if self.canonical => Rank::Settled,
             None => Rank::Unnamed,
         };
         Position { at: self.at, rank }

@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::model::{GroupRow, MessageInserted, Position, MESSAGE_UUID};
-use super::timestamp;
 use crate::aws::Item;
 
 /// A row rewritten in place: same key, new attributes.
@@ -97,7 +96,7 @@ fn oldest_first(a: &&GroupRow, b: &&GroupRow) -> std::cmp::Ordering {
 /// Whether `row` must move to `message`: it stands before it, or at it in a non-canonical form.
 fn behind(row: &GroupRow, message: &MessageInserted) -> bool {
     let (row_at, message_at): (Position<'_>, Position<'_>) = (row.position(), message.position());
-    row_at < message_at || (row_at == message_at && !timestamp::is_canonical(&row.sk))
+    row_at < message_at || (row_at == message_at && !row.canonical)
 }
 
 /// `row` moved to `message`: every attribute kept but the message's own.
@@ -151,6 +150,7 @@ pub fn rows_after(rows: &[GroupRow], writes: &Writes) -> Vec<GroupRow> {
 mod tests {
     use super::*;
     use crate::groups::model::text;
+    use crate::groups::timestamp;
     use std::collections::HashMap;
 
     /// A group row as this worker writes it: canonical `sk`, the message's uuid.

@@ -285,8 +285,12 @@ pub fn repair(conversation: &Conversation) -> Repair {
 /// `sk` is not in the canonical form move to it, every attribute kept.
 fn normalize_survivors(conversation: &Conversation, repair: &mut Repair) {
     let mut normalized = Vec::new();
-    for row in conversation.rows.iter().filter(|row| !repair.writes.displaces(row)) {
-        let Some(canonical) = timestamp::canonical(&row.sk).filter(|form| *form != row.sk) else {
+    for row in conversation
+        .rows
+        .iter()
+        .filter(|row| !row.canonical && !repair.writes.displaces(row))
+    {
+        let Some(canonical) = row.at.map(timestamp::format) else {
             continue;
         };
         let mut item = row.item.clone();

@@ -37,11 +37,6 @@ pub fn canonical(text: &str) -> Option<String> {
     parse(text).map(format)
 }
 
-/// Whether `text` is already in the canonical form.
-pub fn is_canonical(text: &str) -> bool {
-    canonical(text).is_some_and(|form| form == text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,8 +96,8 @@ mod tests {
         ];
         for (text, expected) in cases {
             assert_eq!(canonical(text).as_deref(), Some(expected), "{text}");
-            assert!(is_canonical(expected));
-            assert!(!is_canonical(text));
+            assert_eq!(canonical(expected).as_deref(), Some(expected), "canonical already");
+            assert_ne!(canonical(text).as_deref(), Some(text), "{text} is not");
             assert_eq!(parse(text), parse(expected), "one instant, to the microsecond");
         }
         assert_eq!(canonical("yesterday"), None);

@@ -23,7 +23,7 @@ pub struct StreamSettings {
     pub checkpoint_interval: Duration,
     /// A lease whose counter stands still this long is taken over.
     pub lease_duration: Duration,
-    /// How often the lease table is read to take, steal and renew.
+    /// How often the lease table is read to take and steal (renewals run on their own timer).
     pub lease_take_interval: Duration,
     pub max_steals_per_round: usize,
     /// How often a status line (iterator age, leases, shards) is logged: a log-based metric

@@ -32,6 +32,19 @@ struct Faulty<S> {
     expired_answers: Arc<AtomicU32>,
 }
 
+impl<S> Faulty<S> {
+    /// `inner`, answering read number `at` as if its records were trimmed.
+    fn trimming(inner: S, at: u32) -> Self {
+        Self {
+            inner,
+            fault: Fault::Trim,
+            at,
+            reads: AtomicU32::new(0),
+            expired_answers: Arc::new(AtomicU32::new(0)),
+        }
+    }
+}
+
 impl<S: StreamSource> StreamSource for Faulty<S> {
     async fn describe(&self) -> Result<StreamShards, StreamError> {
         self.inner.describe().await
@@ -129,13 +142,7 @@ async fn an_expired_iterator_resumes_from_the_checkpoint_without_skipping_or_rep
 async fn trimmed_records_are_counted_as_a_gap_and_reading_restarts_at_the_horizon() {
     let db = TestDb::new().await;
     let expected = traffic(&db).await;
-    let source = Faulty {
-        inner: db.stream_source(),
-        fault: Fault::Trim,
-        at: 1,
-        reads: AtomicU32::new(0),
-        expired_answers: Arc::new(AtomicU32::new(0)),
-    };
+    let source = Faulty::trimming(db.stream_source(), 1);
     let worker = db
         .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_records", "4")])
         .await;
@@ -186,13 +193,7 @@ async fn a_fresh_start_on_an_empty_stream_raises_no_alarm() {
 async fn a_trimmed_answer_before_anything_was_read_from_the_horizon_is_no_gap() {
     let db = TestDb::new().await;
     let expected = traffic(&db).await;
-    let source = Faulty {
-        inner: db.stream_source(),
-        fault: Fault::Trim,
-        at: 0,
-        reads: AtomicU32::new(0),
-        expired_answers: Arc::new(AtomicU32::new(0)),
-    };
+    let source = Faulty::trimming(db.stream_source(), 0);
     let worker = db.start_worker_on(source, &[("batch_size", "4")]).await;
     for (group, sk, text) in &expected {
         db.wait_for_group(group, sk, text).await;
