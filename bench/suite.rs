@@ -90,7 +90,7 @@ impl Db {
         let client = aws::dynamodb_client(&sdk);
         admin::create_messages_table(&client, TABLE).await?;
         // As deployed: the stack creates the lease table, the worker does not time its creation.
-        LeaseStore::new(client.clone(), LEASE_TABLE, "bench")
+        LeaseStore::dynamodb(client.clone(), LEASE_TABLE, "bench")
             .ensure_table()
             .await?;
         Ok(Self {
@@ -392,7 +392,7 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
         },
     ));
     let source = DynamoDbStreamsSource::new(db.client.clone(), aws::streams_client(&db.sdk), TABLE);
-    let leases = LeaseStore::new(db.client.clone(), format!("bench-leases-{run}"), "bench");
+    let leases = LeaseStore::dynamodb(db.client.clone(), format!("bench-leases-{run}"), "bench");
     leases.ensure_table().await?;
     let settings = StreamSettings {
         starting_position: StartingPosition::TrimHorizon,

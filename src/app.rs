@@ -166,7 +166,7 @@ pub async fn start_with_source<S: StreamSource>(
             worker_id: settings.worker_id.clone(),
         },
     ));
-    let leases = LeaseStore::new(tables, &settings.lease_table_name, &settings.worker_id);
+    let leases = LeaseStore::dynamodb(tables, &settings.lease_table_name, &settings.worker_id);
     let health = Arc::new(StreamHealth::default());
     let stream_settings = StreamSettings {
         starting_position: settings.starting_position,

@@ -195,7 +195,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Setup => {
             let created = admin::create_messages_table(&client, table).await?;
             println!("{table}: {}", if created { "created" } else { "exists" });
-            let leases = LeaseStore::new(client, &settings.lease_table_name, &settings.worker_id);
+            let leases = LeaseStore::dynamodb(client, &settings.lease_table_name, &settings.worker_id);
             let created = leases.ensure_table().await?;
             println!(
                 "{}: {}",
@@ -249,7 +249,7 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases => {
-            let store = LeaseStore::new(client, &settings.lease_table_name, &settings.worker_id);
+            let store = LeaseStore::dynamodb(client, &settings.lease_table_name, &settings.worker_id);
             let mut leases: Vec<_> = store.load_all().await?.into_values().collect();
             leases.sort_by(|a, b| a.shard.cmp(&b.shard));
             println!(

@@ -36,6 +36,7 @@ pub mod deadletter;
 pub mod dispatch;
 pub mod groups;
 pub mod http;
+pub mod lock;
 pub mod retry;
 pub mod stream;
 pub mod telemetry;

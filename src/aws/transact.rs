@@ -18,6 +18,7 @@
 //! Must not: know what the actions mean (tables, rows, conversations), or retry with backoff
 //! (errors go back to the caller, whose retry policy decides).
 
+use crate::lock::lock;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -113,11 +114,6 @@ impl crate::retry::Retryable for CommitError {
 }
 
 type Answer = Result<Commit, CommitError>;
-
-/// The queue's lock; a panic elsewhere while holding it leaves the queue usable.
-fn lock(waiting: &std::sync::Mutex<VecDeque<Waiting>>) -> std::sync::MutexGuard<'_, VecDeque<Waiting>> {
-    waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 struct Waiting {
     set: ActionSet,

@@ -40,8 +40,9 @@ use tokio_util::task::TaskTracker;
 pub use watermark::{Ticket, Watermark};
 
 use crate::deadletter::{Covered, DeadLetter, DeadLetterDestination};
+use crate::lock::lock;
 use crate::retry::{retry, retry_until, RetryPolicy, Retryable};
-use crate::stream::{lock, Consumer, Record, SequenceNumber, ShardId, ShardLane};
+use crate::stream::{Consumer, Record, SequenceNumber, ShardId, ShardLane};
 use crate::telemetry::{metric, Tally};
 
 /// What a record means to the handler.

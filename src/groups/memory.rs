@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::model::{self, GroupRow};
-use crate::stream::lock;
+use crate::lock::lock;
 
 /// Conversations remembered, at most.
 pub const CONVERSATIONS: usize = 2048;

@@ -12,9 +12,12 @@
 //!   other without leases bouncing back and forth.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Lease, ShardId};
+use tokio::time::Instant;
+
+use super::lease::Lease;
+use super::record::ShardId;
 
 /// Why a lease changes hands; a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine as _;
 use serde_json::{json, Map, Value as Json};
 
-use super::{EventKind, Item, Record, SequenceNumber};
+use super::record::{EventKind, Item, Record, SequenceNumber};
 
 /// The change record of `record`, without its sequence number (the shard names that).
 pub fn to_json(record: &Record) -> Json {

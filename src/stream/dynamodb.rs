@@ -10,10 +10,10 @@ use aws_sdk_dynamodbstreams::operation::get_records::GetRecordsError;
 use aws_sdk_dynamodbstreams::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_dynamodbstreams::types::{AttributeValue as StreamValue, ShardIteratorType};
 
-use super::{
-    Batch, EventKind, Item, Position, Record, SequenceNumber, ShardId, ShardInfo, StreamError, StreamShards,
-    StreamSource,
-};
+use super::error::StreamError;
+use super::position::Position;
+use super::record::{EventKind, Item, Record, SequenceNumber, ShardId};
+use super::source::{Batch, ShardInfo, StreamShards, StreamSource};
 use crate::aws::AwsError;
 
 /// Reads the latest stream of one DynamoDB table.

@@ -15,10 +15,11 @@ use aws_sdk_kinesis::operation::list_shards::ListShardsError;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use serde_json::Value as Json;
 
-use super::{
-    change, Batch, EventKind, Item, Position, Record, SequenceNumber, ShardId, ShardInfo, StreamError, StreamShards,
-    StreamSource,
-};
+use super::change;
+use super::error::StreamError;
+use super::position::Position;
+use super::record::{EventKind, Item, Record, SequenceNumber, ShardId};
+use super::source::{Batch, ShardInfo, StreamShards, StreamSource};
 use crate::aws::AwsError;
 
 /// Reads one Kinesis data stream of DynamoDB change records.

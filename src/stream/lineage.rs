@@ -11,7 +11,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Lease, Position, ShardId, ShardInfo, StartingPosition};
+use super::lease::Lease;
+use super::position::{Position, StartingPosition};
+use super::record::ShardId;
+use super::source::ShardInfo;
 
 /// The checkpoint and shard-end marker a shard's new lease row starts with. `fresh_stream`:
 /// no shard of this stream has a lease row yet.

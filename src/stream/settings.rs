@@ -5,9 +5,12 @@
 //! Plain data, shared by the worker and the per-shard reader: it imports nothing of theirs, so
 //! neither has to import the other for it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Position, SequenceNumber, ShardId, StartingPosition};
+use tokio::time::Instant;
+
+use super::position::{Position, StartingPosition};
+use super::record::{SequenceNumber, ShardId};
 use crate::retry::RetryPolicy;
 
 /// How the stream is read and shared.

@@ -2,47 +2,57 @@
 //! with the other workers sharing the lease table.
 //!
 //! One task, two duties:
-//! - shard sync (every `shard_sync_interval`, and at once when a reader finishes, so a child
-//!   starts as soon as its parent ends): describe the stream, add lease rows for new shards,
-//!   delete rows of finished shards that are gone from the stream once their children started;
-//! - lease round (every `lease_take_interval`): read the lease table, take free leases and steal
-//!   to even out shares ([`balance`]), start a reader for every held lease whose parents are
-//!   done, and let readers of lost leases stop.
+//! - shard sync ([`ShardSync`], every `shard_sync_interval`, and at once when a reader finishes,
+//!   so a child starts as soon as its parent ends);
+//! - the lease round (every `lease_take_interval`), in four named steps: [`observe`] the table
+//!   (a lease given to someone else is lost at once), [`take`] our own rows back and free or
+//!   stolen leases ([`balance`]), [`start_readers`] for held leases whose parents are done, and
+//!   [`publish`] what the round saw.
 //!
-//! Held leases are renewed (every third of `lease_duration`) by a task of their own, so that a
-//! slow or failing lease-table scan or DescribeStream never holds a renewal back.
+//! Held leases are renewed (every third of `lease_duration`) by a task of their own
+//! ([`renew_loop`]), so that a slow or failing lease-table scan or DescribeStream never holds a
+//! renewal back.
 //!
 //! On cancel, readers stop, drain and checkpoint while renewals go on; then every held lease is
 //! released, so another worker takes it within one of its rounds instead of after expiry.
 //!
+//! [`ShardSync`]: super::sync::ShardSync
 //! [`balance`]: super::balance
+//! [`observe`]: StreamWorker::observe
+//! [`take`]: StreamWorker::take
+//! [`start_readers`]: StreamWorker::start_readers
+//! [`publish`]: StreamWorker::publish
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::balance::{self, Observations, TakeReason};
-use super::lease::HeldLease;
-use super::poller::{read_shard, ShardAges, ShardContext};
+use super::consumer::Consumer;
+use super::context::{ShardAges, ShardContext};
+use super::error::StreamError;
+use super::health::StreamHealth;
+use super::lease::{DynamoDbLeaseTable, HeldLease, Lease, LeaseStore, LeaseTable};
+use super::lineage;
+use super::reader::read_shard;
+use super::record::ShardId;
 use super::settings::{ShardReport, StreamReport, StreamSettings};
-use super::{lineage, Consumer, Lease, LeaseStore, ShardId, StreamError, StreamHealth, StreamShards, StreamSource};
-use crate::retry::{retry, Retryable};
+use super::source::{StreamShards, StreamSource};
+use super::sync::ShardSync;
+use crate::retry::retry;
 use crate::telemetry::metric;
-
-/// The wait after the first failed shard sync; it doubles with each further failure, up to the
-/// sync interval.
-const SYNC_RETRY_FIRST: Duration = Duration::from_millis(125);
 
 /// Shard states as the `stream_worker_shards{state}` gauge reports them.
 const SHARD_STATES: [&str; 5] = ["reading", "owned_elsewhere", "free", "blocked", "finished"];
 
 /// Reads this worker's share of one stream into one consumer.
-pub struct StreamWorker<S, C> {
-    context: Arc<ShardContext<S>>,
+pub struct StreamWorker<S, C, T = DynamoDbLeaseTable> {
+    context: Arc<ShardContext<S, T>>,
     consumer: Arc<C>,
 }
 
@@ -55,15 +65,8 @@ struct State {
     held: HashMap<ShardId, Arc<HeldLease>>,
     /// Shards whose reader failed, not restarted before the instant.
     holdoff: HashMap<ShardId, Instant>,
-    /// The stream as last described.
-    stream: Option<StreamShards>,
-    /// Unfinished rows of shards the last sync did not list: retired when the next one does
-    /// not list them either (a row another worker made for a shard newer than our listing is
-    /// listed by then).
-    orphans_seen: HashSet<ShardId>,
+    sync: ShardSync,
     observations: Observations,
-    next_sync: Instant,
-    failed_syncs: u32,
     last_status: Instant,
     report: StreamReport,
     /// What the renewal task renews: the held leases as of the last change.
@@ -72,19 +75,15 @@ struct State {
 
 impl State {
     fn new() -> Self {
-        let now = Instant::now();
         Self {
             tasks: JoinSet::new(),
             shard_of_task: HashMap::new(),
             readers: HashMap::new(),
             held: HashMap::new(),
             holdoff: HashMap::new(),
-            stream: None,
-            orphans_seen: HashSet::new(),
+            sync: ShardSync::new(),
             observations: Observations::default(),
-            next_sync: now,
-            failed_syncs: 0,
-            last_status: now,
+            last_status: Instant::now(),
             report: StreamReport::default(),
             renewing: watch::Sender::new(Vec::new()),
         }
@@ -96,10 +95,19 @@ impl State {
     }
 }
 
+/// What one lease round read of the table, for its later steps.
+struct RoundView {
+    stream: StreamShards,
+    leases: HashMap<ShardId, Lease>,
+    /// Shards whose parents are all done (finished or gone): the ones that may be read.
+    readable: HashSet<ShardId>,
+    now: Instant,
+}
+
 /// Renews `held` every `interval` until `stop` fires. A lease found lost is marked so (its
 /// reader stops); other failures are retried at the next tick.
-async fn renew_loop(
-    leases: LeaseStore,
+async fn renew_loop<T: LeaseTable>(
+    leases: LeaseStore<T>,
     held: watch::Receiver<Vec<Arc<HeldLease>>>,
     interval: Duration,
     stop: CancellationToken,
@@ -120,11 +128,11 @@ async fn renew_loop(
     }
 }
 
-impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
+impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
     pub fn new(
         source: S,
         consumer: Arc<C>,
-        leases: LeaseStore,
+        leases: LeaseStore<T>,
         settings: StreamSettings,
         health: Arc<StreamHealth>,
     ) -> Self {
@@ -161,26 +169,12 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             renewals_stop.clone(),
         ));
         loop {
-            if Instant::now() >= state.next_sync {
-                self.sync_shards(&mut state).await;
-            }
+            state.sync.run_if_due(&self.context).await;
             if let Err(error) = self.lease_round(&mut state).await {
                 tracing::warn!(error = %error, "lease round failed");
             }
             state.share_held();
-            // Set every round, stream found or not, so that they never go idle.
-            metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
-            metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
-            self.context.ages.publish();
-            if state.last_status.elapsed() >= self.context.settings.status_interval {
-                state.last_status = Instant::now();
-                tracing::info!(
-                    iterator_age_seconds = self.context.ages.max(),
-                    leases_held = state.held.len(),
-                    shards_reading = state.readers.len(),
-                    "status"
-                );
-            }
+            self.report_status(&mut state);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}
@@ -188,12 +182,29 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
                     self.reader_done(&mut state, joined);
                     state.share_held();
                     // A finished shard may unblock its children: look at once.
-                    state.next_sync = Instant::now();
+                    state.sync.next = Instant::now();
                 }
             }
         }
         self.shut_down(&mut state, renewals_stop, renewals).await;
         Ok(state.report)
+    }
+
+    /// Gauges every round (stream found or not, so that they never go idle) and the status line
+    /// every `status_interval`.
+    fn report_status(&self, state: &mut State) {
+        metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
+        metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
+        self.context.ages.publish();
+        if state.last_status.elapsed() >= self.context.settings.status_interval {
+            state.last_status = Instant::now();
+            tracing::info!(
+                iterator_age_seconds = self.context.ages.max(),
+                leases_held = state.held.len(),
+                shards_reading = state.readers.len(),
+                "status"
+            );
+        }
     }
 
     /// Stops every reader (each drains and checkpoints) while renewals go on, then stops the
@@ -224,169 +235,112 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         metrics::gauge!(metric::SHARDS_READING).set(0.0);
     }
 
-    /// Describes the stream and keeps the lease rows in step with its shards.
-    async fn sync_shards(&self, state: &mut State) {
-        let sync_interval = self.context.settings.shard_sync_interval;
-        match self.try_sync_shards(&mut state.orphans_seen).await {
-            Ok(described) => {
-                state.stream = Some(described);
-                state.failed_syncs = 0;
-                state.next_sync = Instant::now() + sync_interval;
-            }
-            Err(error) => {
-                if matches!(
-                    error,
-                    StreamError::TableNotFound(_) | StreamError::StreamDisabled(_) | StreamError::StreamNotFound(_)
-                ) {
-                    self.context.health.stream_lost();
-                }
-                tracing::warn!(error = %error, retryable = error.is_retryable(), "shard sync failed");
-                // Quick at first (the table may be created any moment), then no more often
-                // than the sync interval, so a missing table does not flood the log.
-                state.failed_syncs = state.failed_syncs.saturating_add(1);
-                let wait = SYNC_RETRY_FIRST
-                    .saturating_mul(1 << state.failed_syncs.min(8))
-                    .min(sync_interval);
-                state.next_sync = Instant::now() + wait;
-            }
-        }
-    }
-
-    async fn try_sync_shards(&self, orphans_seen: &mut HashSet<ShardId>) -> Result<StreamShards, StreamError> {
-        let context = &self.context;
-        let described = context.source.describe().await?;
-        context.health.stream_found(&described.stream_id);
-        let leases = context.leases.load_all().await?;
-        // Rows of this stream, even of shards long gone, mean it was read before: new shards
-        // then start at the horizon whatever `starting_position` says.
-        let fresh_stream = lineage::is_fresh(&described.stream_id, &leases);
-        self.retire_orphans(&described, &leases, orphans_seen).await?;
-        for shard in described.shards.iter().filter(|shard| !leases.contains_key(&shard.id)) {
-            let (checkpoint, shard_end) =
-                lineage::initial_lease(shard, fresh_stream, context.settings.starting_position);
-            context
-                .leases
-                .create(&described.stream_id, shard, &checkpoint, shard_end)
-                .await?;
-            tracing::info!(shard = %shard.id, parents = ?shard.parents, checkpoint = %checkpoint.encode(), shard_end, "new shard");
-        }
-        for shard in lineage::removable(&described.shards, &leases) {
-            context.leases.delete(shard).await?;
-            tracing::info!(shard = %shard, "removed the lease of a finished shard gone from the stream");
-        }
-        Ok(described)
-    }
-
-    /// Unfinished rows of shards trimmed away before they were read to the end (this consumer was
-    /// down past the retention): the records in between are lost to the stream. Counted and
-    /// logged once, with what to do, and the rows retired so that they stop waiting forever.
-    async fn retire_orphans(
-        &self,
-        described: &StreamShards,
-        leases: &HashMap<ShardId, Lease>,
-        seen: &mut HashSet<ShardId>,
-    ) -> Result<(), StreamError> {
-        let orphans = lineage::orphans(&described.stream_id, &described.shards, leases);
-        let (confirmed, new): (Vec<&Lease>, Vec<&Lease>) =
-            orphans.into_iter().partition(|lease| seen.contains(&lease.shard));
-        *seen = new.iter().map(|lease| lease.shard.clone()).collect();
-        let mut retired = Vec::new();
-        for lease in confirmed {
-            if self.context.leases.retire(lease).await? {
-                retired.push(lease.shard.0.as_str());
-            }
-        }
-        if !retired.is_empty() {
-            metrics::counter!(metric::STREAM_GAPS).increment(1);
-            tracing::error!(
-                shards = ?retired,
-                "shards were trimmed from the stream before this worker read them to the end (down longer than \
-                 the stream's retention); their leases are retired and reading goes on from the oldest record \
-                 kept. Conversations may be stale: run `cruddur-stream-worker reconcile`"
-            );
-        }
+    /// One lease round: observe, take, start readers, publish.
+    async fn lease_round(&self, state: &mut State) -> Result<(), StreamError> {
+        let Some(stream) = state.sync.stream.clone() else {
+            return Ok(());
+        };
+        let mut view = self.observe(state, stream).await?;
+        self.take(state, &mut view).await;
+        self.start_readers(state, &view);
+        self.publish(state, &view);
         Ok(())
     }
 
-    /// Renews, takes, steals, and starts readers.
-    async fn lease_round(&self, state: &mut State) -> Result<(), StreamError> {
-        let Some(stream) = state.stream.clone() else {
-            return Ok(());
-        };
-        let context = &self.context;
-        let me = context.leases.owner().to_owned();
-        let mut leases = context.leases.load_all().await?;
+    /// Reads the lease table and notes what moved; a lease the table gives to someone else is
+    /// lost, even before a write of ours finds out.
+    async fn observe(&self, state: &mut State, stream: StreamShards) -> Result<RoundView, StreamError> {
+        let me = self.context.leases.owner();
+        let leases = self.context.leases.load_all().await?;
         let now = Instant::now();
         state.observations.observe(&leases, now);
-        // A lease the table gives to someone else is lost, even before a write finds out.
         for held in state.held.values() {
             if leases
                 .get(&held.shard)
-                .is_none_or(|lease| lease.owner.as_deref() != Some(me.as_str()))
+                .is_none_or(|lease| lease.owner.as_deref() != Some(me))
             {
                 held.mark_lost();
             }
         }
         state.held.retain(|_, held| !held.lost().is_cancelled());
-
-        let readable_ids: HashSet<ShardId> = lineage::readable(&stream.shards, &leases, |_| false)
+        let readable = lineage::readable(&stream.shards, &leases, |_| false)
             .into_iter()
             .map(|shard| shard.id.clone())
             .collect();
-        // Rows under our own id that we do not hold: a restart's, taken back at once, unless a
-        // live twin with our id was seen lately and the row is still renewed (then it is the
-        // twin's, and taking it would only start a tug of war).
-        let duration = context.settings.lease_duration;
-        let twin = context.leases.twin_seen_within(duration * 6);
-        let mut to_take: Vec<(ShardId, TakeReason)> = leases
-            .values()
-            .filter(|lease| {
-                lease.owner.as_deref() == Some(me.as_str())
-                    && !state.held.contains_key(&lease.shard)
-                    && readable_ids.contains(&lease.shard)
-                    && (!twin || state.observations.is_free(lease, now, duration))
-            })
-            .map(|lease| (lease.shard.clone(), TakeReason::New))
-            .collect();
-        let mut readable: Vec<&Lease> = readable_ids.iter().filter_map(|id| leases.get(id)).collect();
+        Ok(RoundView {
+            stream,
+            leases,
+            readable,
+            now,
+        })
+    }
+
+    /// Takes back our own rows, then free leases and steals ([`balance::choose`]).
+    async fn take(&self, state: &mut State, view: &mut RoundView) {
+        let mut to_take = self.own_rows_to_take(state, view);
+        let mut readable: Vec<&Lease> = view.readable.iter().filter_map(|id| view.leases.get(id)).collect();
         readable.sort_by(|a, b| a.shard.cmp(&b.shard));
+        let settings = &self.context.settings;
         to_take.extend(balance::choose(
-            &me,
+            self.context.leases.owner(),
             &readable,
             &state.observations,
-            now,
-            context.settings.lease_duration,
-            context.settings.max_steals_per_round,
+            view.now,
+            settings.lease_duration,
+            settings.max_steals_per_round,
         ));
         for (shard, reason) in to_take {
-            let Some(seen) = leases.get(&shard) else { continue };
-            match context.leases.take(seen).await {
+            let Some(seen) = view.leases.get(&shard) else { continue };
+            match self.context.leases.take(seen).await {
                 Ok(Some(taken)) => {
                     if reason != TakeReason::New {
                         metrics::counter!(metric::LEASE_TAKEOVERS, "reason" => reason.label()).increment(1);
                     }
                     tracing::info!(shard = %shard, reason = reason.label(), from = ?seen.owner, "lease taken");
                     state.held.insert(shard.clone(), Arc::new(HeldLease::new(&taken)));
-                    leases.insert(shard, taken);
+                    view.leases.insert(shard, taken);
                 }
                 Ok(None) => tracing::debug!(shard = %shard, "another worker took the lease first"),
                 Err(error) => tracing::warn!(shard = %shard, error = %error, "could not take the lease"),
             }
         }
+    }
 
-        state.holdoff.retain(|_, until| *until > now);
+    /// Rows under our own id that we do not hold: a restart's, taken back at once, unless a
+    /// live twin with our id was seen lately and the row is still renewed (then it is the
+    /// twin's, and taking it would only start a tug of war).
+    fn own_rows_to_take(&self, state: &State, view: &RoundView) -> Vec<(ShardId, TakeReason)> {
+        let me = self.context.leases.owner();
+        let duration = self.context.settings.lease_duration;
+        let twin = self.context.leases.twin_seen_within(duration * 6);
+        view.leases
+            .values()
+            .filter(|lease| {
+                lease.owner.as_deref() == Some(me)
+                    && !state.held.contains_key(&lease.shard)
+                    && view.readable.contains(&lease.shard)
+                    && (!twin || state.observations.is_free(lease, view.now, duration))
+            })
+            .map(|lease| (lease.shard.clone(), TakeReason::New))
+            .collect()
+    }
+
+    /// Starts a reader for every held, unfinished lease without one (and not held off after a
+    /// failure).
+    fn start_readers(&self, state: &mut State, view: &RoundView) {
+        state.holdoff.retain(|_, until| *until > view.now);
         for (shard, held) in &state.held {
             if state.readers.contains_key(shard) || state.holdoff.contains_key(shard) {
                 continue;
             }
-            let Some(lease) = leases.get(shard).filter(|lease| !lease.shard_end) else {
+            let Some(lease) = view.leases.get(shard).filter(|lease| !lease.shard_end) else {
                 continue;
             };
             let stop = held.lost().child_token();
-            let stream_id = lease.stream_id.clone().unwrap_or_else(|| stream.stream_id.clone());
+            let stream_id = lease.stream_id.clone().unwrap_or_else(|| view.stream.stream_id.clone());
             let lane = self.consumer.open_lane(shard);
             let reader = read_shard(
-                context.clone(),
+                self.context.clone(),
                 stream_id,
                 lease.clone(),
                 held.clone(),
@@ -397,30 +351,24 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
             state.shard_of_task.insert(handle.id(), shard.clone());
             state.readers.insert(shard.clone(), stop);
         }
-        self.publish(state, &stream, &leases, &readable_ids, now);
-        Ok(())
     }
 
-    fn publish(
-        &self,
-        state: &State,
-        stream: &StreamShards,
-        leases: &HashMap<ShardId, Lease>,
-        readable: &HashSet<ShardId>,
-        now: Instant,
-    ) {
+    /// Shard states by the round's view, and readiness.
+    fn publish(&self, state: &State, view: &RoundView) {
         let mut counts: HashMap<&str, usize> = SHARD_STATES.iter().map(|state| (*state, 0)).collect();
-        for shard in &stream.shards {
-            let Some(lease) = leases.get(&shard.id) else { continue };
+        for shard in &view.stream.shards {
+            let Some(lease) = view.leases.get(&shard.id) else {
+                continue;
+            };
             let shard_state = if lease.shard_end {
                 "finished"
-            } else if !readable.contains(&shard.id) {
+            } else if !view.readable.contains(&shard.id) {
                 "blocked"
             } else if state.held.contains_key(&shard.id) {
                 "reading"
             } else if state
                 .observations
-                .is_free(lease, now, self.context.settings.lease_duration)
+                .is_free(lease, view.now, self.context.settings.lease_duration)
             {
                 "free"
             } else {
@@ -431,7 +379,6 @@ impl<S: StreamSource, C: Consumer> StreamWorker<S, C> {
         for (shard_state, count) in counts {
             metrics::gauge!(metric::SHARDS, "state" => shard_state).set(count as f64);
         }
-
         self.context.health.lease_round_succeeded(!state.held.is_empty());
     }
 

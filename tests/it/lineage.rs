@@ -106,7 +106,7 @@ async fn after_an_outage_past_the_retention_the_gap_is_reported_and_nothing_reta
     db.message(&group, &people[1], "2024-12-01T00:00:01Z", "while we were down")
         .await;
     let described = db.stream_source().describe().await.expect("describe");
-    let earlier = LeaseStore::new(db.client.clone(), &db.lease_table, "a-worker-of-yesterday");
+    let earlier = LeaseStore::dynamodb(db.client.clone(), &db.lease_table, "a-worker-of-yesterday");
     earlier.ensure_table().await.expect("lease table");
     let gone = ShardInfo {
         id: ShardId("shardId-00000001700000000000-0ld5ba4d".into()),

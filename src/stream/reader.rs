@@ -9,63 +9,28 @@
 //! handed over (at most one read ahead of the lane); after an empty one the reader waits
 //! `idle_interval` (an idle shard costs at most 1/idle_interval reads a second).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::lease::HeldLease;
-use super::settings::{ShardReport, StreamSettings};
-use super::{
-    lock, Batch, Lease, LeaseStore, Position, Record, ShardId, ShardLane, StreamError, StreamHealth, StreamSource,
-};
+use super::consumer::ShardLane;
+use super::context::ShardContext;
+use super::error::StreamError;
+use super::lease::{HeldLease, Lease, LeaseTable};
+use super::position::Position;
+use super::record::{Record, ShardId};
+use super::settings::ShardReport;
+use super::source::{Batch, StreamSource};
 use crate::retry::retry;
 use crate::telemetry::{metric, Tally};
-
-/// What every shard reader shares.
-pub(super) struct ShardContext<S> {
-    pub source: S,
-    pub leases: LeaseStore,
-    pub settings: StreamSettings,
-    pub health: Arc<StreamHealth>,
-    pub ages: ShardAges,
-}
-
-/// Iterator age per shard; the exported gauge is the maximum.
-#[derive(Debug, Default)]
-pub(super) struct ShardAges(Mutex<HashMap<ShardId, f64>>);
-
-impl ShardAges {
-    fn set(&self, shard: &ShardId, seconds: f64) {
-        metrics::gauge!(metric::SHARD_ITERATOR_AGE, "shard" => shard.0.clone()).set(seconds);
-        let mut ages = lock(&self.0);
-        ages.insert(shard.clone(), seconds);
-        metrics::gauge!(metric::ITERATOR_AGE).set(ages.values().copied().fold(0.0, f64::max));
-    }
-
-    /// The shard's series stops being set, so it leaves `/metrics` after the gauge idle timeout.
-    pub(super) fn remove(&self, shard: &ShardId) {
-        lock(&self.0).remove(shard);
-        self.publish();
-    }
-
-    /// Sets the maximum again (also keeps the gauge from going idle while no shard is read).
-    pub(super) fn publish(&self) {
-        metrics::gauge!(metric::ITERATOR_AGE).set(self.max());
-    }
-
-    /// The oldest lag over the shards read, in seconds.
-    pub(super) fn max(&self) -> f64 {
-        lock(&self.0).values().copied().fold(0.0, f64::max)
-    }
-}
 
 /// Reads the shard of `lease` until it ends, fails, or `stop` fires. `stop` fires on shutdown
 /// and when the lease is lost (a child of [`HeldLease::lost`]); only in the first case is a final
 /// checkpoint written.
-pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
-    context: Arc<ShardContext<S>>,
+pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
+    context: Arc<ShardContext<S, T>>,
     stream_id: String,
     lease: Lease,
     held: Arc<HeldLease>,
@@ -98,7 +63,7 @@ pub(super) async fn read_shard<S: StreamSource, L: ShardLane>(
     }
 }
 
-impl<S: StreamSource> ShardContext<S> {
+impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
     /// One page, or under a backlog (full pages) several, up to `read_ahead_records`: a wider
     /// window lets the consumer fold more records of one key into one update. A failure after
     /// the first page hands over what was read; the next read meets it again.
@@ -146,8 +111,8 @@ impl<S: StreamSource> ShardContext<S> {
     }
 }
 
-struct ShardReader<'a, S, L> {
-    context: &'a ShardContext<S>,
+struct ShardReader<'a, S, T, L> {
+    context: &'a ShardContext<S, T>,
     stream_id: &'a str,
     shard: ShardId,
     held: Arc<HeldLease>,
@@ -158,7 +123,7 @@ struct ShardReader<'a, S, L> {
     report: ShardReport,
 }
 
-impl<S: StreamSource, L: ShardLane> ShardReader<'_, S, L> {
+impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
     async fn run(&mut self, cancel: &CancellationToken) -> Result<(), StreamError> {
         if self.written == Position::Latest {
             self.resolve_latest().await?;

@@ -1,0 +1,26 @@
+//! What the stream hands its records to: a [`Consumer`] opens one [`ShardLane`] per shard.
+//! The stream layer defines these traits and knows nothing of what implements them.
+
+use std::future::Future;
+
+use super::record::{Record, SequenceNumber, ShardId};
+
+/// What the stream hands its records to.
+pub trait Consumer: Send + Sync + 'static {
+    type Lane: ShardLane;
+    /// A lane for one shard's records; records submitted to it are handled in the lane's
+    /// order where the consumer requires order.
+    fn open_lane(&self, shard: &ShardId) -> Self::Lane;
+}
+
+/// One shard's way into the consumer.
+pub trait ShardLane: Send + Sync + 'static {
+    /// Takes a batch, in stream order. Waits while the consumer is at its in-flight bound
+    /// (backpressure); returns once every record is accepted, not handled.
+    fn submit(&mut self, records: Vec<Record>) -> impl Future<Output = ()> + Send;
+    /// The newest submitted record such that it and every record submitted before it are
+    /// fully handled: the only sequence number a checkpoint may name.
+    fn handled_through(&self) -> Option<SequenceNumber>;
+    /// Waits until every submitted record is fully handled.
+    fn drain(&mut self) -> impl Future<Output = ()> + Send;
+}

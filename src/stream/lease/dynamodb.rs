@@ -1,0 +1,314 @@
+//! The lease table in DynamoDB: one item per shard.
+//!
+//! Item (`shard_id` is the key): `checkpoint` (a [`Position`] in its stored form), `owner`,
+//! `parent_shard_ids`, `shard_end`, `stream_id`, `lease_counter` and `updated_at` (for people
+//! reading the table; no worker compares clocks). Every condition of [`LeaseTable`] is a
+//! DynamoDB condition expression, so concurrent workers are ordered by DynamoDB itself.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
+};
+
+use super::table::{Lease, LeaseTable, OwnedWrite, LEASE_TABLE_KEY};
+use crate::aws::{self, AwsError};
+use crate::stream::error::StreamError;
+use crate::stream::position::Position;
+use crate::stream::record::ShardId;
+
+/// One DynamoDB table of lease rows.
+#[derive(Debug, Clone)]
+pub struct DynamoDbLeaseTable {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+impl DynamoDbLeaseTable {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    fn update(&self, shard: &ShardId) -> UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key(LEASE_TABLE_KEY, AttributeValue::S(shard.0.clone()))
+    }
+}
+
+impl LeaseTable for DynamoDbLeaseTable {
+    /// On-demand capacity.
+    async fn ensure(&self) -> Result<bool, StreamError> {
+        let key = KeySchemaElement::builder()
+            .attribute_name(LEASE_TABLE_KEY)
+            .key_type(KeyType::Hash)
+            .build()
+            .map_err(|e| AwsError::invalid_request("CreateTable", e))?;
+        let attribute = AttributeDefinition::builder()
+            .attribute_name(LEASE_TABLE_KEY)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .map_err(|e| AwsError::invalid_request("CreateTable", e))?;
+        let created = aws::create_table_if_missing(&self.client, &self.table, |request| {
+            request
+                .key_schema(key)
+                .attribute_definitions(attribute)
+                .billing_mode(BillingMode::PayPerRequest)
+        })
+        .await?;
+        Ok(created)
+    }
+
+    async fn load_all(&self) -> Result<HashMap<ShardId, Lease>, StreamError> {
+        let items = aws::scan_all(self.client.scan().table_name(&self.table).consistent_read(true)).await?;
+        let mut leases = HashMap::new();
+        for item in items {
+            let lease = decode(&item)?;
+            leases.insert(lease.shard.clone(), lease);
+        }
+        Ok(leases)
+    }
+
+    async fn create(&self, lease: &Lease) -> Result<bool, StreamError> {
+        let parents = lease.parents.iter().map(|p| AttributeValue::S(p.0.clone())).collect();
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(LEASE_TABLE_KEY, AttributeValue::S(lease.shard.0.clone()))
+            .item("checkpoint", AttributeValue::S(lease.checkpoint.encode().into_owned()))
+            .item("parent_shard_ids", AttributeValue::L(parents))
+            .item("shard_end", AttributeValue::Bool(lease.shard_end))
+            .item("lease_counter", AttributeValue::N(lease.counter.to_string()))
+            .item("updated_at", now())
+            .condition_expression("attribute_not_exists(#key)")
+            .expression_attribute_names("#key", LEASE_TABLE_KEY);
+        if let Some(stream_id) = &lease.stream_id {
+            request = request.item("stream_id", AttributeValue::S(stream_id.clone()));
+        }
+        if let Some(owner) = &lease.owner {
+            request = request.item("owner", AttributeValue::S(owner.clone()));
+        }
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(error) if is_condition_failure(error.as_service_error()) => Ok(false),
+            Err(error) => Err(AwsError::from_sdk("PutItem", &error).into()),
+        }
+    }
+
+    async fn take(&self, seen: &Lease, owner: &str) -> Result<Option<Lease>, StreamError> {
+        let request = self
+            .update(&seen.shard)
+            .update_expression("SET #owner = :me, updated_at = :now ADD lease_counter :one")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", AttributeValue::S(owner.to_owned()))
+            .expression_attribute_values(":now", now())
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":counter", AttributeValue::N(seen.counter.to_string()))
+            .return_values(ReturnValue::AllNew);
+        let request = match &seen.owner {
+            Some(owner) => request
+                .condition_expression("lease_counter = :counter AND #owner = :owner")
+                .expression_attribute_values(":owner", AttributeValue::S(owner.clone())),
+            None => request.condition_expression("lease_counter = :counter AND attribute_not_exists(#owner)"),
+        };
+        match request.send().await {
+            Ok(output) => Ok(Some(decode(&output.attributes.unwrap_or_default())?)),
+            Err(error) if is_condition_failure(error.as_service_error()) => Ok(None),
+            Err(error) => Err(AwsError::from_sdk("UpdateItem", &error).into()),
+        }
+    }
+
+    async fn write(
+        &self,
+        shard: &ShardId,
+        owner: &str,
+        counter: u64,
+        write: OwnedWrite<'_>,
+    ) -> Result<u64, StreamError> {
+        let request = self
+            .update(shard)
+            .condition_expression("#owner = :me AND lease_counter = :counter")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", AttributeValue::S(owner.to_owned()))
+            .expression_attribute_values(":counter", AttributeValue::N(counter.to_string()))
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .expression_attribute_values(":now", now())
+            .return_values(ReturnValue::UpdatedNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let request = match write {
+            OwnedWrite::Renew => request.update_expression("SET updated_at = :now ADD lease_counter :one"),
+            OwnedWrite::Checkpoint { position, shard_end } => request
+                .update_expression(
+                    "SET checkpoint = :checkpoint, shard_end = :end, updated_at = :now ADD lease_counter :one",
+                )
+                .expression_attribute_values(":checkpoint", AttributeValue::S(position.encode().into_owned()))
+                .expression_attribute_values(":end", AttributeValue::Bool(shard_end)),
+            OwnedWrite::Release => {
+                request.update_expression("REMOVE #owner SET updated_at = :now ADD lease_counter :one")
+            }
+        };
+        match request.send().await {
+            Ok(output) => Ok(output
+                .attributes
+                .as_ref()
+                .and_then(|item| number(item, "lease_counter"))
+                .unwrap_or(counter + 1)),
+            Err(error) => match error.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    let now_owner = failed.item().and_then(|item| text(item, "owner")).unwrap_or("nobody");
+                    Err(StreamError::LeaseLost {
+                        shard: shard.clone(),
+                        owner: now_owner.to_owned(),
+                    })
+                }
+                _ => Err(AwsError::from_sdk("UpdateItem", &error).into()),
+            },
+        }
+    }
+
+    async fn delete_finished(&self, shard: &ShardId) -> Result<bool, StreamError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key(LEASE_TABLE_KEY, AttributeValue::S(shard.0.clone()))
+            .condition_expression("shard_end = :true")
+            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(AwsError::from_sdk("DeleteItem", &error).into()),
+        }
+    }
+
+    async fn retire(&self, seen: &Lease) -> Result<bool, StreamError> {
+        let result = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key(LEASE_TABLE_KEY, AttributeValue::S(seen.shard.0.clone()))
+            .condition_expression("lease_counter = :seen")
+            .expression_attribute_values(":seen", AttributeValue::N(seen.counter.to_string()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(AwsError::from_sdk("DeleteItem", &error).into()),
+        }
+    }
+}
+
+/// A failed condition of a PutItem or UpdateItem.
+fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(error: Option<&E>) -> bool {
+    error.and_then(|error| error.code()) == Some("ConditionalCheckFailedException")
+}
+
+fn now() -> AttributeValue {
+    AttributeValue::S(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn text<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Option<&'a str> {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => Some(value),
+        _ => None,
+    }
+}
+
+fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Option<u64> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value.parse().ok(),
+        _ => None,
+    }
+}
+
+fn decode(item: &HashMap<String, AttributeValue>) -> Result<Lease, StreamError> {
+    let malformed = |detail: String| StreamError::Malformed {
+        what: "lease row",
+        detail,
+    };
+    let shard = text(item, LEASE_TABLE_KEY).ok_or_else(|| malformed(format!("no {LEASE_TABLE_KEY}")))?;
+    let checkpoint = match text(item, "checkpoint") {
+        None => Position::TrimHorizon,
+        Some(stored) => {
+            Position::decode(stored).ok_or_else(|| malformed(format!("shard {shard}: bad checkpoint {stored:?}")))?
+        }
+    };
+    let parents = match item.get("parent_shard_ids") {
+        Some(AttributeValue::L(values)) => values
+            .iter()
+            .filter_map(|value| match value {
+                AttributeValue::S(id) => Some(ShardId(id.clone())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok(Lease {
+        shard: ShardId(shard.to_owned()),
+        checkpoint,
+        owner: text(item, "owner").map(str::to_owned),
+        parents,
+        shard_end: matches!(item.get("shard_end"), Some(AttributeValue::Bool(true))),
+        counter: number(item, "lease_counter").unwrap_or(0),
+        stream_id: text(item, "stream_id").map(str::to_owned),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_rows_decode() {
+        let item = HashMap::from([
+            (LEASE_TABLE_KEY.to_owned(), AttributeValue::S("shard-2".into())),
+            ("checkpoint".to_owned(), AttributeValue::S("00042".into())),
+            ("owner".to_owned(), AttributeValue::S("w1".into())),
+            (
+                "parent_shard_ids".to_owned(),
+                AttributeValue::L(vec![AttributeValue::S("shard-1".into())]),
+            ),
+            ("shard_end".to_owned(), AttributeValue::Bool(true)),
+            ("lease_counter".to_owned(), AttributeValue::N("12".into())),
+        ]);
+        let lease = decode(&item).expect("decodes");
+        assert_eq!(lease.counter, 12);
+        assert_eq!(lease.shard, ShardId("shard-2".into()));
+        assert_eq!(lease.checkpoint.encode(), "00042");
+        assert_eq!(lease.owner.as_deref(), Some("w1"));
+        assert_eq!(lease.parents, vec![ShardId("shard-1".into())]);
+        assert!(lease.shard_end);
+    }
+
+    #[test]
+    fn a_bad_checkpoint_is_an_error_not_a_restart_from_scratch() {
+        let item = HashMap::from([
+            (LEASE_TABLE_KEY.to_owned(), AttributeValue::S("shard-2".into())),
+            ("checkpoint".to_owned(), AttributeValue::S("garbage".into())),
+        ]);
+        assert!(decode(&item).is_err());
+    }
+}
