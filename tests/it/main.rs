@@ -5,6 +5,7 @@ mod deploy;
 mod failures;
 mod faults;
 mod kinesis;
+mod leases;
 mod lineage;
 mod observability;
 mod operations;
