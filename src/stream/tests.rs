@@ -1,1 +1,472 @@
+//! The worker and the reader against the fake source and the in-memory lease table, under
+//! `tokio::time::pause`: coordination rules checked in milliseconds, no server.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::fake::{FakeSource, STREAM_ID};
+use super::{
+    Consumer, Lease, LeaseStore, MemoryLeaseTable, Position, Record, SequenceNumber, ShardId, ShardLane,
+    StartingPosition, StreamHealth, StreamReport, StreamSettings, StreamWorker,
+};
+use crate::lock::lock;
+use crate::retry::RetryPolicy;
+
+const LEASE_DURATION: Duration = Duration::from_secs(10);
+const TAKE_INTERVAL: Duration = Duration::from_secs(1);
+
+fn settings() -> StreamSettings {
+    StreamSettings {
+        starting_position: StartingPosition::TrimHorizon,
+        batch_size: 100,
+        read_ahead_records: 100,
+        idle_interval: Duration::from_millis(200),
+        shard_sync_interval: Duration::from_secs(5),
+        checkpoint_interval: Duration::from_secs(1),
+        lease_duration: LEASE_DURATION,
+        lease_take_interval: TAKE_INTERVAL,
+        max_steals_per_round: 1,
+        status_interval: Duration::from_secs(3600),
+        retry: RetryPolicy {
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(500),
+            max_attempts: None,
+        },
+    }
+}
+
+/// Records handed to the consumer, in the order the lanes got them; handled at once.
+#[derive(Debug, Default, Clone)]
+struct Seen(Arc<Mutex<Vec<(ShardId, SequenceNumber)>>>);
+
+impl Seen {
+    fn of(&self, shard: &str) -> Vec<SequenceNumber> {
+        lock(&self.0)
+            .iter()
+            .filter(|(id, _)| id.0 == shard)
+            .map(|(_, sequence)| sequence.clone())
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        lock(&self.0).len()
+    }
+
+    /// Where in the whole order the shard's first and last records came.
+    fn span(&self, shard: &str) -> Option<(usize, usize)> {
+        let all = lock(&self.0);
+        let first = all.iter().position(|(id, _)| id.0 == shard)?;
+        let last = all.iter().rposition(|(id, _)| id.0 == shard)?;
+        Some((first, last))
+    }
+}
+
+impl Consumer for Seen {
+    type Lane = SeenLane;
+
+    fn open_lane(&self, shard: &ShardId) -> SeenLane {
+        SeenLane {
+            shard: shard.clone(),
+            seen: self.clone(),
+            last: None,
+        }
+    }
+}
+
+struct SeenLane {
+    shard: ShardId,
+    seen: Seen,
+    last: Option<SequenceNumber>,
+}
+
+impl ShardLane for SeenLane {
+    async fn submit(&mut self, records: Vec<Record>) {
+        let mut seen = lock(&self.seen.0);
+        for record in records {
+            self.last = Some(record.sequence_number.clone());
+            seen.push((self.shard.clone(), record.sequence_number));
+        }
+    }
+
+    fn handled_through(&self) -> Option<SequenceNumber> {
+        self.last.clone()
+    }
+
+    async fn drain(&mut self) {}
+}
+
+/// One worker of a simulated fleet: its task and its stop.
+struct Running {
+    task: JoinHandle<StreamReport>,
+    cancel: CancellationToken,
+}
+
+impl Running {
+    async fn stop(self) -> StreamReport {
+        self.cancel.cancel();
+        self.task.await.expect("worker task")
+    }
+
+    /// Gone without a word (kill -9): nothing released, nothing renewed any more.
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+fn start(
+    id: &str,
+    source: &FakeSource,
+    table: &MemoryLeaseTable,
+    consumer: &Seen,
+    settings: StreamSettings,
+) -> Running {
+    let worker = StreamWorker::new(
+        source.clone(),
+        Arc::new(consumer.clone()),
+        LeaseStore::new(table.clone(), id),
+        settings,
+        Arc::new(StreamHealth::default()),
+    );
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move { worker.run(stop).await.expect("worker runs") });
+    Running { task, cancel }
+}
+
+fn owner(table: &MemoryLeaseTable, shard: &str) -> Option<String> {
+    table.row(shard).and_then(|row| row.owner)
+}
+
+fn owners(table: &MemoryLeaseTable, shards: &[&str]) -> BTreeMap<String, Option<String>> {
+    shards.iter().map(|id| ((*id).to_owned(), owner(table, id))).collect()
+}
+
+fn held_by(table: &MemoryLeaseTable, shards: &[&str]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for owner in owners(table, shards).into_values().flatten() {
+        *counts.entry(owner).or_default() += 1;
+    }
+    counts
+}
+
+fn checkpoint(table: &MemoryLeaseTable, shard: &str) -> Option<Position> {
+    table.row(shard).map(|row| row.checkpoint)
+}
+
+/// Lets simulated time pass in small steps, so that every timer due in between fires in order.
+async fn pass(duration: Duration) {
+    let step = Duration::from_millis(50);
+    let mut left = duration;
+    while !left.is_zero() {
+        let now = step.min(left);
+        tokio::time::sleep(now).await;
+        left -= now;
+    }
+}
+
+/// Passes time until `done` holds, at most `limit`; whether it did.
+async fn pass_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let step = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    while !done() {
+        if waited >= limit {
+            return false;
+        }
+        tokio::time::sleep(step).await;
+        waited += step;
+    }
+    true
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_record_reaches_the_consumer_in_shard_order_and_the_end_is_checkpointed() {
+    let source = FakeSource::with_shards(&["shard-a", "shard-b"]);
+    let written_a = source.put_many("shard-a", 250);
+    let written_b = source.put_many("shard-b", 3);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let worker = start("w1", &source, &table, &seen, settings());
+    assert!(pass_until(Duration::from_secs(30), || seen.count() == 253).await);
+    let report = worker.stop().await;
+
+    assert_eq!(seen.of("shard-a"), written_a, "in order, once each");
+    assert_eq!(seen.of("shard-b"), written_b);
+    assert_eq!(report.records(), 253);
+    for (shard, last) in [("shard-a", &written_a[249]), ("shard-b", &written_b[2])] {
+        let row = table.row(shard).expect("row");
+        assert_eq!(
+            row.checkpoint,
+            Position::After(last.clone()),
+            "{shard}: the final checkpoint"
+        );
+        assert_eq!(row.owner, None, "{shard}: released on shutdown");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_workers_lease_is_taken_after_the_lease_duration_and_read_from_its_checkpoint() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let first = source.put_many("shard-a", 5);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let dead = start("w1", &source, &table, &seen, settings());
+    let last = Some(Position::After(first[4].clone()));
+    assert!(pass_until(Duration::from_secs(10), || checkpoint(&table, "shard-a") == last).await);
+    let standby = start("w2", &source, &table, &seen, settings());
+    pass(LEASE_DURATION * 2).await;
+    assert_eq!(
+        owner(&table, "shard-a").as_deref(),
+        Some("w1"),
+        "a renewed lease is not taken"
+    );
+
+    dead.kill();
+    let later = source.put_many("shard-a", 3);
+    pass(LEASE_DURATION - Duration::from_secs(1)).await;
+    assert_eq!(
+        owner(&table, "shard-a").as_deref(),
+        Some("w1"),
+        "not taken before a lease duration without renewal"
+    );
+    assert!(pass_until(LEASE_DURATION, || owner(&table, "shard-a").as_deref() == Some("w2")).await);
+    assert!(pass_until(Duration::from_secs(5), || seen.count() == 8).await);
+    let all: Vec<SequenceNumber> = first.into_iter().chain(later).collect();
+    assert_eq!(
+        seen.of("shard-a"),
+        all,
+        "resumed after the checkpoint: nothing skipped, nothing twice"
+    );
+    standby.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_worker_gets_an_even_share_without_stealing_more_than_allowed_per_round() {
+    let shards = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+    let source = FakeSource::with_shards(&shards);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let one = start("w1", &source, &table, &seen, settings());
+    assert!(
+        pass_until(Duration::from_secs(5), || held_by(&table, &shards).get("w1")
+            == Some(&8))
+        .await
+    );
+
+    let two = start("w2", &source, &table, &seen, settings());
+    let mut most_w2 = 0;
+    let mut rounds = 0;
+    while held_by(&table, &shards).get("w2").copied().unwrap_or(0) < 4 {
+        rounds += 1;
+        assert!(rounds <= 20, "w2 reaches its share: {:?}", held_by(&table, &shards));
+        pass(TAKE_INTERVAL).await;
+        let now = held_by(&table, &shards).get("w2").copied().unwrap_or(0);
+        assert!(now <= most_w2 + 1, "at most one steal per round ({most_w2} -> {now})");
+        most_w2 = now;
+    }
+    assert!(rounds >= 4, "four steals take four rounds, not {rounds}");
+    let settled = owners(&table, &shards);
+    pass(LEASE_DURATION * 3).await;
+    assert_eq!(owners(&table, &shards), settled, "even shares stay put");
+    let counts = held_by(&table, &shards);
+    assert_eq!((counts["w1"], counts["w2"]), (4, 4));
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leases_released_on_shutdown_are_taken_within_a_round_from_the_final_checkpoint() {
+    let shards = ["s0", "s1", "s2"];
+    let source = FakeSource::with_shards(&shards);
+    for shard in shards {
+        source.put_many(shard, 10);
+    }
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let leaving = start("w1", &source, &table, &seen, settings());
+    let all_checkpointed = || {
+        shards
+            .iter()
+            .all(|shard| matches!(checkpoint(&table, shard), Some(Position::After(_))))
+    };
+    assert!(pass_until(Duration::from_secs(5), all_checkpointed).await);
+    let staying = start("w2", &source, &table, &seen, settings());
+    pass(TAKE_INTERVAL / 2).await;
+    leaving.stop().await;
+    pass(TAKE_INTERVAL * 2).await;
+    assert_eq!(
+        held_by(&table, &shards).get("w2"),
+        Some(&3),
+        "taken at once, not after expiry"
+    );
+    for shard in shards {
+        source.put(shard, "after the handoff");
+    }
+    assert!(pass_until(Duration::from_secs(5), || seen.count() == 33).await);
+    assert_eq!(
+        seen.of("s0").len(),
+        11,
+        "the new owner starts after the final checkpoint"
+    );
+    staying.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn children_are_read_only_after_every_parent_ends() {
+    let source = FakeSource::with_shards(&["parent-a", "parent-b"]);
+    source.put_many("parent-a", 300);
+    source.put_many("parent-b", 2);
+    source.split("parent-a", &["child-a1", "child-a2"]);
+    source.put_many("child-a1", 5);
+    source.merge(["child-a2", "parent-b"], "grandchild");
+    source.put_many("grandchild", 5);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let mut settings = settings();
+    settings.batch_size = 7;
+    let worker = start("w1", &source, &table, &seen, settings);
+    assert!(pass_until(Duration::from_secs(60), || seen.count() == 312).await);
+    worker.stop().await;
+
+    let (_, parent_a_last) = seen.span("parent-a").expect("parent-a read");
+    let (_, parent_b_last) = seen.span("parent-b").expect("parent-b read");
+    let (child_first, _) = seen.span("child-a1").expect("child read");
+    let (grandchild_first, _) = seen.span("grandchild").expect("grandchild read");
+    assert!(child_first > parent_a_last, "a child after its parent");
+    assert!(grandchild_first > parent_b_last, "a merge after both of its parents");
+    for shard in ["parent-a", "parent-b", "child-a2"] {
+        assert!(table.row(shard).expect("row").shard_end, "{shard} finished");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_that_vanishes_finishes_its_lease_and_unblocks_its_children() {
+    let source = FakeSource::with_shards(&["old"]);
+    source.put_many("old", 3);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let worker = start("w1", &source, &table, &seen, settings());
+    assert!(pass_until(Duration::from_secs(5), || seen.count() == 3).await);
+    source.split("old", &["new"]);
+    source.put_many("new", 2);
+    source.remove("old");
+    assert!(pass_until(Duration::from_secs(30), || seen.count() == 5).await);
+    assert_eq!(seen.of("new").len(), 2);
+    worker.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_go_on_while_the_lease_table_scan_is_slow() {
+    let shards = ["s0", "s1"];
+    let source = FakeSource::with_shards(&shards);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let holder = start("w1", &source, &table, &seen, settings());
+    assert!(
+        pass_until(Duration::from_secs(5), || held_by(&table, &shards).get("w1")
+            == Some(&2))
+        .await
+    );
+    // Every scan now takes longer than a lease lasts; the holder's renewals must not wait for one.
+    table.set_scan_delay(LEASE_DURATION * 2);
+    let rival = start("w2", &source, &table, &seen, settings());
+    let counters = |table: &MemoryLeaseTable| shards.map(|id| table.row(id).expect("row").counter);
+    let mut before = counters(&table);
+    for _ in 0..8 {
+        pass(LEASE_DURATION / 2).await;
+        let now = counters(&table);
+        assert!(
+            now.iter().zip(before).all(|(now, before)| *now > before),
+            "renewed within every half lease duration"
+        );
+        before = now;
+    }
+    assert_eq!(held_by(&table, &shards).get("w1"), Some(&2), "never taken as expired");
+    rival.kill();
+    holder.kill();
+}
+
+#[tokio::test(start_paused = true)]
+async fn checkpoints_are_written_at_the_interval_not_per_batch() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let mut settings = settings();
+    settings.checkpoint_interval = Duration::from_secs(2);
+    settings.idle_interval = Duration::from_millis(100);
+    let worker = start("w1", &source, &table, &seen, settings);
+    pass(Duration::from_secs(2)).await;
+    let start_counter = table.row("shard-a").expect("row").counter;
+    // A record every 100 ms for 20 s: some 200 batches.
+    for _ in 0..200 {
+        source.put("shard-a", "steady");
+        pass(Duration::from_millis(100)).await;
+    }
+    let writes = table.row("shard-a").expect("row").counter - start_counter;
+    // Renewals (every 10/3 s, six in 20 s) and checkpoints (every 2 s, ten in 20 s) move it.
+    assert!(
+        (12..=20).contains(&writes),
+        "about one checkpoint per interval plus renewals, not one per batch: {writes} writes"
+    );
+    assert!(seen.count() >= 199, "reading kept pace");
+    let report = worker.stop().await;
+    assert_eq!(report.records(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_reads_and_expired_iterators_lose_and_repeat_nothing() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let worker = start("w1", &source, &table, &seen, settings());
+    let mut written = source.put_many("shard-a", 20);
+    assert!(pass_until(Duration::from_secs(5), || seen.count() == 20).await);
+    source.throttle(5);
+    written.extend(source.put_many("shard-a", 20));
+    assert!(pass_until(Duration::from_secs(30), || seen.count() == 40).await);
+    source.expire_iterators();
+    written.extend(source.put_many("shard-a", 20));
+    assert!(pass_until(Duration::from_secs(30), || seen.count() == 60).await);
+    pass(Duration::from_secs(2)).await;
+    assert_eq!(seen.of("shard-a"), written, "each record once, in order");
+    worker.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_trimmed_before_they_were_read_restart_the_shard_at_the_horizon() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let written = source.put_many("shard-a", 10);
+    table.put(Lease {
+        shard: ShardId("shard-a".into()),
+        checkpoint: Position::After(written[1].clone()),
+        owner: None,
+        parents: Vec::new(),
+        shard_end: false,
+        stream_id: Some(STREAM_ID.into()),
+        counter: 3,
+    });
+    source.trim("shard-a", 6);
+    let worker = start("w1", &source, &table, &seen, settings());
+    assert!(pass_until(Duration::from_secs(10), || seen.count() == 4).await);
+    assert_eq!(seen.of("shard-a"), written[6..].to_vec(), "from the horizon on");
+    worker.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_taken_by_another_stops_its_reader_without_a_checkpoint() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let worker = start("w1", &source, &table, &seen, settings());
+    let first = source.put_many("shard-a", 3);
+    let last = Some(Position::After(first[2].clone()));
+    assert!(pass_until(Duration::from_secs(5), || checkpoint(&table, "shard-a") == last).await);
+    let mut stolen = table.row("shard-a").expect("row");
+    stolen.owner = Some("w9".into());
+    stolen.counter += 1;
+    stolen.checkpoint = Position::TrimHorizon;
+    table.put(stolen.clone());
+    source.put_many("shard-a", 3);
+    pass(Duration::from_secs(5)).await;
+    assert_eq!(table.row("shard-a"), Some(stolen), "w1 wrote nothing over w9's lease");
+    worker.stop().await;
+    assert_eq!(
+        owner(&table, "shard-a").as_deref(),
+        Some("w9"),
+        "nor released it on shutdown"
+    );
+}

@@ -115,6 +115,10 @@ async fn renew_loop<T: LeaseTable>(
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while stop.run_until_cancelled(every.tick()).await.is_some() {
+        if held.has_changed().is_err() {
+            // The worker is gone without shutting down (its task was dropped): so are its leases.
+            return;
+        }
         let current: Vec<Arc<HeldLease>> = held.borrow().clone();
         for lease in current.iter().filter(|lease| !lease.lost().is_cancelled()) {
             match stop.run_until_cancelled(lease.renew(&leases)).await {
