@@ -470,3 +470,17 @@ async fn a_lease_taken_by_another_stops_its_reader_without_a_checkpoint() {
         "nor released it on shutdown"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_shard_costs_one_read_per_idle_interval() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let worker = start("w1", &source, &table, &seen, settings());
+    pass(Duration::from_secs(2)).await;
+    let before = source.reads();
+    pass(Duration::from_secs(20)).await;
+    let reads = source.reads() - before;
+    // idle_interval is 200 ms: 100 reads in 20 s, give or take the round they fall in.
+    assert!((95..=101).contains(&reads), "{reads} reads of an idle shard in 20 s");
+    worker.stop().await;
+}
