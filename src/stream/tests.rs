@@ -349,6 +349,10 @@ async fn a_shard_that_vanishes_finishes_its_lease_and_unblocks_its_children() {
     source.remove("old");
     assert!(pass_until(Duration::from_secs(30), || seen.count() == 5).await);
     assert_eq!(seen.of("new").len(), 2);
+    assert!(
+        table.row("old").is_none_or(|row| row.shard_end),
+        "the vanished shard's lease is finished by its reader (then removed), not left to be retired"
+    );
     worker.stop().await;
 }
 
