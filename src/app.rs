@@ -35,8 +35,9 @@ pub enum AppError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The worker's task panicked or was cancelled: the join error, whole.
     #[error("worker task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
     #[error(
         "no dead-letter destination: set dead_letter_queue_url (WORKER_DEAD_LETTER_QUEUE_URL) \
          or dead_letter_file (WORKER_DEAD_LETTER_FILE)"
@@ -98,7 +99,7 @@ pub struct Running {
 impl Running {
     /// Waits until the worker has stopped (after its shutdown token fired, or a fatal error).
     pub async fn wait(self) -> Result<StreamReport, AppError> {
-        self.task.await.map_err(|error| AppError::Task(error.to_string()))?
+        self.task.await?
     }
 }
 
@@ -227,4 +228,29 @@ pub async fn start_with_source<S: StreamSource>(
         Ok(result?)
     });
     Ok(Running { http_addr, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_worker_task_keeps_its_panic() {
+        let task = tokio::spawn(async { panic!("boom") });
+        let running = Running {
+            http_addr: "127.0.0.1:0".parse().expect("address"),
+            task: tokio::spawn(async move {
+                task.await?;
+                Ok(StreamReport::default())
+            }),
+        };
+        match running.wait().await {
+            Err(AppError::Task(error)) => {
+                assert!(error.is_panic(), "the join error itself, not its text");
+                let payload = error.into_panic();
+                assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom"));
+            }
+            other => panic!("expected the task's failure, got {other:?}"),
+        }
+    }
 }
