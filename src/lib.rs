@@ -16,7 +16,8 @@
 //! - [`config`]: layered settings, validated once.
 //! - [`aws`]: SDK clients, paging helpers, the one place that classifies AWS errors, and group
 //!   commit of independent transactions into shared calls ([`aws::transact`]).
-//! - [`stream`]: generic stream reading — sources, shard lineage, polling, leases, checkpoints.
+//! - [`stream`]: generic stream reading — sources, shard lineage, readers, the lease round,
+//!   leases (DynamoDB and an in-memory twin behind one trait), checkpoints.
 //!   Defines the [`stream::Consumer`] trait; knows nothing of Cruddur.
 //! - [`dispatch`]: per-key ordered fan-out with bounded in-flight work and the per-shard
 //!   checkpoint watermark; implements `stream::Consumer` for any [`dispatch::Handler`].
@@ -27,6 +28,9 @@
 //! - [`retry`]: capped exponential backoff with full jitter.
 //! - [`telemetry`]: metric names and descriptions, logging.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`lock`]: the one mutex helper.
+//!
+//! docs/ARCHITECTURE.md draws the layers and says where each coordination rule lives.
 
 pub mod app;
 pub mod aws;

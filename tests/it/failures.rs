@@ -274,7 +274,7 @@ async fn a_dead_letter_queue_that_is_down_holds_the_checkpoint_until_it_is_back(
         .stream_records()
         .await
         .last()
-        .map(|(seq, _, _)| seq.clone())
+        .map(|record| record.sequence.clone())
         .expect("poison record");
     db.message(&group, &people[1], "2024-04-01T00:00:02", "after the poison")
         .await;
@@ -792,7 +792,7 @@ async fn a_dead_letter_that_can_be_stored_nowhere_stops_the_worker_with_a_clear_
         .stream_records()
         .await
         .last()
-        .map(|(seq, _, _)| SequenceNumber::parse(seq).expect("sequence"))
+        .map(|record| SequenceNumber::parse(&record.sequence).expect("sequence"))
         .expect("poison record");
     let status = tokio::time::timeout(Duration::from_secs(30), worker.wait_exit())
         .await

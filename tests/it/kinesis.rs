@@ -172,7 +172,7 @@ async fn a_split_and_a_merge_while_writing_lose_nothing_and_parents_finish_first
 
     // Split the first shard at the middle of its hash range.
     let shards = stream.shards().await;
-    let (first, _, start, end, _) = shards[0].clone();
+    let (first, start, end) = (shards[0].id.clone(), shards[0].hash_start, shards[0].hash_end);
     stream
         .client
         .split_shard()
@@ -187,12 +187,12 @@ async fn a_split_and_a_merge_while_writing_lose_nothing_and_parents_finish_first
 
     // Merge the upper child of the split with the second original shard (adjacent ranges).
     let shards = stream.shards().await;
-    let second = shards[1].0.clone();
+    let second = shards[1].id.clone();
     let upper_child = shards
         .iter()
-        .filter(|(_, parents, _, _, closed)| parents == &vec![first.clone()] && !closed)
-        .max_by_key(|(_, _, start, _, _)| *start)
-        .map(|(id, ..)| id.clone())
+        .filter(|shard| shard.parents == [first.clone()] && !shard.closed)
+        .max_by_key(|shard| shard.hash_start)
+        .map(|shard| shard.id.clone())
         .expect("split children");
     stream
         .client
@@ -211,10 +211,10 @@ async fn a_split_and_a_merge_while_writing_lose_nothing_and_parents_finish_first
     let shards = stream.shards().await;
     let merged = shards
         .iter()
-        .find(|(_, parents, ..)| parents.len() == 2)
+        .find(|shard| shard.parents.len() == 2)
         .expect("the merged shard");
     let leases = db.leases().await;
-    for parent in &merged.1 {
+    for parent in &merged.parents {
         assert_eq!(
             leases[parent].get("shard_end"),
             Some(&AttributeValue::Bool(true)),
@@ -224,7 +224,8 @@ async fn a_split_and_a_merge_while_writing_lose_nothing_and_parents_finish_first
     assert_eq!(leases[&first].get("shard_end"), Some(&AttributeValue::Bool(true)));
     // Children started only after every parent's reader finished.
     let reader = |id: &str| report.shards.iter().find(|r| r.shard.0 == id).cloned();
-    for (id, parents, ..) in &shards {
+    for shard in &shards {
+        let (id, parents) = (&shard.id, &shard.parents);
         let Some(child) = reader(id) else { continue };
         for parent in parents {
             let parent = reader(parent).expect("the parent was read by this worker");

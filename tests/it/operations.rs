@@ -87,7 +87,7 @@ async fn a_restart_resumes_after_the_checkpoint() {
         .stream_records()
         .await
         .iter()
-        .filter(|(seq, _, _)| sequence(seq) > checkpoint)
+        .filter(|record| sequence(&record.sequence) > checkpoint)
         .count();
     assert_eq!(
         second.records() as usize,
@@ -283,7 +283,7 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         .stream_records()
         .await
         .last()
-        .map(|(seq, _, _)| seq.clone())
+        .map(|record| record.sequence.clone())
         .expect("records");
     let leases = db.leases().await;
     let lease = leases.values().next().expect("lease");
