@@ -111,6 +111,14 @@ impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
     }
 }
 
+/// What handing a batch over left to do.
+enum Handed {
+    /// Go on reading, with the read made ahead while the batch was handed over, if any.
+    ReadOn(Option<Result<Batch, StreamError>>),
+    /// The shard was read to its end and its lease finished.
+    Ended,
+}
+
 struct ShardReader<'a, S, T, L> {
     context: &'a ShardContext<S, T>,
     stream_id: &'a str,
@@ -151,42 +159,10 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
                 },
             };
             match read {
-                Ok(mut batch) => {
-                    self.context.health.read_succeeded();
-                    let read_any = !batch.records.is_empty();
-                    self.observe(&batch.records, batch.behind);
-                    if let Some(cutoff) = skip_before {
-                        batch
-                            .records
-                            .retain(|record| record.created_at.is_none_or(|at| at >= cutoff));
-                    }
-                    let got_records = !batch.records.is_empty();
-                    let Some(next) = batch.next_iterator else {
-                        if got_records {
-                            self.lane.submit(batch.records).await;
-                        }
-                        tracing::info!(shard = %self.shard, "shard read to its end");
-                        self.finish(true).await?;
-                        self.report.ended = true;
-                        return Ok(());
-                    };
-                    iterator = next;
-                    if got_records {
-                        // Records came, so more may follow at once: read on while the lane takes
-                        // these (it may wait for room), rather than one after the other.
-                        let context = self.context;
-                        let ((), next_read) =
-                            tokio::join!(self.lane.submit(batch.records), context.read_unless(&iterator, cancel));
-                        read_ahead = next_read;
-                    }
-                    self.save(false, false).await?;
-                    if !read_any {
-                        tokio::select! {
-                            _ = cancel.cancelled() => {}
-                            _ = tokio::time::sleep(self.context.settings.idle_interval) => {}
-                        }
-                    }
-                }
+                Ok(batch) => match self.hand_over(batch, skip_before, &mut iterator, cancel).await? {
+                    Handed::ReadOn(next_read) => read_ahead = next_read,
+                    Handed::Ended => return Ok(()),
+                },
                 Err(StreamError::ExpiredIterator) => {
                     // Drain first: the checkpoint then names the last record read, so resuming
                     // after it neither skips nor repeats anything.
@@ -212,6 +188,52 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
             }
         }
         self.finish(false).await
+    }
+
+    /// Hands one batch to the lane (reading the next page meanwhile when records came), then
+    /// checkpoints when due; waits `idle_interval` after an empty read.
+    async fn hand_over(
+        &mut self,
+        mut batch: Batch,
+        skip_before: Option<SystemTime>,
+        iterator: &mut String,
+        cancel: &CancellationToken,
+    ) -> Result<Handed, StreamError> {
+        self.context.health.read_succeeded();
+        let read_any = !batch.records.is_empty();
+        self.observe(&batch.records, batch.behind);
+        if let Some(cutoff) = skip_before {
+            batch
+                .records
+                .retain(|record| record.created_at.is_none_or(|at| at >= cutoff));
+        }
+        let got_records = !batch.records.is_empty();
+        let Some(next) = batch.next_iterator else {
+            if got_records {
+                self.lane.submit(batch.records).await;
+            }
+            tracing::info!(shard = %self.shard, "shard read to its end");
+            self.finish(true).await?;
+            self.report.ended = true;
+            return Ok(Handed::Ended);
+        };
+        *iterator = next;
+        let mut read_ahead = None;
+        if got_records {
+            // Records came, so more may follow at once: read on while the lane takes these (it
+            // may wait for room), rather than one after the other.
+            let context = self.context;
+            let ((), next_read) = tokio::join!(self.lane.submit(batch.records), context.read_unless(iterator, cancel));
+            read_ahead = next_read;
+        }
+        self.save(false, false).await?;
+        if !read_any {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(self.context.settings.idle_interval) => {}
+            }
+        }
+        Ok(Handed::ReadOn(read_ahead))
     }
 
     /// A `LATEST` checkpoint (as earlier versions stored it) resolved to an instant and stored
