@@ -175,53 +175,37 @@ impl LeaseTable for DynamoDbLeaseTable {
     }
 
     async fn delete_finished(&self, shard: &ShardId) -> Result<bool, StreamError> {
+        self.delete_if(shard, "shard_end = :value", AttributeValue::Bool(true))
+            .await
+    }
+
+    async fn retire(&self, seen: &Lease) -> Result<bool, StreamError> {
+        let counter = AttributeValue::N(seen.counter.to_string());
+        self.delete_if(&seen.shard, "lease_counter = :value", counter).await
+    }
+}
+
+impl DynamoDbLeaseTable {
+    /// Deletes the shard's row if `condition` (on `:value`) holds; whether it did.
+    async fn delete_if(&self, shard: &ShardId, condition: &str, value: AttributeValue) -> Result<bool, StreamError> {
         let result = self
             .client
             .delete_item()
             .table_name(&self.table)
             .key(LEASE_TABLE_KEY, AttributeValue::S(shard.0.clone()))
-            .condition_expression("shard_end = :true")
-            .expression_attribute_values(":true", AttributeValue::Bool(true))
+            .condition_expression(condition)
+            .expression_attribute_values(":value", value)
             .send()
             .await;
         match result {
             Ok(_) => Ok(true),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
-            Err(error) => Err(AwsError::from_sdk("DeleteItem", &error).into()),
-        }
-    }
-
-    async fn retire(&self, seen: &Lease) -> Result<bool, StreamError> {
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .key(LEASE_TABLE_KEY, AttributeValue::S(seen.shard.0.clone()))
-            .condition_expression("lease_counter = :seen")
-            .expression_attribute_values(":seen", AttributeValue::N(seen.counter.to_string()))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(false)
-            }
+            Err(error) if is_condition_failure(error.as_service_error()) => Ok(false),
             Err(error) => Err(AwsError::from_sdk("DeleteItem", &error).into()),
         }
     }
 }
 
-/// A failed condition of a PutItem or UpdateItem.
+/// A failed condition of a write.
 fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(error: Option<&E>) -> bool {
     error.and_then(|error| error.code()) == Some("ConditionalCheckFailedException")
 }
