@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Delete, KeysAndAttributes, Put, Tr
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use cruddur_stream_worker::aws::{self, AwsOverrides, Item};
 use cruddur_stream_worker::deadletter::DeadLetterDestination;
-use cruddur_stream_worker::dispatch::{DispatchSettings, Dispatcher, Handler, Route};
+use cruddur_stream_worker::dispatch::{DispatchLimits, DispatchSettings, Dispatcher, Handler, Route};
 use cruddur_stream_worker::groups::admin::{self, User};
 use cruddur_stream_worker::retry::{RetryPolicy, Retryable};
 use cruddur_stream_worker::stream::{
@@ -382,13 +382,15 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
     let dispatcher = Arc::new(Dispatcher::new(
         handler.clone(),
         DispatchSettings {
-            max_in_flight: 64,
+            limits: DispatchLimits {
+                max_in_flight: 64,
+                max_pending_records: 20_000,
+                max_folded_records: 5_000,
+                max_record_age: None,
+            },
             retry: policy(),
-            max_record_age: None,
             dead_letters: DeadLetterDestination::File(scratch),
             worker_id: "bench".into(),
-            max_pending_records: 20_000,
-            max_folded_records: 5_000,
         },
     ));
     let source = DynamoDbStreamsSource::new(db.client.clone(), aws::streams_client(&db.sdk), TABLE);

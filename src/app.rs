@@ -22,10 +22,10 @@ use crate::config::{DeadLetterTarget, Settings, Source};
 use crate::deadletter::{DeadLetterDestination, DeadLetterError};
 use crate::dispatch::{DispatchSettings, Dispatcher};
 use crate::groups::updater::GroupSummaryUpdater;
-use crate::retry::{RetryPolicy, Retryable};
+use crate::retry::Retryable;
 use crate::stream::{
-    DynamoDbStreamsSource, KinesisSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSettings,
-    StreamSource, StreamWorker,
+    DynamoDbStreamsSource, KinesisSource, LeaseStore, StreamError, StreamHealth, StreamReport, StreamSource,
+    StreamWorker,
 };
 use crate::{aws, http, telemetry};
 
@@ -80,15 +80,6 @@ pub fn dead_letter_destination(settings: &Settings, sdk: &SdkConfig) -> Result<D
     }
 }
 
-/// The retry policy of group updates, from the settings.
-pub fn handler_retry(settings: &Settings) -> RetryPolicy {
-    RetryPolicy {
-        base_delay: settings.retry_base_delay,
-        max_delay: settings.retry_max_delay,
-        max_attempts: settings.retry_max_attempts,
-    }
-}
-
 /// A started worker.
 pub struct Running {
     /// Where `/metrics`, `/healthz` and `/readyz` answer (the bound port when 0 was asked).
@@ -135,57 +126,41 @@ pub async fn start_with_source<S: StreamSource>(
         destination: dead_letters.describe(),
         source,
     })?;
-    let listener = TcpListener::bind(settings.http_addr)
+    let listener = TcpListener::bind(settings.http.addr)
         .await
         .map_err(|source| AppError::Bind {
-            addr: settings.http_addr,
+            addr: settings.http.addr,
             source,
         })?;
     let http_addr = listener.local_addr().map_err(|source| AppError::Bind {
-        addr: settings.http_addr,
+        addr: settings.http.addr,
         source,
     })?;
 
     let tables = aws::dynamodb_client(sdk);
-    let updater = Arc::new(
-        GroupSummaryUpdater::new(tables.clone(), &settings.table_name).with_write_calls(settings.max_write_calls),
-    );
-    let handler_retry = handler_retry(settings);
-    let stream_retry = RetryPolicy {
-        max_attempts: None,
-        ..handler_retry.clone()
-    };
+    let updater =
+        Arc::new(GroupSummaryUpdater::new(tables.clone(), &settings.table_name).with_settings(&settings.groups));
     let dispatcher = Arc::new(Dispatcher::new(
         updater,
         DispatchSettings {
-            max_in_flight: settings.max_in_flight,
-            max_pending_records: settings.max_pending_records,
-            max_folded_records: settings.max_folded_records,
-            retry: handler_retry,
-            max_record_age: settings.max_record_age,
+            limits: settings.dispatch.clone(),
+            retry: settings.retry.clone(),
             dead_letters: dead_letters.clone(),
             worker_id: settings.worker_id.clone(),
         },
     ));
     let leases = LeaseStore::dynamodb(tables, &settings.lease_table_name, &settings.worker_id);
     let health = Arc::new(StreamHealth::default());
-    let stream_settings = StreamSettings {
-        starting_position: settings.starting_position,
-        batch_size: settings.batch_size,
-        read_ahead_records: settings.read_ahead_records,
-        idle_interval: settings.idle_interval,
-        shard_sync_interval: settings.shard_sync_interval,
-        checkpoint_interval: settings.checkpoint_interval,
-        lease_duration: settings.lease_duration,
-        lease_take_interval: settings.lease_take_interval,
-        max_steals_per_round: settings.max_steals_per_round,
-        status_interval: settings.status_log_interval,
-        retry: stream_retry,
-    };
-    let worker = StreamWorker::new(source, dispatcher.clone(), leases, stream_settings, health.clone());
+    let worker = StreamWorker::new(
+        source,
+        dispatcher.clone(),
+        leases,
+        settings.stream.clone(),
+        health.clone(),
+    );
 
     let http_stop = CancellationToken::new();
-    let max_poll_age = settings.ready_max_poll_age;
+    let max_poll_age = settings.http.ready_max_poll_age;
     let readiness: http::Readiness = Arc::new(move || health.readiness(max_poll_age));
     let server = tokio::spawn(http::serve(listener, metrics.clone(), readiness, http_stop.clone()));
     // The app's own background tasks: waited for before the worker counts as stopped.

@@ -2,8 +2,14 @@
 //!
 //! Layers, later wins: `config/default.toml` (built into the binary too, so it runs without a
 //! config directory), `config/<WORKER_ENV>.toml`, `WORKER_*` environment variables, then
-//! command-line flags (`--set key=value` and the named flags). Keys are flat; a key's
-//! environment variable is `WORKER_` + the key in capitals, except `worker_id` (`WORKER_ID`).
+//! command-line flags (`--set key=value` and the named flags).
+//!
+//! The keys are those `config/default.toml` lists, grouped in sections by the layer that uses
+//! them (`[stream]`, `[dispatch]`, `[groups]`, `[retry]`, `[dead_letters]`, `[http]`,
+//! `[logging]`); [`load`] builds each layer's own settings struct from its section. Every key's
+//! name is unique: its environment variable is `WORKER_` + the key in capitals, except
+//! `worker_id` (`WORKER_ID`), and an overlay file may write it in its section or at the top.
+//! Adding a key: the TOML, the field of its layer's struct, the line here that reads it.
 //!
 //! Invariant: every error names the key and where its value came from; an unknown key in a
 //! file or flag is an error (a typo must not silently fall back to a default).
@@ -13,45 +19,56 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::stream::StartingPosition;
-use crate::telemetry::LogFormat;
+use crate::dispatch::DispatchLimits;
+use crate::groups::updater::GroupsSettings;
+use crate::http::HttpSettings;
+use crate::retry::RetryPolicy;
+use crate::stream::{StartingPosition, StreamSettings};
+use crate::telemetry::{LogFormat, LoggingSettings};
 
 /// The built-in defaults: the repository's `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
-/// Every key, with its environment variable.
-pub const KEYS: &[(&str, &str)] = &[
-    ("source", "WORKER_SOURCE"),
-    ("kinesis_stream_name", "WORKER_KINESIS_STREAM_NAME"),
-    ("table_name", "WORKER_TABLE_NAME"),
-    ("lease_table_name", "WORKER_LEASE_TABLE_NAME"),
-    ("worker_id", "WORKER_ID"),
-    ("http_addr", "WORKER_HTTP_ADDR"),
-    ("starting_position", "WORKER_STARTING_POSITION"),
-    ("batch_size", "WORKER_BATCH_SIZE"),
-    ("read_ahead_records", "WORKER_READ_AHEAD_RECORDS"),
-    ("idle_interval_ms", "WORKER_IDLE_INTERVAL_MS"),
-    ("shard_sync_interval_ms", "WORKER_SHARD_SYNC_INTERVAL_MS"),
-    ("checkpoint_interval_ms", "WORKER_CHECKPOINT_INTERVAL_MS"),
-    ("max_in_flight", "WORKER_MAX_IN_FLIGHT"),
-    ("max_pending_records", "WORKER_MAX_PENDING_RECORDS"),
-    ("max_folded_records", "WORKER_MAX_FOLDED_RECORDS"),
-    ("max_write_calls", "WORKER_MAX_WRITE_CALLS"),
-    ("lease_duration_ms", "WORKER_LEASE_DURATION_MS"),
-    ("lease_take_interval_ms", "WORKER_LEASE_TAKE_INTERVAL_MS"),
-    ("max_steals_per_round", "WORKER_MAX_STEALS_PER_ROUND"),
-    ("status_log_interval_ms", "WORKER_STATUS_LOG_INTERVAL_MS"),
-    ("retry_base_delay_ms", "WORKER_RETRY_BASE_DELAY_MS"),
-    ("retry_max_delay_ms", "WORKER_RETRY_MAX_DELAY_MS"),
-    ("retry_max_attempts", "WORKER_RETRY_MAX_ATTEMPTS"),
-    ("max_record_age_seconds", "WORKER_MAX_RECORD_AGE_SECONDS"),
-    ("dead_letter_file", "WORKER_DEAD_LETTER_FILE"),
-    ("dead_letter_queue_url", "WORKER_DEAD_LETTER_QUEUE_URL"),
-    ("ready_max_poll_age_ms", "WORKER_READY_MAX_POLL_AGE_MS"),
-    ("shutdown_grace_seconds", "WORKER_SHUTDOWN_GRACE_SECONDS"),
-    ("log_format", "WORKER_LOG_FORMAT"),
-    ("log_level", "WORKER_LOG_LEVEL"),
-];
+/// A key of the settings, as `config/default.toml` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    pub name: String,
+    /// The section it is listed under; `None` for the top-level keys.
+    pub section: Option<String>,
+    /// Its environment variable.
+    pub variable: String,
+}
+
+/// Every key, read once from the built-in `default.toml`.
+pub fn keys() -> &'static [Key] {
+    static KEYS: std::sync::LazyLock<Vec<Key>> = std::sync::LazyLock::new(|| {
+        let table: toml::Table = DEFAULT_TOML.parse().unwrap_or_default();
+        let mut keys = Vec::new();
+        for (name, value) in table {
+            match value {
+                toml::Value::Table(section) => keys.extend(section.keys().map(|key| Key {
+                    variable: variable_of(key),
+                    name: key.clone(),
+                    section: Some(name.clone()),
+                })),
+                _ => keys.push(Key {
+                    variable: variable_of(&name),
+                    name,
+                    section: None,
+                }),
+            }
+        }
+        keys
+    });
+    &KEYS
+}
+
+fn variable_of(key: &str) -> String {
+    match key {
+        "worker_id" => "WORKER_ID".to_owned(),
+        key => format!("WORKER_{}", key.to_ascii_uppercase()),
+    }
+}
 
 /// Where the table's change records are read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,43 +88,23 @@ pub enum DeadLetterTarget {
     Queue(String),
 }
 
-/// The validated settings.
-#[derive(Debug, Clone, PartialEq)]
+/// The validated settings: the top-level keys, and each layer's own settings struct.
+#[derive(Debug, Clone)]
 pub struct Settings {
     pub source: Source,
     pub table_name: String,
     pub lease_table_name: String,
     pub worker_id: String,
-    pub http_addr: SocketAddr,
-    pub starting_position: StartingPosition,
-    pub batch_size: i32,
-    pub read_ahead_records: usize,
-    pub idle_interval: Duration,
-    pub shard_sync_interval: Duration,
-    pub checkpoint_interval: Duration,
-    pub max_in_flight: usize,
-    /// Records of one shard read but not yet passed by its checkpoint; reading waits beyond.
-    pub max_pending_records: usize,
-    /// Records one waiting update may fold in; later ones make the next update.
-    pub max_folded_records: usize,
-    /// `TransactWriteItems` calls in flight at once; updates waiting for one share it.
-    pub max_write_calls: usize,
-    pub lease_duration: Duration,
-    pub lease_take_interval: Duration,
-    pub max_steals_per_round: usize,
-    pub status_log_interval: Duration,
-    pub retry_base_delay: Duration,
-    pub retry_max_delay: Duration,
-    /// `None`: unbounded.
-    pub retry_max_attempts: Option<u32>,
-    /// `None`: unbounded.
-    pub max_record_age: Option<Duration>,
+    pub shutdown_grace: Duration,
+    pub stream: StreamSettings,
+    pub dispatch: DispatchLimits,
+    pub groups: GroupsSettings,
+    /// Retries of group updates; the stream's own calls retry with the same delays, unbounded.
+    pub retry: RetryPolicy,
     /// `None` when neither key is set: commands that need one say so.
     pub dead_letters: Option<DeadLetterTarget>,
-    pub ready_max_poll_age: Duration,
-    pub shutdown_grace: Duration,
-    pub log_format: LogFormat,
-    pub log_level: String,
+    pub http: HttpSettings,
+    pub logging: LoggingSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,11 +162,15 @@ struct Entry {
     origin: String,
 }
 
-/// Values by key, each with its origin.
-struct Layers(BTreeMap<&'static str, Entry>);
+/// Values by key, each with its origin, and which keys validation read.
+#[derive(Default)]
+struct Layers {
+    entries: BTreeMap<&'static str, Entry>,
+    read: std::cell::RefCell<std::collections::BTreeSet<&'static str>>,
+}
 
-fn known_key(name: &str) -> Option<&'static str> {
-    KEYS.iter().map(|(key, _)| *key).find(|key| *key == name)
+fn known_key(name: &str) -> Option<&'static Key> {
+    keys().iter().find(|key| key.name == name)
 }
 
 impl Layers {
@@ -179,23 +180,47 @@ impl Layers {
             problem: error.message().to_owned(),
         })?;
         for (name, value) in table {
-            let key = known_key(&name).ok_or_else(|| ConfigError::Unknown {
-                key: name.clone(),
-                origin: origin.to_owned(),
-            })?;
-            self.0.insert(
-                key,
-                Entry {
-                    value: Value::Toml(value),
-                    origin: origin.to_owned(),
-                },
-            );
+            match value {
+                toml::Value::Table(section) if keys().iter().any(|key| key.section.as_ref() == Some(&name)) => {
+                    for (key, value) in section {
+                        self.merge_value(&key, Some(&name), value, origin)?;
+                    }
+                }
+                value => self.merge_value(&name, None, value, origin)?,
+            }
         }
         Ok(())
     }
 
+    /// One key of a file: known, and in its own section when written in one.
+    fn merge_value(
+        &mut self,
+        name: &str,
+        section: Option<&str>,
+        value: toml::Value,
+        origin: &str,
+    ) -> Result<(), ConfigError> {
+        let unknown = || ConfigError::Unknown {
+            key: section.map_or_else(|| name.to_owned(), |section| format!("{section}.{name}")),
+            origin: origin.to_owned(),
+        };
+        let key = known_key(name).ok_or_else(unknown)?;
+        if section.is_some() && key.section.as_deref() != section {
+            return Err(unknown());
+        }
+        self.entries.insert(
+            &key.name,
+            Entry {
+                value: Value::Toml(value),
+                origin: origin.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
     fn entry(&self, key: &'static str) -> Result<&Entry, ConfigError> {
-        self.0.get(key).ok_or_else(|| ConfigError::Invalid {
+        self.read.borrow_mut().insert(key);
+        self.entries.get(key).ok_or_else(|| ConfigError::Invalid {
             key: key.to_owned(),
             origin: "all layers".to_owned(),
             problem: "missing (config/default.toml lists every key)".to_owned(),
@@ -204,7 +229,7 @@ impl Layers {
 
     fn invalid(&self, key: &'static str, problem: impl Into<String>) -> ConfigError {
         let origin = self
-            .0
+            .entries
             .get(key)
             .map_or_else(|| "all layers".to_owned(), |entry| entry.origin.clone());
         ConfigError::Invalid {
@@ -233,6 +258,11 @@ impl Layers {
         }
     }
 
+    fn count(&self, key: &'static str, min: u64, max: u64) -> Result<usize, ConfigError> {
+        self.integer(key, min, max)
+            .map(|number| usize::try_from(number).unwrap_or(usize::MAX))
+    }
+
     fn millis(&self, key: &'static str, min: u64, max: u64) -> Result<Duration, ConfigError> {
         self.integer(key, min, max).map(Duration::from_millis)
     }
@@ -240,7 +270,12 @@ impl Layers {
 
 /// Loads and validates every layer.
 pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
-    let mut layers = Layers(BTreeMap::new());
+    validate(&merge(sources)?)
+}
+
+/// Every layer merged, not yet validated.
+fn merge(sources: &Sources) -> Result<Layers, ConfigError> {
+    let mut layers = Layers::default();
     let default_path = sources.config_dir.join("default.toml");
     match read_optional(&default_path)? {
         Some(text) => layers.merge_file(&text, &default_path.display().to_string())?,
@@ -256,10 +291,11 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
         layers.merge_file(&text, &path.display().to_string())?;
     }
     check_variables(&sources.env_vars)?;
-    for (key, variable) in KEYS {
-        if let Some(value) = sources.env_vars.get(*variable) {
-            layers.0.insert(
-                key,
+    for key in keys() {
+        if let Some(value) = sources.env_vars.get(&key.variable) {
+            let variable = &key.variable;
+            layers.entries.insert(
+                &key.name,
                 Entry {
                     value: Value::Text(value.clone()),
                     origin: format!("environment variable {variable}"),
@@ -268,19 +304,25 @@ pub fn load(sources: &Sources) -> Result<Settings, ConfigError> {
         }
     }
     for (name, value, flag) in &sources.flags {
-        let key = known_key(name).ok_or_else(|| ConfigError::Unknown {
-            key: name.clone(),
-            origin: flag.clone(),
-        })?;
-        layers.0.insert(
-            key,
+        // `--set key=value`, or `--set section.key=value` as the file spells it.
+        let (section, bare) = name
+            .rsplit_once('.')
+            .map_or((None, name.as_str()), |(s, k)| (Some(s), k));
+        let key = known_key(bare)
+            .filter(|key| section.is_none() || key.section.as_deref() == section)
+            .ok_or_else(|| ConfigError::Unknown {
+                key: name.clone(),
+                origin: flag.clone(),
+            })?;
+        layers.entries.insert(
+            &key.name,
             Entry {
                 value: Value::Text(value.clone()),
                 origin: flag.clone(),
             },
         );
     }
-    validate(&layers)
+    Ok(layers)
 }
 
 /// `WORKER_*` variables that are not keys: they choose the layers.
@@ -289,7 +331,7 @@ const LAYER_VARIABLES: [&str; 2] = ["WORKER_ENV", "WORKER_CONFIG_DIR"];
 /// Every `WORKER_*` variable must be a key's (or choose the layers): a misspelt one is an error
 /// naming the closest known variable, not silently ignored.
 fn check_variables(env_vars: &BTreeMap<String, String>) -> Result<(), ConfigError> {
-    let known = || KEYS.iter().map(|(_, variable)| *variable).chain(LAYER_VARIABLES);
+    let known = || keys().iter().map(|key| key.variable.as_str()).chain(LAYER_VARIABLES);
     for name in env_vars.keys().filter(|name| name.starts_with("WORKER_")) {
         if known().any(|variable| variable == name) {
             continue;
@@ -373,13 +415,45 @@ fn table_name(layers: &Layers, key: &'static str) -> Result<String, ConfigError>
 }
 
 fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
-    let http_addr = layers.string("http_addr")?;
-    let http_addr = http_addr.parse::<SocketAddr>().map_err(|_| {
-        layers.invalid(
-            "http_addr",
-            format!("{http_addr:?} is not an IP address with a port, like 0.0.0.0:9090"),
-        )
-    })?;
+    let worker_id = match layers.string("worker_id")?.trim() {
+        "" => generated_worker_id(),
+        id => id.to_owned(),
+    };
+    let retry = retry(layers)?;
+    Ok(Settings {
+        source: source(layers)?,
+        table_name: table_name(layers, "table_name")?,
+        lease_table_name: table_name(layers, "lease_table_name")?,
+        worker_id,
+        shutdown_grace: Duration::from_secs(layers.integer("shutdown_grace_seconds", 1, 3_600)?),
+        stream: stream(layers, &retry)?,
+        dispatch: dispatch(layers)?,
+        groups: GroupsSettings {
+            max_write_calls: layers.count("max_write_calls", 1, 1_000)?,
+        },
+        retry,
+        dead_letters: dead_letters(layers)?,
+        http: http(layers)?,
+        logging: logging(layers)?,
+    })
+}
+
+fn source(layers: &Layers) -> Result<Source, ConfigError> {
+    match layers.string("source")?.to_ascii_lowercase().as_str() {
+        "dynamodb" => Ok(Source::DynamoDb),
+        "kinesis" => {
+            let stream_name = layers.string("kinesis_stream_name")?.trim().to_owned();
+            if stream_name.is_empty() {
+                return Err(layers.invalid("kinesis_stream_name", "required when source is kinesis"));
+            }
+            Ok(Source::Kinesis { stream_name })
+        }
+        other => Err(layers.invalid("source", format!("{other:?} is neither dynamodb nor kinesis"))),
+    }
+}
+
+/// `[stream]`; its AWS calls retry with the updates' delays, until shutdown.
+fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, ConfigError> {
     let starting_position = match layers.string("starting_position")?.to_ascii_uppercase().as_str() {
         "TRIM_HORIZON" => StartingPosition::TrimHorizon,
         "LATEST" => StartingPosition::Latest,
@@ -390,101 +464,109 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
             ))
         }
     };
-    let log_format = match layers.string("log_format")?.to_ascii_lowercase().as_str() {
-        "auto" => LogFormat::Auto,
-        "json" => LogFormat::Json,
-        "text" => LogFormat::Text,
-        other => return Err(layers.invalid("log_format", format!("{other:?} is none of auto, json, text"))),
-    };
-    let log_level = layers.string("log_level")?;
-    check_log_level(&log_level).map_err(|problem| layers.invalid("log_level", problem))?;
-    let worker_id = match layers.string("worker_id")?.trim() {
-        "" => generated_worker_id(),
-        id => id.to_owned(),
-    };
-    let retry_base_delay = layers.millis("retry_base_delay_ms", 1, 60_000)?;
-    let retry_max_delay = layers.millis("retry_max_delay_ms", 1, 600_000)?;
-    if retry_max_delay < retry_base_delay {
-        return Err(layers.invalid("retry_max_delay_ms", "must not be below retry_base_delay_ms"));
-    }
     let lease_duration = layers.millis("lease_duration_ms", 1_000, 600_000)?;
     let lease_take_interval = layers.millis("lease_take_interval_ms", 50, 60_000)?;
     if lease_take_interval * 2 > lease_duration {
         return Err(layers.invalid("lease_take_interval_ms", "must be at most half of lease_duration_ms"));
     }
-    let retry_max_attempts = match layers.integer("retry_max_attempts", 0, 1_000_000)? {
-        0 => None,
-        attempts => Some(u32::try_from(attempts).unwrap_or(u32::MAX)),
-    };
-    let max_record_age = match layers.integer("max_record_age_seconds", 0, 604_800)? {
-        0 => None,
-        seconds => Some(Duration::from_secs(seconds)),
-    };
-    let dead_letter_file = layers.string("dead_letter_file")?.trim().to_owned();
-    let dead_letter_queue_url = layers.string("dead_letter_queue_url")?.trim().to_owned();
-    let dead_letters = match (dead_letter_file.is_empty(), dead_letter_queue_url.is_empty()) {
-        (true, true) => None,
-        (false, true) => Some(DeadLetterTarget::File(PathBuf::from(dead_letter_file))),
-        (true, false) => {
-            if !(dead_letter_queue_url.starts_with("https://") || dead_letter_queue_url.starts_with("http://")) {
-                return Err(layers.invalid(
-                    "dead_letter_queue_url",
-                    format!("{dead_letter_queue_url:?} is not a queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)"),
-                ));
-            }
-            Some(DeadLetterTarget::Queue(dead_letter_queue_url))
-        }
-        (false, false) => {
-            return Err(layers.invalid(
-                "dead_letter_queue_url",
-                "set either dead_letter_file or dead_letter_queue_url, not both",
-            ))
-        }
-    };
-    let batch_size = layers.integer("batch_size", 1, 1000)?;
-    let read_ahead_records = usize::try_from(layers.integer("read_ahead_records", 1, 10_000)?).unwrap_or(10_000);
-    let source = match layers.string("source")?.to_ascii_lowercase().as_str() {
-        "dynamodb" => Source::DynamoDb,
-        "kinesis" => {
-            let stream_name = layers.string("kinesis_stream_name")?.trim().to_owned();
-            if stream_name.is_empty() {
-                return Err(layers.invalid("kinesis_stream_name", "required when source is kinesis"));
-            }
-            Source::Kinesis { stream_name }
-        }
-        other => return Err(layers.invalid("source", format!("{other:?} is neither dynamodb nor kinesis"))),
-    };
-    Ok(Settings {
-        source,
-        table_name: table_name(layers, "table_name")?,
-        lease_table_name: table_name(layers, "lease_table_name")?,
-        worker_id,
-        http_addr,
+    Ok(StreamSettings {
         starting_position,
-        batch_size: i32::try_from(batch_size).unwrap_or(1000),
-        read_ahead_records,
+        batch_size: i32::try_from(layers.integer("batch_size", 1, 1000)?).unwrap_or(1000),
+        read_ahead_records: layers.count("read_ahead_records", 1, 10_000)?,
         idle_interval: layers.millis("idle_interval_ms", 1, 60_000)?,
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,
-        max_in_flight: usize::try_from(layers.integer("max_in_flight", 1, 100_000)?).unwrap_or(100_000),
-        max_pending_records: usize::try_from(layers.integer("max_pending_records", 1, 10_000_000)?)
-            .unwrap_or(10_000_000),
-        max_folded_records: usize::try_from(layers.integer("max_folded_records", 1, 10_000_000)?).unwrap_or(10_000_000),
-        max_write_calls: usize::try_from(layers.integer("max_write_calls", 1, 1_000)?).unwrap_or(1_000),
         lease_duration,
         lease_take_interval,
-        status_log_interval: layers.millis("status_log_interval_ms", 100, 3_600_000)?,
-        max_steals_per_round: usize::try_from(layers.integer("max_steals_per_round", 0, 1_000)?).unwrap_or(1_000),
-        retry_base_delay,
-        retry_max_delay,
-        retry_max_attempts,
-        max_record_age,
-        dead_letters,
-        ready_max_poll_age: layers.millis("ready_max_poll_age_ms", 1_000, 3_600_000)?,
-        shutdown_grace: Duration::from_secs(layers.integer("shutdown_grace_seconds", 1, 3_600)?),
-        log_format,
-        log_level,
+        max_steals_per_round: layers.count("max_steals_per_round", 0, 1_000)?,
+        status_interval: layers.millis("status_log_interval_ms", 100, 3_600_000)?,
+        retry: RetryPolicy {
+            max_attempts: None,
+            ..retry.clone()
+        },
     })
+}
+
+/// `[dispatch]`.
+fn dispatch(layers: &Layers) -> Result<DispatchLimits, ConfigError> {
+    Ok(DispatchLimits {
+        max_in_flight: layers.count("max_in_flight", 1, 100_000)?,
+        max_pending_records: layers.count("max_pending_records", 1, 10_000_000)?,
+        max_folded_records: layers.count("max_folded_records", 1, 10_000_000)?,
+        max_record_age: match layers.integer("max_record_age_seconds", 0, 604_800)? {
+            0 => None,
+            seconds => Some(Duration::from_secs(seconds)),
+        },
+    })
+}
+
+/// `[retry]`.
+fn retry(layers: &Layers) -> Result<RetryPolicy, ConfigError> {
+    let base_delay = layers.millis("retry_base_delay_ms", 1, 60_000)?;
+    let max_delay = layers.millis("retry_max_delay_ms", 1, 600_000)?;
+    if max_delay < base_delay {
+        return Err(layers.invalid("retry_max_delay_ms", "must not be below retry_base_delay_ms"));
+    }
+    let max_attempts = match layers.integer("retry_max_attempts", 0, 1_000_000)? {
+        0 => None,
+        attempts => Some(u32::try_from(attempts).unwrap_or(u32::MAX)),
+    };
+    Ok(RetryPolicy {
+        base_delay,
+        max_delay,
+        max_attempts,
+    })
+}
+
+/// `[dead_letters]`: one destination at most.
+fn dead_letters(layers: &Layers) -> Result<Option<DeadLetterTarget>, ConfigError> {
+    let file = layers.string("dead_letter_file")?.trim().to_owned();
+    let queue_url = layers.string("dead_letter_queue_url")?.trim().to_owned();
+    match (file.is_empty(), queue_url.is_empty()) {
+        (true, true) => Ok(None),
+        (false, true) => Ok(Some(DeadLetterTarget::File(PathBuf::from(file)))),
+        (true, false) => {
+            if !(queue_url.starts_with("https://") || queue_url.starts_with("http://")) {
+                return Err(layers.invalid(
+                    "dead_letter_queue_url",
+                    format!("{queue_url:?} is not a queue URL (https://sqs.<region>.amazonaws.com/<account>/<name>)"),
+                ));
+            }
+            Ok(Some(DeadLetterTarget::Queue(queue_url)))
+        }
+        (false, false) => Err(layers.invalid(
+            "dead_letter_queue_url",
+            "set either dead_letter_file or dead_letter_queue_url, not both",
+        )),
+    }
+}
+
+/// `[http]`.
+fn http(layers: &Layers) -> Result<HttpSettings, ConfigError> {
+    let addr = layers.string("http_addr")?;
+    let addr = addr.parse::<SocketAddr>().map_err(|_| {
+        layers.invalid(
+            "http_addr",
+            format!("{addr:?} is not an IP address with a port, like 0.0.0.0:9090"),
+        )
+    })?;
+    Ok(HttpSettings {
+        addr,
+        ready_max_poll_age: layers.millis("ready_max_poll_age_ms", 1_000, 3_600_000)?,
+    })
+}
+
+/// `[logging]`.
+fn logging(layers: &Layers) -> Result<LoggingSettings, ConfigError> {
+    let format = match layers.string("log_format")?.to_ascii_lowercase().as_str() {
+        "auto" => LogFormat::Auto,
+        "json" => LogFormat::Json,
+        "text" => LogFormat::Text,
+        other => return Err(layers.invalid("log_format", format!("{other:?} is none of auto, json, text"))),
+    };
+    let level = layers.string("log_level")?;
+    check_log_level(&level).map_err(|problem| layers.invalid("log_level", problem))?;
+    Ok(LoggingSettings { format, level })
 }
 
 /// `<hostname>-<8 hex>`: unique per process even where every task's pid is 1.
@@ -555,20 +637,70 @@ mod tests {
         let settings = load(&sources(&[], &[])).expect("defaults are valid");
         assert_eq!(settings.table_name, "cruddur-messages");
         assert_eq!(settings.lease_table_name, "cruddur-stream-worker-leases");
-        assert_eq!(settings.http_addr, "0.0.0.0:9090".parse().expect("addr"));
-        assert_eq!(settings.starting_position, StartingPosition::TrimHorizon);
-        assert_eq!(settings.idle_interval, Duration::from_millis(250));
+        assert_eq!(settings.http.addr, "0.0.0.0:9090".parse().expect("addr"));
+        assert_eq!(settings.stream.starting_position, StartingPosition::TrimHorizon);
+        assert_eq!(settings.stream.idle_interval, Duration::from_millis(250));
+        assert_eq!(
+            settings.stream.retry.max_attempts, None,
+            "the stream's reads retry until shutdown"
+        );
+        assert_eq!(settings.retry.max_attempts, Some(20));
+        assert_eq!(settings.dispatch.max_in_flight, 64);
+        assert_eq!(settings.groups.max_write_calls, 4);
         assert_eq!(settings.shutdown_grace, Duration::from_secs(25));
         assert!(!settings.worker_id.is_empty());
     }
 
     #[test]
-    fn the_built_in_defaults_are_the_repository_file_and_list_every_key() {
-        let table: toml::Table = DEFAULT_TOML.parse().expect("valid TOML");
-        for (key, _) in KEYS {
-            assert!(table.contains_key(*key), "default.toml lacks {key}");
-        }
-        assert_eq!(table.len(), KEYS.len());
+    fn every_key_of_the_defaults_is_read_and_has_its_variable() {
+        // Kinesis, so that its stream name is read too.
+        let kinesis = [("WORKER_SOURCE", "kinesis"), ("WORKER_KINESIS_STREAM_NAME", "changes")];
+        let layers = merge(&sources(&kinesis, &[])).expect("defaults merge");
+        validate(&layers).expect("defaults are valid");
+        let read = layers.read.borrow();
+        let unread: Vec<&str> = keys()
+            .iter()
+            .map(|key| key.name.as_str())
+            .filter(|key| !read.contains(key))
+            .collect();
+        assert!(
+            unread.is_empty(),
+            "keys in default.toml that no setting reads: {unread:?}"
+        );
+        assert_eq!(keys().len(), read.len(), "every key read is listed");
+        let key = |name: &str| keys().iter().find(|key| key.name == name).cloned().expect("listed");
+        assert_eq!(key("batch_size").variable, "WORKER_BATCH_SIZE");
+        assert_eq!(key("batch_size").section.as_deref(), Some("stream"));
+        assert_eq!(key("worker_id").variable, "WORKER_ID");
+        assert_eq!(key("table_name").section, None);
+    }
+
+    #[test]
+    fn a_key_is_read_in_its_section_or_at_the_top_never_in_another_section() {
+        let dir = std::env::temp_dir().join(format!("cruddur-config-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("scratch");
+        std::fs::copy(
+            format!("{}/config/default.toml", env!("CARGO_MANIFEST_DIR")),
+            dir.join("default.toml"),
+        )
+        .expect("copy defaults");
+        let overlay = |name: &str, text: &str| {
+            std::fs::write(dir.join(format!("{name}.toml")), text).expect("overlay");
+            let mut layered = sources(&[], &[]);
+            layered.config_dir = dir.clone();
+            layered.environment = Some(name.to_owned());
+            load(&layered)
+        };
+        let sectioned = overlay("sectioned", "[stream]\nbatch_size = 7\n").expect("valid");
+        assert_eq!(sectioned.stream.batch_size, 7);
+        let flat = overlay("flat", "batch_size = 8\nmax_in_flight = 3\n").expect("valid");
+        assert_eq!((flat.stream.batch_size, flat.dispatch.max_in_flight), (8, 3));
+        let misplaced = overlay("misplaced", "[dispatch]\nbatch_size = 9\n").expect_err("wrong section");
+        assert!(misplaced.to_string().contains("dispatch.batch_size"), "{misplaced}");
+        let by_section = load(&sources(&[], &[("stream.batch_size", "11")])).expect("valid");
+        assert_eq!(by_section.stream.batch_size, 11);
+        assert!(error_text(&sources(&[], &[("retry.batch_size", "11")])).contains("retry.batch_size"));
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
@@ -582,7 +714,7 @@ mod tests {
         assert_eq!(settings.table_name, "from-flag", "flags beat the environment");
         assert_eq!(settings.worker_id, "w-env", "the environment beats the env file");
         assert_eq!(
-            settings.http_addr,
+            settings.http.addr,
             "127.0.0.1:9090".parse().expect("addr"),
             "the env file beats defaults"
         );
@@ -643,12 +775,12 @@ mod tests {
     #[test]
     fn zero_attempts_or_age_means_unbounded() {
         let defaults = load(&sources(&[], &[])).expect("valid");
-        assert_eq!(defaults.retry_max_attempts, Some(20));
-        assert_eq!(defaults.max_record_age, None);
+        assert_eq!(defaults.retry.max_attempts, Some(20));
+        assert_eq!(defaults.dispatch.max_record_age, None);
         let unbounded = load(&sources(&[("WORKER_RETRY_MAX_ATTEMPTS", "0")], &[])).expect("valid");
-        assert_eq!(unbounded.retry_max_attempts, None);
+        assert_eq!(unbounded.retry.max_attempts, None);
         let aged = load(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "60")], &[])).expect("valid");
-        assert_eq!(aged.max_record_age, Some(Duration::from_secs(60)));
+        assert_eq!(aged.dispatch.max_record_age, Some(Duration::from_secs(60)));
         assert!(
             error_text(&sources(&[("WORKER_MAX_RECORD_AGE_SECONDS", "-1")], &[])).contains("max_record_age_seconds")
         );

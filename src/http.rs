@@ -15,6 +15,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// `Ok` when ready, otherwise the reason (shown in the 503 body).
+/// Where the endpoints listen and when readiness fails (the `[http]` settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    pub addr: std::net::SocketAddr,
+    /// `/readyz` fails when no read (or, standing by, no lease round) succeeded for this long.
+    pub ready_max_poll_age: std::time::Duration,
+}
+
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 #[derive(Clone)]

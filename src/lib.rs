@@ -6,14 +6,16 @@
 //! Data flows one way — source → dispatch → handler → checkpoint — and imports point down:
 //!
 //! ```text
-//! cli ──► app ──► stream ◄── dispatch ◄── groups
-//!  │       │        │           │           │
-//!  └───────┴──► config, aws, retry, telemetry, http
+//! cli ──► app ──► config ──► each layer's settings struct
+//!           │
+//!           └──► stream ◄── dispatch ◄── groups
+//!                  │           │           │
+//!                  └───────────┴───────────┴──► aws, retry, telemetry, http, lock
 //! ```
 //!
 //! - [`cli`]: the binary's commands, exit codes, signals.
 //! - [`app`]: wires settings, clients, source, dispatcher, updater, HTTP; nothing else knows all.
-//! - [`config`]: layered settings, validated once.
+//! - [`config`]: layered settings, validated once; builds each layer's settings struct.
 //! - [`aws`]: SDK clients, paging helpers, the one place that classifies AWS errors, and group
 //!   commit of independent transactions into shared calls ([`aws::transact`]).
 //! - [`stream`]: generic stream reading — sources, shard lineage, readers, the lease round,

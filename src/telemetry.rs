@@ -239,6 +239,14 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// How and what is logged (the `[logging]` settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggingSettings {
+    pub format: LogFormat,
+    /// A tracing filter directive; `RUST_LOG` wins.
+    pub level: String,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {

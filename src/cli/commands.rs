@@ -108,7 +108,7 @@ pub async fn leases(aws: &Aws) -> anyhow::Result<()> {
 
 pub async fn reconcile(aws: &Aws, dry_run: bool) -> anyhow::Result<()> {
     let mut progress = render::Progress::new(dry_run);
-    let policy = app::handler_retry(&aws.settings);
+    let policy = aws.settings.retry.clone();
     let totals = reconcile::reconcile(&aws.updater(), &policy, dry_run, &mut progress).await?;
     println!("{}", render::reconcile_totals(&totals, dry_run));
     Ok(())
@@ -122,7 +122,7 @@ pub async fn redrive(aws: &Aws) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("dead-letter destination {}", destination.describe()))?;
     let updater = aws.updater();
-    let policy = app::handler_retry(&aws.settings);
+    let policy = aws.settings.retry.clone();
     eprintln!("redrive: replaying dead letters from {}", destination.describe());
     let counts = destination
         .redrive(|letter| {

@@ -124,7 +124,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_logging(settings.log_format, &settings.log_level);
+    telemetry::init_logging(settings.logging.format, &settings.logging.level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -173,7 +173,7 @@ fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
 
 async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
     if let Command::Healthcheck { addr } = command {
-        return commands::healthcheck(addr.unwrap_or_else(|| loopback(settings.http_addr))).await;
+        return commands::healthcheck(addr.unwrap_or_else(|| loopback(settings.http.addr))).await;
     }
     let aws = commands::Aws::connect(settings).await?;
     match command {

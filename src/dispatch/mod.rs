@@ -80,18 +80,25 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// How much may run at once, how failures retry, and where what fails for good goes.
-#[derive(Debug, Clone)]
-pub struct DispatchSettings {
+/// How much may run or wait at once, and how long a failing update is retried (the
+/// `[dispatch]` settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchLimits {
     pub max_in_flight: usize,
     /// Per lane: records submitted and not yet passed by the watermark before `submit` waits.
     pub max_pending_records: usize,
     /// Records one update may cover; later records of its key make the next update.
     pub max_folded_records: usize,
-    /// Retries of a failed update (its attempts bound included).
-    pub retry: RetryPolicy,
     /// A failing update is not retried once its oldest record is older than this.
     pub max_record_age: Option<Duration>,
+}
+
+/// The limits, how failures retry, and where what fails for good goes.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub limits: DispatchLimits,
+    /// Retries of a failed update (its attempts bound included).
+    pub retry: RetryPolicy,
     pub dead_letters: DeadLetterDestination,
     /// Written into dead letters.
     pub worker_id: String,
@@ -138,7 +145,7 @@ struct Shared<H: Handler> {
 
 impl<H: Handler> Dispatcher<H> {
     pub fn new(handler: Arc<H>, settings: DispatchSettings) -> Self {
-        let permits = Arc::new(Semaphore::new(settings.max_in_flight.max(1)));
+        let permits = Arc::new(Semaphore::new(settings.limits.max_in_flight.max(1)));
         let dead_letter_retry = RetryPolicy {
             max_attempts: None,
             ..settings.retry.clone()
@@ -162,6 +169,7 @@ impl<H: Handler> Dispatcher<H> {
     pub fn in_flight(&self) -> usize {
         self.shared
             .settings
+            .limits
             .max_in_flight
             .max(1)
             .saturating_sub(self.shared.permits.available_permits())
@@ -358,7 +366,8 @@ impl<H: Handler> DispatchLane<H> {
                         record,
                         folded: Vec::new(),
                     };
-                    let full = |index: usize| units[index].tickets.len() >= self.shared.settings.max_folded_records;
+                    let full =
+                        |index: usize| units[index].tickets.len() >= self.shared.settings.limits.max_folded_records;
                     match unit_of_key.get(&unit.key).copied().filter(|&index| !full(index)) {
                         Some(index) => {
                             coalesced += 1;
@@ -409,7 +418,7 @@ impl<H: Handler> DispatchLane<H> {
         let Some(queued) = waiting.as_mut() else {
             return Some(unit);
         };
-        if queued.tickets.len() + unit.tickets.len() > self.shared.settings.max_folded_records {
+        if queued.tickets.len() + unit.tickets.len() > self.shared.settings.limits.max_folded_records {
             // Full: the unit becomes the key's next update (and needs a permit of its own).
             return Some(unit);
         }
@@ -452,7 +461,7 @@ impl<H: Handler> DispatchLane<H> {
             let started = Instant::now();
             let handler = &shared.handler;
             let settings = &shared.settings;
-            let deadline = settings.max_record_age.zip(unit.oldest).map(|(age, oldest)| oldest + age);
+            let deadline = settings.limits.max_record_age.zip(unit.oldest).map(|(age, oldest)| oldest + age);
             let result = retry_until(&settings.retry, "handle_update", deadline, || handler.handle(&unit.event)).await;
             metrics::histogram!(metric::GROUP_UPDATE_DURATION).record(started.elapsed().as_secs_f64());
             if let Err(failure) = result {
@@ -482,7 +491,7 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
     async fn submit(&mut self, records: Vec<Record>) {
         let failed = &self.shared.failed;
         self.progress
-            .wait_below(self.shared.settings.max_pending_records, failed)
+            .wait_below(self.shared.settings.limits.max_pending_records, failed)
             .await;
         if failed.is_cancelled() {
             // The worker stops: nothing more is taken (none of it is checkpointed either).
@@ -675,17 +684,19 @@ mod tests {
 
     fn settings(max_in_flight: usize, dead_letters: DeadLetterDestination) -> DispatchSettings {
         DispatchSettings {
-            max_in_flight,
+            limits: DispatchLimits {
+                max_in_flight,
+                max_pending_records: 100_000,
+                max_folded_records: 100_000,
+                max_record_age: None,
+            },
             retry: RetryPolicy {
                 base_delay: Duration::from_millis(1),
                 max_delay: Duration::from_millis(1),
                 max_attempts: Some(1),
             },
-            max_record_age: None,
             dead_letters,
             worker_id: "test".into(),
-            max_pending_records: 100_000,
-            max_folded_records: 100_000,
         }
     }
 
@@ -773,7 +784,7 @@ mod tests {
         std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
         let mut settings = settings(8, DeadLetterDestination::File(path.clone()));
         settings.retry.max_attempts = None;
-        settings.max_record_age = Some(Duration::from_millis(200));
+        settings.limits.max_record_age = Some(Duration::from_millis(200));
         let dispatcher = Dispatcher::new(handler.clone(), settings);
         let mut lane = dispatcher.open_lane(&ShardId("s".into()));
         let mut old = record(1, "a", 991);
@@ -973,8 +984,8 @@ mod tests {
         let path = scratch_file();
         std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
         let mut settings = settings(64, DeadLetterDestination::File(path));
-        settings.max_pending_records = 5_000;
-        settings.max_folded_records = 20;
+        settings.limits.max_pending_records = 5_000;
+        settings.limits.max_folded_records = 20;
         let dispatcher = Arc::new(Dispatcher::new(handler.clone(), settings));
         let mut lane = dispatcher.open_lane(&ShardId("s".into()));
         let taken = Arc::new(AtomicU64::new(0));

@@ -74,6 +74,13 @@ enum WriteFailure {
 /// `TransactWriteItems` calls in flight at once unless set otherwise (`max_write_calls`).
 pub const DEFAULT_WRITE_CALLS: usize = 4;
 
+/// The updater's own settings (the `[groups]` settings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupsSettings {
+    /// `TransactWriteItems` calls in flight at once; updates waiting for one share it.
+    pub max_write_calls: usize,
+}
+
 /// Keeps group rows of one messages table current.
 #[derive(Debug, Clone)]
 pub struct GroupSummaryUpdater {
@@ -93,6 +100,11 @@ impl GroupSummaryUpdater {
             table: table.into(),
             memory: Default::default(),
         }
+    }
+
+    /// The updater as its settings say.
+    pub fn with_settings(self, settings: &GroupsSettings) -> Self {
+        self.with_write_calls(settings.max_write_calls)
     }
 
     /// At most `calls` `TransactWriteItems` calls in flight; updates that wait share one.

@@ -173,9 +173,9 @@ fn the_build_context_holds_what_the_dockerfile_copies_and_no_build_output() {
 #[test]
 fn every_worker_variable_in_the_deploy_files_is_a_known_key() {
     // Unknown WORKER_* variables stop the worker at start: a misspelt one here would never run.
-    let known: Vec<&str> = cruddur_stream_worker::config::KEYS
+    let known: Vec<&str> = cruddur_stream_worker::config::keys()
         .iter()
-        .map(|(_, variable)| *variable)
+        .map(|key| key.variable.as_str())
         .chain(["WORKER_ENV", "WORKER_CONFIG_DIR"])
         .collect();
     for file in [
