@@ -56,6 +56,8 @@ pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
             reader.report.finished_at = Instant::now();
             Ok(reader.report)
         }
+        // A lost lease was logged once where it was found lost.
+        Err(error @ StreamError::LeaseLost { .. }) => Err(error),
         Err(error) => {
             tracing::warn!(shard = %reader.shard, error = %error, "shard reader stopped");
             Err(error)

@@ -488,3 +488,73 @@ async fn an_idle_shard_costs_one_read_per_idle_interval() {
     assert!((95..=101).contains(&reads), "{reads} reads of an idle shard in 20 s");
     worker.stop().await;
 }
+
+/// Log lines written while `body` runs (this thread's tasks only: tests run on one thread).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&lock(&self.0))
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_steal_is_logged_once_on_each_side_and_never_as_a_warning() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let shards = ["s0", "s1", "s2", "s3"];
+    let source = FakeSource::with_shards(&shards);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let one = start("w1", &source, &table, &seen, settings());
+    assert!(
+        pass_until(Duration::from_secs(5), || held_by(&table, &shards).get("w1")
+            == Some(&4))
+        .await
+    );
+    let two = start("w2", &source, &table, &seen, settings());
+    assert!(
+        pass_until(Duration::from_secs(10), || held_by(&table, &shards).get("w2")
+            == Some(&2))
+        .await
+    );
+    pass(TAKE_INTERVAL * 3).await;
+    one.kill();
+    two.kill();
+
+    let lines = captured.lines();
+    let warnings: Vec<&String> = lines.iter().filter(|line| line.contains(" WARN ")).collect();
+    assert!(warnings.is_empty(), "a steal is routine, not a warning: {warnings:#?}");
+    let count = |text: &str| lines.iter().filter(|line| line.contains(text)).count();
+    assert_eq!(
+        count("reason=\"stolen\" from=\"w1\""),
+        2,
+        "the taker says so once per lease"
+    );
+    assert_eq!(
+        count("lease taken by another worker"),
+        2,
+        "the loser says so once per lease"
+    );
+}

@@ -300,7 +300,8 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
                     if reason != TakeReason::New {
                         metrics::counter!(metric::LEASE_TAKEOVERS, "reason" => reason.label()).increment(1);
                     }
-                    tracing::info!(shard = %shard, reason = reason.label(), from = ?seen.owner, "lease taken");
+                    let from = seen.owner.as_deref().unwrap_or("nobody");
+                    tracing::info!(shard = %shard, reason = reason.label(), from, "lease taken");
                     state.held.insert(shard.clone(), Arc::new(HeldLease::new(&taken)));
                     view.leases.insert(shard, taken);
                 }

@@ -165,7 +165,9 @@ impl HeldLease {
     pub fn mark_lost(&self) {
         if !self.lost.is_cancelled() {
             metrics::counter!(metric::LEASE_LOST).increment(1);
-            tracing::warn!(shard = %self.shard, "lease taken by another worker; stopping the shard");
+            // Routine (a steal to balance, or a takeover after this worker was paused): counted,
+            // logged once, nothing for an operator to do.
+            tracing::info!(shard = %self.shard, "lease taken by another worker; stopping the shard");
             self.lost.cancel();
         }
     }
