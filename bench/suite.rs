@@ -401,6 +401,8 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
         batch_size: 1000,
         read_ahead_records: 4000,
         idle_interval: Duration::from_millis(250),
+        max_idle_interval: Duration::from_millis(250),
+        max_reads_per_second: 1000,
         shard_sync_interval: Duration::from_secs(10),
         checkpoint_interval: Duration::from_secs(1),
         lease_duration: Duration::from_secs(10),

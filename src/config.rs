@@ -464,6 +464,11 @@ fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, Config
             ))
         }
     };
+    let idle_interval = layers.millis("idle_interval_ms", 1, 60_000)?;
+    let max_idle_interval = layers.millis("max_idle_interval_ms", 1, 600_000)?;
+    if max_idle_interval < idle_interval {
+        return Err(layers.invalid("max_idle_interval_ms", "must not be below idle_interval_ms"));
+    }
     let lease_duration = layers.millis("lease_duration_ms", 1_000, 600_000)?;
     let lease_take_interval = layers.millis("lease_take_interval_ms", 50, 60_000)?;
     if lease_take_interval * 2 > lease_duration {
@@ -473,7 +478,9 @@ fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, Config
         starting_position,
         batch_size: i32::try_from(layers.integer("batch_size", 1, 1000)?).unwrap_or(1000),
         read_ahead_records: layers.count("read_ahead_records", 1, 10_000)?,
-        idle_interval: layers.millis("idle_interval_ms", 1, 60_000)?,
+        idle_interval,
+        max_idle_interval,
+        max_reads_per_second: u32::try_from(layers.integer("max_reads_per_second", 1, 1_000)?).unwrap_or(1_000),
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,
         lease_duration,

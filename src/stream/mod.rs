@@ -34,6 +34,7 @@ mod health;
 mod kinesis;
 pub mod lease;
 mod lineage;
+mod pacing;
 pub mod position;
 mod reader;
 pub mod record;

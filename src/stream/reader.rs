@@ -6,10 +6,11 @@
 //! the reader drains its lane and writes a final checkpoint before it returns.
 //!
 //! Polling: after a batch with records the shard is read again at once, while that batch is
-//! handed over (at most one read ahead of the lane); after an empty one the reader waits
-//! `idle_interval` (an idle shard costs at most 1/idle_interval reads a second).
+//! handed over (at most one read ahead of the lane); after an empty one the reader waits as
+//! [`Pacer`] says (from `idle_interval` up to `max_idle_interval` while the shard stays quiet),
+//! and no shard is read more than `max_reads_per_second` times a second.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use tokio::time::Instant;
@@ -19,10 +20,12 @@ use super::consumer::ShardLane;
 use super::context::ShardContext;
 use super::error::StreamError;
 use super::lease::{HeldLease, Lease, LeaseTable};
+use super::pacing::Pacer;
 use super::position::Position;
 use super::record::{Record, ShardId};
 use super::settings::ShardReport;
 use super::source::{Batch, StreamSource};
+use crate::lock::lock;
 use crate::retry::retry;
 use crate::telemetry::{metric, Tally};
 
@@ -47,6 +50,7 @@ pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
         lane,
         written: lease.checkpoint,
         last_write: Instant::now(),
+        pace: Mutex::new(Pacer::new(&context.settings)),
     };
     let cancel = stop;
     let result = reader.run(&cancel).await;
@@ -69,15 +73,15 @@ impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
     /// One page, or under a backlog (full pages) several, up to `read_ahead_records`: a wider
     /// window lets the consumer fold more records of one key into one update. A failure after
     /// the first page hands over what was read; the next read meets it again.
-    async fn read(&self, iterator: &str) -> Result<Batch, StreamError> {
+    async fn read(&self, iterator: &str, pace: &Mutex<Pacer>) -> Result<Batch, StreamError> {
         let full_page = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
-        let mut batch = self.read_page(iterator).await?;
+        let mut batch = self.read_page(iterator, pace).await?;
         let mut last_page = batch.records.len();
         while last_page >= full_page && batch.records.len() < self.settings.read_ahead_records {
             let Some(next) = batch.next_iterator.clone() else {
                 break;
             };
-            let Ok(page) = self.read_page(&next).await else {
+            let Ok(page) = self.read_page(&next, pace).await else {
                 break;
             };
             last_page = page.records.len();
@@ -88,8 +92,11 @@ impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
         Ok(batch)
     }
 
-    async fn read_page(&self, iterator: &str) -> Result<Batch, StreamError> {
+    /// One GetRecords call (each attempt waits for the shard's pace).
+    async fn read_page(&self, iterator: &str, pace: &Mutex<Pacer>) -> Result<Batch, StreamError> {
         retry(&self.settings.retry, "get_records", || async {
+            let at = lock(pace).reserve_read();
+            tokio::time::sleep_until(at).await;
             let started = Instant::now();
             let result = self.source.read(iterator, self.settings.batch_size).await;
             let seconds = started.elapsed().as_secs_f64();
@@ -104,11 +111,16 @@ impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
 
     /// A read that gives way to `cancel` (`None`): abandoning a read is harmless, nothing of it
     /// has been handed over.
-    async fn read_unless(&self, iterator: &str, cancel: &CancellationToken) -> Option<Result<Batch, StreamError>> {
+    async fn read_unless(
+        &self,
+        iterator: &str,
+        pace: &Mutex<Pacer>,
+        cancel: &CancellationToken,
+    ) -> Option<Result<Batch, StreamError>> {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            read = self.read(iterator) => Some(read),
+            read = self.read(iterator, pace) => Some(read),
         }
     }
 }
@@ -130,6 +142,8 @@ struct ShardReader<'a, S, T, L> {
     /// The checkpoint as last written (or as claimed).
     written: Position,
     last_write: Instant,
+    /// How often the shard may be read (shared with the read made ahead).
+    pace: Mutex<Pacer>,
     report: ShardReport,
 }
 
@@ -155,7 +169,7 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
         while !cancel.is_cancelled() {
             let read = match read_ahead.take() {
                 Some(read) => read,
-                None => match self.context.read_unless(&iterator, cancel).await {
+                None => match self.context.read_unless(&iterator, &self.pace, cancel).await {
                     Some(read) => read,
                     None => break,
                 },
@@ -193,7 +207,7 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
     }
 
     /// Hands one batch to the lane (reading the next page meanwhile when records came), then
-    /// checkpoints when due; waits `idle_interval` after an empty read.
+    /// checkpoints when due; after an empty read, waits as the shard's pace says.
     async fn hand_over(
         &mut self,
         mut batch: Batch,
@@ -225,14 +239,18 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
             // Records came, so more may follow at once: read on while the lane takes these (it
             // may wait for room), rather than one after the other.
             let context = self.context;
-            let ((), next_read) = tokio::join!(self.lane.submit(batch.records), context.read_unless(iterator, cancel));
+            let ((), next_read) = tokio::join!(
+                self.lane.submit(batch.records),
+                context.read_unless(iterator, &self.pace, cancel)
+            );
             read_ahead = next_read;
         }
         self.save(false, false).await?;
-        if !read_any {
+        let idle = lock(&self.pace).after_read(read_any);
+        if !idle.is_zero() {
             tokio::select! {
                 _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(self.context.settings.idle_interval) => {}
+                _ = tokio::time::sleep(idle) => {}
             }
         }
         Ok(Handed::ReadOn(read_ahead))

@@ -21,7 +21,12 @@ pub struct StreamSettings {
     pub batch_size: i32,
     /// Records read before handing them over while pages come back full (a backlog).
     pub read_ahead_records: usize,
+    /// The first wait after an empty read; it doubles with each further one, up to
+    /// `max_idle_interval` ([`super::pacing`]).
     pub idle_interval: Duration,
+    pub max_idle_interval: Duration,
+    /// GetRecords calls per shard a second, at most (Kinesis allows 5, shared by all consumers).
+    pub max_reads_per_second: u32,
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,
     /// A lease whose counter stands still this long is taken over.

@@ -25,6 +25,8 @@ fn settings() -> StreamSettings {
         batch_size: 100,
         read_ahead_records: 100,
         idle_interval: Duration::from_millis(200),
+        max_idle_interval: Duration::from_millis(200),
+        max_reads_per_second: 5,
         shard_sync_interval: Duration::from_secs(5),
         checkpoint_interval: Duration::from_secs(1),
         lease_duration: LEASE_DURATION,
@@ -407,7 +409,8 @@ async fn checkpoints_are_written_at_the_interval_not_per_batch() {
         (12..=20).contains(&writes),
         "about one checkpoint per interval plus renewals, not one per batch: {writes} writes"
     );
-    assert!(seen.count() >= 199, "reading kept pace");
+    assert!(seen.count() >= 195, "reading kept pace");
+    assert!(pass_until(Duration::from_secs(2), || seen.count() == 200).await);
     let report = worker.stop().await;
     assert_eq!(report.records(), 200);
 }
@@ -557,4 +560,58 @@ async fn a_steal_is_logged_once_on_each_side_and_never_as_a_warning() {
         2,
         "the loser says so once per lease"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_shard_is_read_under_once_a_second_and_a_new_record_still_comes_within_the_max_idle() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let mut settings = settings();
+    settings.idle_interval = Duration::from_millis(250);
+    settings.max_idle_interval = Duration::from_millis(1500);
+    let worker = start("w1", &source, &table, &seen, settings);
+    pass(Duration::from_secs(5)).await;
+    let before = source.reads();
+    pass(Duration::from_secs(60)).await;
+    let reads = source.reads() - before;
+    assert!(
+        (39..=41).contains(&reads),
+        "{reads} reads of a quiet shard in 60 s (one per 1.5 s)"
+    );
+
+    source.put("shard-a", "after the quiet");
+    assert!(
+        pass_until(Duration::from_millis(1550), || seen.count() == 1).await,
+        "read within the longest idle wait"
+    );
+    // Records came: reading is fast again at once.
+    let before = source.reads();
+    source.put("shard-a", "soon after");
+    assert!(
+        pass_until(Duration::from_millis(300), || seen.count() == 2).await,
+        "back to the short wait"
+    );
+    assert!(source.reads() - before <= 3);
+    worker.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_shard_is_read_at_most_max_reads_per_second() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let mut settings = settings();
+    settings.batch_size = 10;
+    settings.read_ahead_records = 40;
+    let worker = start("w1", &source, &table, &seen, settings);
+    pass(Duration::from_secs(1)).await;
+    source.put_many("shard-a", 500);
+    let before = source.reads();
+    pass(Duration::from_secs(4)).await;
+    let reads = source.reads() - before;
+    assert!((19..=21).contains(&reads), "{reads} reads in 4 s at 5 a second");
+    assert!(
+        pass_until(Duration::from_secs(20), || seen.count() == 500).await,
+        "and everything is read"
+    );
+    worker.stop().await;
 }

@@ -22,6 +22,8 @@ impl TestDb {
         let mut flags: Vec<(String, String, String)> = [
             ("http_addr", "127.0.0.1:0"),
             ("idle_interval_ms", "20"),
+            ("max_idle_interval_ms", "20"),
+            ("max_reads_per_second", "1000"),
             ("shard_sync_interval_ms", "200"),
             ("checkpoint_interval_ms", "100"),
             ("retry_base_delay_ms", "10"),

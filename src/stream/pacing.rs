@@ -1,0 +1,110 @@
+//! How often one shard is read: no more than `max_reads_per_second` GetRecords calls (every page
+//! of a read-ahead counts), and after an empty read a wait that starts at `idle_interval` and
+//! doubles with each further empty read up to `max_idle_interval`; the first record read ends
+//! the quiet streak, and reading goes on at once.
+//!
+//! Why: Kinesis allows 5 GetRecords a second per shard, shared by every consumer; DynamoDB
+//! Streams bills every call. An idle shard then costs under one read a second, while a busy one
+//! is read as fast as its records come.
+//!
+//! Pure bookkeeping over `tokio::time`, so it is tested under `tokio::time::pause`.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::settings::StreamSettings;
+
+/// One shard reader's pace.
+#[derive(Debug)]
+pub(super) struct Pacer {
+    idle: Duration,
+    max_idle: Duration,
+    /// The least time between two reads.
+    spacing: Duration,
+    /// Empty reads in a row.
+    quiet: u32,
+    last_read: Option<Instant>,
+}
+
+impl Pacer {
+    pub fn new(settings: &StreamSettings) -> Self {
+        Self {
+            idle: settings.idle_interval,
+            max_idle: settings.max_idle_interval.max(settings.idle_interval),
+            spacing: Duration::from_secs(1) / settings.max_reads_per_second.max(1),
+            quiet: 0,
+            last_read: None,
+        }
+    }
+
+    /// When the next read of the shard may start; the read is counted as made then (so that a
+    /// caller that waits for it keeps the pace, retries included).
+    pub fn reserve_read(&mut self) -> Instant {
+        let now = Instant::now();
+        let at = self.last_read.map_or(now, |last| (last + self.spacing).max(now));
+        self.last_read = Some(at);
+        at
+    }
+
+    /// How long to wait after a read before the next: nothing after records, else the idle
+    /// interval doubled for every earlier empty read in a row, at most the maximum.
+    pub fn after_read(&mut self, got_records: bool) -> Duration {
+        if got_records {
+            self.quiet = 0;
+            return Duration::ZERO;
+        }
+        let wait = self.idle.saturating_mul(1 << self.quiet.min(16)).min(self.max_idle);
+        self.quiet = self.quiet.saturating_add(1);
+        wait
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retry::RetryPolicy;
+
+    fn pacer(idle_ms: u64, max_idle_ms: u64, reads_per_second: u32) -> Pacer {
+        Pacer::new(&StreamSettings {
+            starting_position: crate::stream::StartingPosition::TrimHorizon,
+            batch_size: 100,
+            read_ahead_records: 100,
+            idle_interval: Duration::from_millis(idle_ms),
+            max_idle_interval: Duration::from_millis(max_idle_ms),
+            max_reads_per_second: reads_per_second,
+            shard_sync_interval: Duration::from_secs(10),
+            checkpoint_interval: Duration::from_secs(1),
+            lease_duration: Duration::from_secs(10),
+            lease_take_interval: Duration::from_millis(500),
+            max_steals_per_round: 1,
+            status_interval: Duration::from_secs(60),
+            retry: RetryPolicy {
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(10),
+                max_attempts: None,
+            },
+        })
+    }
+
+    #[test]
+    fn a_quiet_shard_is_read_less_and_less_often_until_records_come() {
+        let mut pace = pacer(250, 1500, 5);
+        let waits: Vec<u64> = (0..6).map(|_| pace.after_read(false).as_millis() as u64).collect();
+        assert_eq!(waits, [250, 500, 1000, 1500, 1500, 1500]);
+        assert_eq!(pace.after_read(true), Duration::ZERO, "records: read on at once");
+        assert_eq!(pace.after_read(false), Duration::from_millis(250), "and fast again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_of_a_shard_never_exceed_the_rate() {
+        let mut pace = pacer(250, 1500, 5);
+        let start = Instant::now();
+        for _ in 0..11 {
+            tokio::time::sleep_until(pace.reserve_read()).await;
+        }
+        // Eleven reads: ten gaps of at least 200 ms.
+        assert!(start.elapsed() >= Duration::from_secs(2), "{:?}", start.elapsed());
+        assert!(start.elapsed() < Duration::from_millis(2050));
+    }
+}
