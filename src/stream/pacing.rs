@@ -1,7 +1,7 @@
 //! How often one shard is read: no more than `max_reads_per_second` GetRecords calls (every page
-//! of a read-ahead counts), and after an empty read a wait that starts at `idle_interval` and
-//! doubles with each further empty read up to `max_idle_interval`; the first record read ends
-//! the quiet streak, and reading goes on at once.
+//! of a read-ahead counts), and after an empty read a wait of `idle_interval` that, once the
+//! shard has gone [`QUIET_AFTER`] without a record, doubles with each further empty read up to
+//! `max_idle_interval`; the first record read ends the quiet spell, and reading goes on at once.
 //!
 //! Why: Kinesis allows 5 GetRecords a second per shard, shared by every consumer; DynamoDB
 //! Streams bills every call. An idle shard then costs under one read a second, while a busy one
@@ -15,6 +15,11 @@ use tokio::time::Instant;
 
 use super::settings::StreamSettings;
 
+/// How long a shard must go without a record before its wait starts to grow. A shard with
+/// traffic (whose reads often come back empty between records, and whose records may become
+/// visible in bursts) keeps the short wait, and with it its latency; an idle one backs off.
+pub(super) const QUIET_AFTER: Duration = Duration::from_secs(10);
+
 /// One shard reader's pace.
 #[derive(Debug)]
 pub(super) struct Pacer {
@@ -22,8 +27,10 @@ pub(super) struct Pacer {
     max_idle: Duration,
     /// The least time between two reads.
     spacing: Duration,
-    /// Empty reads in a row.
-    quiet: u32,
+    /// Doublings of the wait so far in this quiet spell.
+    doublings: u32,
+    /// When a record was last read (or reading started).
+    last_record: Instant,
     last_read: Option<Instant>,
 }
 
@@ -33,7 +40,8 @@ impl Pacer {
             idle: settings.idle_interval,
             max_idle: settings.max_idle_interval.max(settings.idle_interval),
             spacing: Duration::from_secs(1) / settings.max_reads_per_second.max(1),
-            quiet: 0,
+            doublings: 0,
+            last_record: Instant::now(),
             last_read: None,
         }
     }
@@ -47,16 +55,21 @@ impl Pacer {
         at
     }
 
-    /// How long to wait after a read before the next: nothing after records, else the idle
-    /// interval doubled for every earlier empty read in a row, at most the maximum.
+    /// How long to wait after a read before the next: nothing after records; `idle_interval`
+    /// after an empty read; once no record came for [`QUIET_AFTER`], twice the last wait, at
+    /// most `max_idle_interval`.
     pub fn after_read(&mut self, got_records: bool) -> Duration {
+        let now = Instant::now();
         if got_records {
-            self.quiet = 0;
+            self.last_record = now;
+            self.doublings = 0;
             return Duration::ZERO;
         }
-        let wait = self.idle.saturating_mul(1 << self.quiet.min(16)).min(self.max_idle);
-        self.quiet = self.quiet.saturating_add(1);
-        wait
+        if now.duration_since(self.last_record) < QUIET_AFTER {
+            return self.idle;
+        }
+        self.doublings = (self.doublings + 1).min(16);
+        self.idle.saturating_mul(1 << self.doublings).min(self.max_idle)
     }
 }
 
@@ -87,13 +100,24 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_quiet_shard_is_read_less_and_less_often_until_records_come() {
+    #[tokio::test(start_paused = true)]
+    async fn a_shard_quiet_for_a_while_is_read_less_and_less_often_until_records_come() {
         let mut pace = pacer(250, 1500, 5);
-        let waits: Vec<u64> = (0..6).map(|_| pace.after_read(false).as_millis() as u64).collect();
-        assert_eq!(waits, [250, 500, 1000, 1500, 1500, 1500]);
+        let mut waits = Vec::new();
+        for _ in 0..48 {
+            let wait = pace.after_read(false);
+            waits.push(wait.as_millis() as u64);
+            tokio::time::sleep(wait).await;
+        }
+        // Ten seconds of 250 ms waits (40 reads), then doubling to the maximum.
+        assert!(waits[..40].iter().all(|wait| *wait == 250), "{waits:?}");
+        assert_eq!(waits[40..45], [500, 1000, 1500, 1500, 1500]);
         assert_eq!(pace.after_read(true), Duration::ZERO, "records: read on at once");
-        assert_eq!(pace.after_read(false), Duration::from_millis(250), "and fast again");
+        assert_eq!(
+            pace.after_read(false),
+            Duration::from_millis(250),
+            "and the short wait again"
+        );
     }
 
     #[tokio::test(start_paused = true)]

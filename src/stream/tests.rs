@@ -570,7 +570,7 @@ async fn a_quiet_shard_is_read_under_once_a_second_and_a_new_record_still_comes_
     settings.idle_interval = Duration::from_millis(250);
     settings.max_idle_interval = Duration::from_millis(1500);
     let worker = start("w1", &source, &table, &seen, settings);
-    pass(Duration::from_secs(5)).await;
+    pass(super::pacing::QUIET_AFTER + Duration::from_secs(5)).await;
     let before = source.reads();
     pass(Duration::from_secs(60)).await;
     let reads = source.reads() - before;
