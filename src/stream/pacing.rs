@@ -118,6 +118,12 @@ mod tests {
             Duration::from_millis(250),
             "and the short wait again"
         );
+        tokio::time::sleep(QUIET_AFTER).await;
+        assert_eq!(
+            pace.after_read(false),
+            Duration::from_millis(500),
+            "the next quiet spell backs off from the start again"
+        );
     }
 
     #[tokio::test(start_paused = true)]
