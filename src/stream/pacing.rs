@@ -76,28 +76,13 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retry::RetryPolicy;
 
     fn pacer(idle_ms: u64, max_idle_ms: u64, reads_per_second: u32) -> Pacer {
-        Pacer::new(&StreamSettings {
-            starting_position: crate::stream::StartingPosition::TrimHorizon,
-            batch_size: 100,
-            read_ahead_records: 100,
-            idle_interval: Duration::from_millis(idle_ms),
-            max_idle_interval: Duration::from_millis(max_idle_ms),
-            max_reads_per_second: reads_per_second,
-            shard_sync_interval: Duration::from_secs(10),
-            checkpoint_interval: Duration::from_secs(1),
-            lease_duration: Duration::from_secs(10),
-            lease_take_interval: Duration::from_millis(500),
-            max_steals_per_round: 1,
-            status_interval: Duration::from_secs(60),
-            retry: RetryPolicy {
-                base_delay: Duration::from_millis(10),
-                max_delay: Duration::from_millis(10),
-                max_attempts: None,
-            },
-        })
+        let mut settings = crate::stream::tests::settings();
+        settings.idle_interval = Duration::from_millis(idle_ms);
+        settings.max_idle_interval = Duration::from_millis(max_idle_ms);
+        settings.max_reads_per_second = reads_per_second;
+        Pacer::new(&settings)
     }
 
     #[tokio::test(start_paused = true)]

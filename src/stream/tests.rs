@@ -19,7 +19,8 @@ use crate::retry::RetryPolicy;
 const LEASE_DURATION: Duration = Duration::from_secs(10);
 const TAKE_INTERVAL: Duration = Duration::from_secs(1);
 
-fn settings() -> StreamSettings {
+/// Settings for the simulations (and the pacing tests): a 10 s lease, rounds every second.
+pub(super) fn settings() -> StreamSettings {
     StreamSettings {
         starting_position: StartingPosition::TrimHorizon,
         batch_size: 100,

@@ -1,7 +1,7 @@
 //! The lease table's in-memory twin: the same rows and the same conditions as DynamoDB, held in
 //! one process, for unit tests and simulations of many workers under `tokio::time::pause`.
 //!
-//! Owns: the rows, and the faults a test injects (a slow scan, failing calls). Clones share
+//! Owns: the rows, and the fault a test injects (a slow scan). Clones share
 //! the rows, so every worker of a simulation sees one table.
 //!
 //! Must not: differ from [`DynamoDbLeaseTable`](super::dynamodb::DynamoDbLeaseTable) in any
@@ -21,34 +21,14 @@ use crate::stream::record::ShardId;
 #[derive(Debug, Clone, Default)]
 pub struct MemoryLeaseTable {
     rows: Arc<Mutex<Option<HashMap<ShardId, Lease>>>>,
-    faults: Arc<Mutex<Faults>>,
-}
-
-/// What a test makes go wrong.
-#[derive(Debug, Default)]
-struct Faults {
     /// How long every scan takes (simulated time under `tokio::time::pause`).
-    scan_delay: Duration,
-    /// Calls left to fail with a throttling error (retryable), any operation.
-    throttled_calls: u32,
+    scan_delay: Arc<Mutex<Duration>>,
 }
 
 impl MemoryLeaseTable {
-    /// A table that exists already, empty.
-    pub fn created() -> Self {
-        let table = Self::default();
-        *lock(&table.rows) = Some(HashMap::new());
-        table
-    }
-
     /// Every scan takes `delay` from now on.
     pub fn set_scan_delay(&self, delay: Duration) {
-        lock(&self.faults).scan_delay = delay;
-    }
-
-    /// The next `calls` calls fail as throttled.
-    pub fn throttle(&self, calls: u32) {
-        lock(&self.faults).throttled_calls = calls;
+        *lock(&self.scan_delay) = delay;
     }
 
     /// One row as it stands (for assertions).
@@ -63,44 +43,23 @@ impl MemoryLeaseTable {
             .insert(lease.shard.clone(), lease);
     }
 
-    /// Runs `change` on the rows, after the faults of one call.
+    /// Runs `change` on the rows; an error, as DynamoDB's, while the table does not exist.
     fn with_rows<R>(
         &self,
         operation: &'static str,
         change: impl FnOnce(&mut HashMap<ShardId, Lease>) -> R,
     ) -> Result<R, StreamError> {
-        {
-            let mut faults = lock(&self.faults);
-            if faults.throttled_calls > 0 {
-                faults.throttled_calls -= 1;
-                return Err(failure(
-                    operation,
-                    "ThrottlingException",
-                    "Rate of requests exceeds the allowed throughput.",
-                    true,
-                ));
-            }
-        }
         let mut rows = lock(&self.rows);
         match rows.as_mut() {
             Some(rows) => Ok(change(rows)),
-            None => Err(failure(
+            None => Err(StreamError::Aws(AwsError {
                 operation,
-                "ResourceNotFoundException",
-                "Requested resource not found",
-                false,
-            )),
+                code: Some("ResourceNotFoundException".to_owned()),
+                message: "Requested resource not found".to_owned(),
+                retryable: false,
+            })),
         }
     }
-}
-
-fn failure(operation: &'static str, code: &str, message: &str, retryable: bool) -> StreamError {
-    StreamError::Aws(AwsError {
-        operation,
-        code: Some(code.to_owned()),
-        message: message.to_owned(),
-        retryable,
-    })
 }
 
 impl LeaseTable for MemoryLeaseTable {
@@ -112,7 +71,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn load_all(&self) -> Result<HashMap<ShardId, Lease>, StreamError> {
-        let delay = lock(&self.faults).scan_delay;
+        let delay = *lock(&self.scan_delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
