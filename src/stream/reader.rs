@@ -52,8 +52,7 @@ pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
         last_write: Instant::now(),
         pace: Mutex::new(Pacer::new(&context.settings)),
     };
-    let cancel = stop;
-    let result = reader.run(&cancel).await;
+    let result = reader.run(&stop).await;
     context.ages.remove(&reader.shard);
     match result {
         Ok(()) => {
