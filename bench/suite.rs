@@ -407,7 +407,7 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
         checkpoint_interval: Duration::from_secs(1),
         lease_duration: Duration::from_secs(10),
         lease_take_interval: Duration::from_millis(500),
-        max_steals_per_round: 1,
+        heartbeat_interval: Duration::from_millis(200),
         status_interval: Duration::from_secs(3600),
         retry: policy(),
     };

@@ -474,6 +474,10 @@ fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, Config
     if lease_take_interval * 2 > lease_duration {
         return Err(layers.invalid("lease_take_interval_ms", "must be at most half of lease_duration_ms"));
     }
+    let heartbeat_interval = layers.millis("heartbeat_interval_ms", 50, 60_000)?;
+    if heartbeat_interval * 3 > lease_duration {
+        return Err(layers.invalid("heartbeat_interval_ms", "must be at most a third of lease_duration_ms"));
+    }
     Ok(StreamSettings {
         starting_position,
         batch_size: i32::try_from(layers.integer("batch_size", 1, 1000)?).unwrap_or(1000),
@@ -485,7 +489,7 @@ fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, Config
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,
         lease_duration,
         lease_take_interval,
-        max_steals_per_round: layers.count("max_steals_per_round", 0, 1_000)?,
+        heartbeat_interval,
         status_interval: layers.millis("status_log_interval_ms", 100, 3_600_000)?,
         retry: RetryPolicy {
             max_attempts: None,

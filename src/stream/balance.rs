@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::lease::Lease;
+use super::lease::{Assignment, Lease};
 use super::record::ShardId;
 
 /// Why a lease changes hands; a metric label.
@@ -88,64 +88,117 @@ impl Observations {
     }
 }
 
-/// The leases to try to take this round, with why. `readable`: unfinished leases whose shards
-/// may be read now (parents done), in a stable order.
-pub fn choose(
-    me: &str,
+/// What the leader does in one assignment round.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Leases nobody live holds, each taken for a member, with why.
+    pub takes: Vec<(ShardId, String, TakeReason)>,
+    /// Every member's assignment: what it reads, and what it hands on to whom.
+    pub assignments: BTreeMap<String, Assignment>,
+    /// Leases that change hands between live members.
+    pub moves: usize,
+}
+
+/// One round's assignment of `readable` leases (unfinished, parents done) to `members` (live,
+/// not leaving). `leaving` members (live, shutting down) hand everything on. `live_elsewhere`: owners that are not members yet still renew their leases
+/// (workers of the previous version during a rolling deploy): their leases stay theirs.
+///
+/// Shares end within one of each other in this one round. Each member keeps what it holds up
+/// to its quota, and the larger quotas (`total % members` of them) go to the members holding
+/// most, so the leases that move are exactly the excess over the quotas: the fewest moves that
+/// balance. Leases nobody live holds fill the members furthest below their quota first.
+pub fn plan(
     readable: &[&Lease],
-    observations: &Observations,
-    now: Instant,
-    lease_duration: Duration,
-    max_steals: usize,
-) -> Vec<(ShardId, TakeReason)> {
-    let free = |lease: &Lease| observations.is_free(lease, now, lease_duration);
-    let mut load: BTreeMap<&str, usize> = BTreeMap::from([(me, 0)]);
-    for lease in readable.iter().filter(|lease| !free(lease)) {
-        if let Some(owner) = lease.owner.as_deref() {
-            *load.entry(owner).or_default() += 1;
+    members: &[String],
+    leaving: &[String],
+    live_elsewhere: impl Fn(&str) -> bool,
+) -> Plan {
+    let mut plan = Plan::default();
+    if members.is_empty() {
+        return plan;
+    }
+    let is_member = |owner: &str| members.iter().any(|m| m == owner);
+    let is_leaving = |owner: &str| leaving.iter().any(|m| m == owner);
+    let mut held: BTreeMap<&str, Vec<&Lease>> = members.iter().map(|m| (m.as_str(), Vec::new())).collect();
+    let mut pool: Vec<&Lease> = Vec::new();
+    let mut excess: Vec<(&str, &Lease)> = Vec::new();
+    for lease in readable {
+        match lease.owner.as_deref() {
+            Some(owner) if is_member(owner) => held.entry(owner).or_default().push(lease),
+            Some(owner) if is_leaving(owner) => excess.push((owner, lease)),
+            Some(owner) if live_elsewhere(owner) => {}
+            _ => pool.push(lease),
         }
     }
-    let target = readable.len().div_ceil(load.len());
-    let mut mine = load[me];
-    let mut chosen = Vec::new();
-    for lease in readable
+    let total: usize = held.values().map(Vec::len).sum::<usize>() + pool.len() + excess.len();
+    let quotas = quotas(&held, total);
+    let mut assigned: BTreeMap<&str, Vec<ShardId>> = BTreeMap::new();
+    let mut give: BTreeMap<&str, BTreeMap<ShardId, String>> = BTreeMap::new();
+    let mut receive: BTreeMap<&str, BTreeMap<ShardId, String>> = BTreeMap::new();
+    for (member, leases) in &held {
+        let (keep, over) = leases.split_at(leases.len().min(quotas[member]));
+        assigned
+            .entry(member)
+            .or_default()
+            .extend(keep.iter().map(|l| l.shard.clone()));
+        excess.extend(over.iter().map(|lease| (*member, *lease)));
+    }
+    let mut below: Vec<(&str, usize)> = quotas
         .iter()
-        .filter(|lease| free(lease) && lease.owner.as_deref() != Some(me))
-    {
-        if mine >= target {
-            break;
-        }
+        .map(|(member, quota)| (*member, quota - assigned.get(member).map_or(0, Vec::len)))
+        .filter(|(_, missing)| *missing > 0)
+        .collect();
+    below.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut slots = below
+        .into_iter()
+        .flat_map(|(member, missing)| std::iter::repeat_n(member, missing));
+    for lease in pool {
+        let Some(target) = slots.next() else { break };
+        assigned.entry(target).or_default().push(lease.shard.clone());
         let reason = match (&lease.owner, lease.counter) {
             (None, 0) => TakeReason::New,
             (None, _) => TakeReason::Released,
             (Some(_), _) => TakeReason::Expired,
         };
-        chosen.push((lease.shard.clone(), reason));
-        mine += 1;
+        plan.takes.push((lease.shard.clone(), target.to_owned(), reason));
     }
-    for _ in 0..max_steals {
-        let Some((&victim, &their)) = load
-            .iter()
-            .filter(|(owner, _)| **owner != me)
-            .max_by_key(|(_, count)| **count)
-        else {
-            break;
-        };
-        if their <= mine + 1 {
-            break;
-        }
-        let Some(lease) = readable.iter().find(|lease| {
-            lease.owner.as_deref() == Some(victim)
-                && !free(lease)
-                && !chosen.iter().any(|(shard, _)| *shard == lease.shard)
-        }) else {
-            break;
-        };
-        chosen.push((lease.shard.clone(), TakeReason::Stolen));
-        load.insert(victim, their - 1);
-        mine += 1;
+    for (from, lease) in excess {
+        let Some(target) = slots.next() else { break };
+        assigned.entry(target).or_default().push(lease.shard.clone());
+        give.entry(from)
+            .or_default()
+            .insert(lease.shard.clone(), target.to_owned());
+        receive
+            .entry(target)
+            .or_default()
+            .insert(lease.shard.clone(), from.to_owned());
+        plan.moves += 1;
     }
-    chosen
+    for member in members.iter().chain(leaving) {
+        let shards = assigned.remove(member.as_str()).unwrap_or_default();
+        let give = give.remove(member.as_str()).unwrap_or_default();
+        let receive = receive.remove(member.as_str()).unwrap_or_default();
+        plan.assignments
+            .insert(member.clone(), Assignment { shards, give, receive });
+    }
+    plan
+}
+
+/// Each member's share of `total`: all get `total / members`, and the `total % members` members
+/// holding most get one more.
+fn quotas<'a>(held: &BTreeMap<&'a str, Vec<&Lease>>, total: usize) -> BTreeMap<&'a str, usize> {
+    let base = total / held.len();
+    let mut extra = total % held.len();
+    let mut by_load: Vec<(&str, usize)> = held.iter().map(|(m, l)| (*m, l.len())).collect();
+    by_load.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    by_load
+        .into_iter()
+        .map(|(member, _)| {
+            let one_more = usize::from(extra > 0);
+            extra -= one_more;
+            (member, base + one_more)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -171,107 +224,152 @@ mod tests {
         leases.iter().map(|l| (l.shard.clone(), l.clone())).collect()
     }
 
-    fn run(me: &str, leases: &[Lease], observations: &Observations, now: Instant) -> Vec<(String, TakeReason)> {
-        let readable: Vec<&Lease> = leases.iter().collect();
-        choose(me, &readable, observations, now, DURATION, 1)
-            .into_iter()
-            .map(|(shard, reason)| (shard.0, reason))
+    fn members(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    fn owned_by(count: usize, owner: Option<&str>, from: usize) -> Vec<Lease> {
+        (from..from + count)
+            .map(|i| lease(&format!("s{i:04}"), owner, 3))
             .collect()
     }
 
-    #[test]
-    fn a_lone_worker_takes_every_new_lease() {
-        let leases = [lease("a", None, 0), lease("b", None, 0), lease("c", None, 3)];
-        let mut seen = Observations::default();
-        let now = Instant::now();
-        seen.observe(&table(&leases), now);
-        let taken = run("w1", &leases, &seen, now);
-        assert_eq!(
-            taken,
-            vec![
-                ("a".into(), TakeReason::New),
-                ("b".into(), TakeReason::New),
-                ("c".into(), TakeReason::Released)
-            ]
-        );
+    fn shares(plan: &Plan) -> Vec<usize> {
+        plan.assignments.values().map(|a| a.shards.len()).collect()
     }
 
-    #[test]
-    fn a_second_worker_takes_half_by_stealing_one_per_round() {
-        let mut leases: Vec<Lease> = ["a", "b", "c", "d"].iter().map(|s| lease(s, Some("w1"), 5)).collect();
-        let mut seen = Observations::default();
-        let now = Instant::now();
-        seen.observe(&table(&leases), now);
-        let taken = run("w2", &leases, &seen, now);
-        assert_eq!(taken, vec![("a".into(), TakeReason::Stolen)], "one steal per round");
-        leases[0].owner = Some("w2".into());
-        seen.observe(&table(&leases), now);
-        assert_eq!(run("w2", &leases, &seen, now), vec![("b".into(), TakeReason::Stolen)]);
-        leases[1].owner = Some("w2".into());
-        seen.observe(&table(&leases), now);
-        assert!(run("w2", &leases, &seen, now).is_empty(), "2 and 2: balanced");
-        assert!(run("w1", &leases, &seen, now).is_empty(), "and w1 does not steal back");
-    }
-
-    #[test]
-    fn shares_within_one_do_not_move() {
-        let leases = [
-            lease("a", Some("w1"), 1),
-            lease("b", Some("w1"), 1),
-            lease("c", Some("w2"), 1),
-        ];
-        let mut seen = Observations::default();
-        let now = Instant::now();
-        seen.observe(&table(&leases), now);
-        assert!(run("w2", &leases, &seen, now).is_empty());
-        assert!(run("w1", &leases, &seen, now).is_empty());
-    }
-
-    #[test]
-    fn a_lease_expires_only_after_its_counter_stood_still_for_a_lease_duration() {
-        let mut leases = vec![lease("a", Some("w1"), 7), lease("b", Some("w1"), 7)];
-        let mut seen = Observations::default();
-        let start = Instant::now();
-        seen.observe(&table(&leases), start);
-        let later = start + DURATION - Duration::from_millis(1);
-        assert!(run("w2", &leases, &seen, later)
-            .iter()
-            .all(|(_, r)| *r != TakeReason::Expired));
-        // A renewal moves the counter: the clock starts again.
-        leases[0].counter = 8;
-        seen.observe(&table(&leases), later);
-        let expired_at = start + DURATION;
-        let taken = run("w2", &leases, &seen, expired_at);
-        assert_eq!(
-            taken,
-            vec![("b".into(), TakeReason::Expired)],
-            "w1 counts as gone: w2 takes what is free"
-        );
-        let taken = run("w2", &leases, &seen, later + DURATION);
-        assert_eq!(taken.len(), 2, "both expired");
-    }
-
-    #[test]
-    fn three_workers_converge_within_one() {
-        let mut leases: Vec<Lease> = (0..8).map(|i| lease(&format!("s{i}"), Some("w1"), 1)).collect();
-        let mut seen = Observations::default();
-        let now = Instant::now();
-        for _round in 0..20 {
-            for me in ["w2", "w3", "w1"] {
-                seen.observe(&table(&leases), now);
-                for (shard, _) in run(me, &leases, &seen, now) {
-                    let lease = leases.iter_mut().find(|l| l.shard.0 == shard).expect("known");
-                    lease.owner = Some(me.to_owned());
-                    lease.counter += 1;
+    /// Applies a plan as the workers would: takes, then hand-overs.
+    fn apply(leases: &mut [Lease], plan: &Plan) {
+        for lease in leases.iter_mut() {
+            if let Some((_, to, _)) = plan.takes.iter().find(|(shard, _, _)| *shard == lease.shard) {
+                lease.owner = Some(to.clone());
+            }
+            for assignment in plan.assignments.values() {
+                if let Some(to) = assignment.give.get(&lease.shard) {
+                    lease.owner = Some(to.clone());
                 }
             }
         }
-        let count = |w: &str| leases.iter().filter(|l| l.owner.as_deref() == Some(w)).count();
-        let counts = [count("w1"), count("w2"), count("w3")];
-        assert_eq!(counts.iter().sum::<usize>(), 8);
+    }
+
+    #[test]
+    fn a_lease_is_free_only_after_its_counter_stood_still_for_a_lease_duration() {
+        let mut leases = vec![lease("a", Some("old"), 7)];
+        let mut seen = Observations::default();
+        let start = Instant::now();
+        seen.observe(&table(&leases), start);
+        assert!(!seen.is_free(&leases[0], start + DURATION - Duration::from_millis(1), DURATION));
+        leases[0].counter = 8;
+        let later = start + DURATION - Duration::from_millis(1);
+        seen.observe(&table(&leases), later);
         assert!(
-            counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0) <= 1,
-            "{counts:?}"
+            !seen.is_free(&leases[0], start + DURATION, DURATION),
+            "renewed: the clock starts again"
         );
+        assert!(seen.is_free(&leases[0], later + DURATION, DURATION));
+        assert!(seen.is_free(&lease("b", None, 3), start, DURATION), "no owner: free");
+    }
+
+    #[test]
+    fn a_lone_worker_is_assigned_every_lease_with_why() {
+        let leases = [lease("a", None, 0), lease("b", None, 3), lease("c", Some("gone"), 3)];
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &members(&["w1"]), &[], |_| false);
+        let reasons: Vec<TakeReason> = plan.takes.iter().map(|(_, _, r)| *r).collect();
+        assert_eq!(reasons, [TakeReason::New, TakeReason::Released, TakeReason::Expired]);
+        assert_eq!(plan.assignments["w1"].shards.len(), 3);
+        assert_eq!(plan.moves, 0);
+    }
+
+    #[test]
+    fn a_joining_worker_gets_its_share_in_one_round_with_the_fewest_moves() {
+        // 1,000 leases over 19 workers (53 or 52 each), then a 20th joins with none.
+        let names: Vec<String> = (0..20).map(|i| format!("w{i:02}")).collect();
+        let mut leases = Vec::new();
+        for (index, name) in names.iter().take(19).enumerate() {
+            let count = if index < 1000 % 19 { 1000 / 19 + 1 } else { 1000 / 19 };
+            leases.extend(owned_by(count, Some(name), leases.len()));
+        }
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &names, &[], |_| false);
+        assert!(plan.takes.is_empty());
+        assert_eq!(shares(&plan), vec![50; 20], "balanced in one round");
+        assert_eq!(plan.moves, 50, "exactly the newcomer's share moves");
+        apply(&mut leases, &plan);
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let again = super::plan(&readable, &names, &[], |_| false);
+        assert_eq!(again.moves, 0, "and nothing moves the round after");
+        assert!(again.takes.is_empty());
+    }
+
+    #[test]
+    fn a_dead_workers_leases_fill_the_others_within_one() {
+        let mut leases = owned_by(10, Some("w1"), 0);
+        leases.extend(owned_by(10, Some("w2"), 10));
+        leases.extend(owned_by(11, Some("dead"), 20));
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &members(&["w1", "w2"]), &[], |_| false);
+        assert_eq!(plan.moves, 0, "no live lease moves");
+        assert_eq!(plan.takes.len(), 11);
+        assert!(plan.takes.iter().all(|(_, _, r)| *r == TakeReason::Expired));
+        let mut counts = shares(&plan);
+        counts.sort_unstable();
+        assert_eq!(counts, vec![15, 16]);
+    }
+
+    #[test]
+    fn the_larger_quotas_go_to_the_members_holding_most() {
+        // 7 over 3: quotas 3, 2, 2. w1 holds 3, w2 holds 3, w3 none: one moves, not two.
+        let mut leases = owned_by(3, Some("w1"), 0);
+        leases.extend(owned_by(3, Some("w2"), 3));
+        leases.extend(owned_by(1, None, 6));
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &members(&["w1", "w2", "w3"]), &[], |_| false);
+        assert_eq!(plan.moves, 1);
+        assert_eq!(plan.takes.len(), 1);
+        let mut counts = shares(&plan);
+        counts.sort_unstable();
+        assert_eq!(counts, vec![2, 2, 3]);
+    }
+
+    #[test]
+    fn leases_of_a_live_previous_version_worker_stay_with_it() {
+        let mut leases = owned_by(4, Some("old"), 0);
+        leases.extend(owned_by(2, None, 4));
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &members(&["new"]), &[], |owner| owner == "old");
+        assert_eq!(plan.assignments["new"].shards.len(), 2);
+        assert_eq!(plan.moves, 0);
+    }
+
+    #[test]
+    fn a_leaving_member_hands_everything_on() {
+        let mut leases = owned_by(4, Some("going"), 0);
+        leases.extend(owned_by(2, Some("w1"), 4));
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &members(&["w1", "w2"]), &members(&["going"]), |_| false);
+        assert_eq!(plan.assignments["going"].shards.len(), 0);
+        assert_eq!(plan.assignments["going"].give.len(), 4);
+        assert_eq!(plan.moves, 4);
+        assert!(plan.takes.is_empty(), "a live leaver's leases are handed on, not taken");
+        assert_eq!(shares(&plan), vec![0, 3, 3]);
+    }
+
+    #[test]
+    fn a_lease_is_never_both_taken_and_handed_over_nor_given_to_two() {
+        let mut leases = owned_by(9, Some("w1"), 0);
+        leases.extend(owned_by(4, None, 9));
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let plan = plan(&readable, &members(&["w1", "w2", "w3", "w4"]), &[], |_| false);
+        let mut seen = std::collections::HashSet::new();
+        for assignment in plan.assignments.values() {
+            for shard in &assignment.shards {
+                assert!(seen.insert(shard.clone()), "{shard} assigned twice");
+            }
+        }
+        assert_eq!(seen.len(), 13);
+        let given: usize = plan.assignments.values().map(|a| a.give.len()).sum();
+        assert_eq!(given, plan.moves);
+        assert_eq!(plan.moves, 9 - 4);
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::fleet::Fence;
 use super::health::StreamHealth;
 use super::lease::LeaseStore;
 use super::record::ShardId;
@@ -18,6 +19,8 @@ pub(super) struct ShardContext<S, T> {
     pub settings: StreamSettings,
     pub health: Arc<StreamHealth>,
     pub ages: ShardAges,
+    /// Until when this worker's leases are valid (its heartbeats).
+    pub fence: Arc<Fence>,
 }
 
 /// Iterator age per shard; the exported gauge is the maximum.

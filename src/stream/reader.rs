@@ -214,6 +214,14 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
         iterator: &mut String,
         cancel: &CancellationToken,
     ) -> Result<Handed, StreamError> {
+        if !self.context.fence.valid() {
+            // Heartbeats lapsed (a pause, a partition): the shard may be someone else's by now.
+            self.held.mark_lost();
+            return Err(StreamError::LeaseLost {
+                shard: self.shard.clone(),
+                owner: "unknown (heartbeats lapsed)".into(),
+            });
+        }
         self.context.health.read_succeeded();
         let read_any = !batch.records.is_empty();
         self.observe(&batch.records, batch.behind);

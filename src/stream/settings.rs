@@ -29,22 +29,19 @@ pub struct StreamSettings {
     pub max_reads_per_second: u32,
     pub shard_sync_interval: Duration,
     pub checkpoint_interval: Duration,
-    /// A lease whose counter stands still this long is taken over.
+    /// A worker whose heartbeats stand still this long is dropped and its leases assigned
+    /// again; a worker stops reading this long after its last successful heartbeat was sent.
     pub lease_duration: Duration,
-    /// How often the lease table is read to take and steal (renewals run on their own timer).
+    /// How often each worker runs a round (the leader assigns, every worker follows its
+    /// assignment and picks up hand-overs).
     pub lease_take_interval: Duration,
-    pub max_steals_per_round: usize,
+    /// How often each worker writes its heartbeat (one small write, the fleet's only liveness).
+    pub heartbeat_interval: Duration,
     /// How often a status line (iterator age, leases, shards) is logged: a log-based metric
     /// source where Prometheus is not scraped (CloudWatch Logs metric filters).
     pub status_interval: Duration,
     /// For AWS calls of this layer; reads retry until shutdown, so leave attempts unbounded.
     pub retry: RetryPolicy,
-}
-
-impl StreamSettings {
-    pub(super) fn renew_interval(&self) -> Duration {
-        self.lease_duration / 3
-    }
 }
 
 /// What one reader of one shard did.

@@ -5,7 +5,9 @@
 //! their children started, and retires unfinished rows of shards trimmed away before they were
 //! read to the end (seen unlisted in two syncs in a row, one gap counted).
 //!
-//! Must not: take, renew or read anything; that is the lease round's and the readers' work.
+//! Run by the leader only (one lister for the fleet), on the leases it just read.
+//!
+//! Must not: take, renew or read anything; that is the leader's and the readers' work.
 //! A failed sync is retried quickly at first, then no more often than the sync interval.
 //!
 //! [`lineage::initial_lease`]: super::lineage::initial_lease
@@ -52,21 +54,20 @@ impl ShardSync {
         }
     }
 
-    /// Syncs now if one is due.
-    pub async fn run_if_due<S: StreamSource, T: LeaseTable>(&mut self, context: &ShardContext<S, T>) {
-        if Instant::now() >= self.next {
-            self.run(context).await;
-        }
-    }
-
-    /// Describes the stream and keeps the lease rows in step with its shards.
-    pub async fn run<S: StreamSource, T: LeaseTable>(&mut self, context: &ShardContext<S, T>) {
+    /// Describes the stream and keeps the lease rows (`leases`, as just read) in step with its
+    /// shards. Whether it changed any row.
+    pub async fn run<S: StreamSource, T: LeaseTable>(
+        &mut self,
+        context: &ShardContext<S, T>,
+        leases: &HashMap<ShardId, Lease>,
+    ) -> bool {
         let interval = context.settings.shard_sync_interval;
-        match self.sync(context).await {
-            Ok(described) => {
+        match self.sync(context, leases).await {
+            Ok((described, changed)) => {
                 self.stream = Some(described);
                 self.failures = 0;
                 self.next = Instant::now() + interval;
+                changed
             }
             Err(error) => {
                 if error.is_stream_missing() {
@@ -78,6 +79,7 @@ impl ShardSync {
                 self.failures = self.failures.saturating_add(1);
                 let wait = SYNC_RETRY_FIRST.saturating_mul(1 << self.failures.min(8)).min(interval);
                 self.next = Instant::now() + wait;
+                false
             }
         }
     }
@@ -85,14 +87,15 @@ impl ShardSync {
     async fn sync<S: StreamSource, T: LeaseTable>(
         &mut self,
         context: &ShardContext<S, T>,
-    ) -> Result<StreamShards, StreamError> {
+        leases: &HashMap<ShardId, Lease>,
+    ) -> Result<(StreamShards, bool), StreamError> {
         let described = context.source.describe().await?;
         context.health.stream_found(&described.stream_id);
-        let leases = context.leases.load_all().await?;
+        let mut changed = false;
         // Rows of this stream, even of shards long gone, mean it was read before: new shards
         // then start at the horizon whatever `starting_position` says.
-        let fresh_stream = lineage::is_fresh(&described.stream_id, &leases);
-        self.retire_orphans(context, &described, &leases).await?;
+        let fresh_stream = lineage::is_fresh(&described.stream_id, leases);
+        changed |= self.retire_orphans(context, &described, leases).await?;
         for shard in described.shards.iter().filter(|shard| !leases.contains_key(&shard.id)) {
             let (checkpoint, shard_end) =
                 lineage::initial_lease(shard, fresh_stream, context.settings.starting_position);
@@ -100,13 +103,15 @@ impl ShardSync {
                 .leases
                 .create(&described.stream_id, shard, &checkpoint, shard_end)
                 .await?;
+            changed = true;
             tracing::info!(shard = %shard.id, parents = ?shard.parents, checkpoint = %checkpoint.encode(), shard_end, "new shard");
         }
-        for shard in lineage::removable(&described.shards, &leases) {
+        for shard in lineage::removable(&described.shards, leases) {
             context.leases.delete(shard).await?;
+            changed = true;
             tracing::info!(shard = %shard, "removed the lease of a finished shard gone from the stream");
         }
-        Ok(described)
+        Ok((described, changed))
     }
 
     /// Unfinished rows of shards trimmed away before they were read to the end (this consumer was
@@ -117,7 +122,7 @@ impl ShardSync {
         context: &ShardContext<S, T>,
         described: &StreamShards,
         leases: &HashMap<ShardId, Lease>,
-    ) -> Result<(), StreamError> {
+    ) -> Result<bool, StreamError> {
         let orphans = lineage::orphans(&described.stream_id, &described.shards, leases);
         let (confirmed, new): (Vec<&Lease>, Vec<&Lease>) = orphans
             .into_iter()
@@ -129,7 +134,8 @@ impl ShardSync {
                 retired.push(lease.shard.0.as_str());
             }
         }
-        if !retired.is_empty() {
+        let changed = !retired.is_empty();
+        if changed {
             metrics::counter!(metric::STREAM_GAPS).increment(1);
             tracing::error!(
                 shards = ?retired,
@@ -138,6 +144,6 @@ impl ShardSync {
                  kept. Conversations may be stale: run `cruddur-stream-worker reconcile`"
             );
         }
-        Ok(())
+        Ok(changed)
     }
 }

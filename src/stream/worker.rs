@@ -1,54 +1,49 @@
 //! The stream worker: keeps this worker's share of the shards read, in step with the stream and
 //! with the other workers sharing the lease table.
 //!
-//! One task, two duties:
-//! - shard sync ([`ShardSync`], every `shard_sync_interval`, and at once when a reader finishes,
-//!   so a child starts as soon as its parent ends);
-//! - the lease round (every `lease_take_interval`), in four named steps: [`observe`] the table
-//!   (a lease given to someone else is lost at once), [`take`] our own rows back and free or
-//!   stolen leases ([`balance`]), [`start_readers`] for held leases whose parents are done, and
-//!   [`publish`] what the round saw.
+//! Every worker is a member of the fleet: a task of its own beats in the fleet row
+//! ([`beat_loop`]) every `heartbeat_interval`, which is all the liveness there is (no renewal
+//! per lease). Every `lease_take_interval` the worker runs one round:
+//! - [`lead`] if it is the leader, or claims leadership when the leader's beats stood still a
+//!   lease duration (or nobody leads);
+//! - [`follow`]: reads its assignment when the leader bumped its epoch; stops readers of shards
+//!   assigned away and hands each to the member named (after its final checkpoint); acquires
+//!   the shards assigned to it once their rows name it (a hand-over it waits for is polled);
+//! - starts readers for held leases.
 //!
-//! Held leases are renewed (every third of `lease_duration`) by a task of their own
-//! ([`renew_loop`]), so that a slow or failing lease-table scan or DescribeStream never holds a
-//! renewal back.
+//! On cancel the worker marks itself leaving: the leader hands its shards to others, one by one
+//! as each reader drains and checkpoints, so a shard's reading stops only for the hand-over.
+//! With nobody to hand to (or past `4 × heartbeat_interval`) the rest are released.
 //!
-//! On cancel, readers stop, drain and checkpoint while renewals go on; then every held lease is
-//! released, so another worker takes it within one of its rounds instead of after expiry.
-//!
-//! [`ShardSync`]: super::sync::ShardSync
-//! [`balance`]: super::balance
-//! [`observe`]: StreamWorker::observe
-//! [`take`]: StreamWorker::take
-//! [`start_readers`]: StreamWorker::start_readers
-//! [`publish`]: StreamWorker::publish
+//! [`beat_loop`]: super::fleet::beat_loop
+//! [`lead`]: super::leader::lead
+//! [`follow`]: StreamWorker::follow
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::balance::{self, Observations, TakeReason};
+use super::balance::TakeReason;
 use super::consumer::Consumer;
 use super::context::{ShardAges, ShardContext};
 use super::error::StreamError;
+use super::fleet::{beat_loop, Beating, FleetView};
 use super::health::StreamHealth;
-use super::lease::{DynamoDbLeaseTable, HeldLease, Lease, LeaseStore, LeaseTable};
-use super::lineage;
+use super::leader::{self, Leadership};
+use super::lease::{Assignment, DynamoDbLeaseTable, Fleet, HeldLease, Lease, LeaseStore, LeaseTable};
 use super::reader::read_shard;
 use super::record::ShardId;
 use super::settings::{ShardReport, StreamReport, StreamSettings};
-use super::source::{StreamShards, StreamSource};
+use super::source::StreamSource;
 use super::sync::ShardSync;
+use crate::lock::lock;
 use crate::retry::retry;
 use crate::telemetry::metric;
-
-/// Shard states as the `stream_worker_shards{state}` gauge reports them.
-const SHARD_STATES: [&str; 5] = ["reading", "owned_elsewhere", "free", "blocked", "finished"];
 
 /// Reads this worker's share of one stream into one consumer.
 pub struct StreamWorker<S, C, T = DynamoDbLeaseTable> {
@@ -63,14 +58,25 @@ struct State {
     /// Running readers and the token that stops each.
     readers: HashMap<ShardId, CancellationToken>,
     held: HashMap<ShardId, Arc<HeldLease>>,
+    /// Each held lease's row as acquired (where its reader starts).
+    rows: HashMap<ShardId, Lease>,
+    /// Held shards assigned away: their readers stop, then the lease goes to the member named
+    /// (released when none is).
+    giving: HashMap<ShardId, Option<String>>,
     /// Shards whose reader failed, not restarted before the instant.
     holdoff: HashMap<ShardId, Instant>,
+    assignment: Assignment,
+    /// This worker's epoch when its assignment was last read, and when.
+    epoch_read: Option<(u64, Instant)>,
+    leadership: Option<Leadership>,
     sync: ShardSync,
-    observations: Observations,
     last_status: Instant,
     report: StreamReport,
-    /// What the renewal task renews: the held leases as of the last change.
-    renewing: watch::Sender<Vec<Arc<HeldLease>>>,
+    /// The held leases, for the beat task (which gives them all up when the fence lapses).
+    sharing: watch::Sender<Vec<Arc<HeldLease>>>,
+    view: Arc<Mutex<FleetView>>,
+    beat_now: Arc<Notify>,
+    joined: Arc<Notify>,
 }
 
 impl State {
@@ -80,55 +86,32 @@ impl State {
             shard_of_task: HashMap::new(),
             readers: HashMap::new(),
             held: HashMap::new(),
+            rows: HashMap::new(),
+            giving: HashMap::new(),
             holdoff: HashMap::new(),
+            assignment: Assignment::default(),
+            epoch_read: None,
+            leadership: None,
             sync: ShardSync::new(),
-            observations: Observations::default(),
             last_status: Instant::now(),
             report: StreamReport::default(),
-            renewing: watch::Sender::new(Vec::new()),
+            sharing: watch::Sender::new(Vec::new()),
+            view: Arc::default(),
+            beat_now: Arc::default(),
+            joined: Arc::default(),
         }
     }
 
-    /// Hands the held leases to the renewal task.
+    /// Hands the held leases to the beat task.
     fn share_held(&self) {
-        self.renewing.send_replace(self.held.values().cloned().collect());
+        self.sharing.send_replace(self.held.values().cloned().collect());
     }
-}
 
-/// What one lease round read of the table, for its later steps.
-struct RoundView {
-    stream: StreamShards,
-    leases: HashMap<ShardId, Lease>,
-    /// Shards whose parents are all done (finished or gone): the ones that may be read.
-    readable: HashSet<ShardId>,
-    now: Instant,
-}
-
-/// Renews `held` every `interval` until `stop` fires. A lease found lost is marked so (its
-/// reader stops); other failures are retried at the next tick.
-async fn renew_loop<T: LeaseTable>(
-    leases: LeaseStore<T>,
-    held: watch::Receiver<Vec<Arc<HeldLease>>>,
-    interval: Duration,
-    stop: CancellationToken,
-) {
-    let mut every = tokio::time::interval(interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while stop.run_until_cancelled(every.tick()).await.is_some() {
-        if held.has_changed().is_err() {
-            // The worker is gone without shutting down (its task was dropped): so are its leases.
-            return;
-        }
-        let current: Vec<Arc<HeldLease>> = held.borrow().clone();
-        for lease in current.iter().filter(|lease| !lease.lost().is_cancelled()) {
-            match stop.run_until_cancelled(lease.renew(&leases)).await {
-                None => return,
-                Some(Err(error)) if !matches!(error, StreamError::LeaseLost { .. }) => {
-                    tracing::warn!(shard = %lease.shard, error = %error, "lease renewal failed; retrying next round");
-                }
-                Some(_) => {}
-            }
-        }
+    /// Forgets a lease this worker no longer holds.
+    fn drop_lease(&mut self, shard: &ShardId) {
+        self.held.remove(shard);
+        self.rows.remove(shard);
+        self.giving.remove(shard);
     }
 }
 
@@ -146,6 +129,7 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             settings,
             health,
             ages: ShardAges::default(),
+            fence: Arc::default(),
         };
         Self {
             context: Arc::new(context),
@@ -153,8 +137,8 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         }
     }
 
-    /// Runs until `cancel` fires, then stops every reader, releases every lease, and returns
-    /// what each reader read.
+    /// Runs until `cancel` fires, then hands over or releases every lease, and returns what
+    /// each reader read.
     pub async fn run(self, cancel: CancellationToken) -> Result<StreamReport, StreamError> {
         let leases = &self.context.leases;
         let created = tokio::select! {
@@ -165,37 +149,234 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             tracing::info!("created the lease table");
         }
         let mut state = State::new();
-        let renewals_stop = CancellationToken::new();
-        let renewals = tokio::spawn(renew_loop(
-            self.context.leases.clone(),
-            state.renewing.subscribe(),
-            self.context.settings.renew_interval(),
-            renewals_stop.clone(),
-        ));
+        let beats_stop = CancellationToken::new();
+        let beats = tokio::spawn(beat_loop(self.beating(&state), beats_stop.clone()));
+        // The first round waits for the first beat (the fleet row), not a whole round.
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            () = state.joined.notified() => {}
+            _ = tokio::time::sleep(self.context.settings.heartbeat_interval * 2) => {}
+        }
         loop {
-            state.sync.run_if_due(&self.context).await;
-            if let Err(error) = self.lease_round(&mut state).await {
-                tracing::warn!(error = %error, "lease round failed");
-            }
-            state.share_held();
+            self.round(&mut state).await;
             self.report_status(&mut state);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}
-                Some(joined) = state.tasks.join_next_with_id() => {
-                    self.reader_done(&mut state, joined);
-                    state.share_held();
-                    // A finished shard may unblock its children: look at once.
-                    state.sync.next = Instant::now();
-                }
+                Some(joined) = state.tasks.join_next_with_id() => self.reader_done(&mut state, joined).await,
             }
         }
-        self.shut_down(&mut state, renewals_stop, renewals).await;
+        self.shut_down(&mut state, beats_stop, beats).await;
         Ok(state.report)
     }
 
-    /// Gauges every round (stream found or not, so that they never go idle) and the status line
-    /// every `status_interval`.
+    fn beating(&self, state: &State) -> Beating<T> {
+        let settings = &self.context.settings;
+        Beating {
+            leases: self.context.leases.clone(),
+            view: state.view.clone(),
+            fence: self.context.fence.clone(),
+            held: state.sharing.subscribe(),
+            interval: settings.heartbeat_interval,
+            lease_duration: settings.lease_duration,
+            now: state.beat_now.clone(),
+            joined: state.joined.clone(),
+        }
+    }
+
+    /// One round: lead (or claim), follow the assignment, start readers. Nothing while the
+    /// fence is down (not yet joined, or lapsed).
+    async fn round(&self, state: &mut State) {
+        let fleet = lock(&state.view).fleet.clone();
+        let Some(fleet) = fleet.filter(|_| self.context.fence.valid()) else {
+            state.leadership = None;
+            leader::publish_nothing();
+            return;
+        };
+        if state.leadership.is_none() {
+            if let Some(id) = &fleet.stream_id {
+                self.context.health.stream_found(id);
+            }
+        }
+        if let Err(error) = self.lead_or_claim(state, &fleet).await {
+            tracing::warn!(error = %error, "leader round failed");
+        }
+        if let Err(error) = self.follow(state, &fleet).await {
+            tracing::warn!(error = %error, "could not read this worker's assignment");
+        }
+        state.share_held();
+        self.start_readers(state, &fleet);
+        self.context.health.lease_round_succeeded(!state.held.is_empty());
+    }
+
+    /// Leads if this worker holds the fleet's current term; claims leadership when nobody leads
+    /// or the leader's beats stood still a lease duration.
+    async fn lead_or_claim(&self, state: &mut State, fleet: &Fleet) -> Result<(), StreamError> {
+        let me = self.context.leases.owner();
+        // A claim won in an earlier round counts until a beat shows the row naming someone else.
+        let claimed = state
+            .leadership
+            .as_ref()
+            .is_some_and(|lead| lead.term == fleet.term + 1);
+        let leading = claimed
+            || (fleet.leader.as_deref() == Some(me)
+                && state.leadership.as_ref().is_some_and(|lead| lead.term == fleet.term));
+        if !leading {
+            if state.leadership.take().is_some() {
+                tracing::info!("no longer leading the fleet");
+            }
+            leader::publish_nothing();
+            let leaving = lock(&state.view).leaving;
+            if leaving || !self.leader_gone(state, fleet) {
+                return Ok(());
+            }
+            let table = self.context.leases.table();
+            if !table.claim_leadership(me, fleet.leader.as_deref(), fleet.term).await? {
+                return Ok(());
+            }
+            tracing::info!(term = fleet.term + 1, "leading the fleet");
+            state.leadership = Some(Leadership::new(fleet.term + 1));
+            state.beat_now.notify_one();
+        }
+        let Some(lead) = state.leadership.as_mut() else {
+            return Ok(());
+        };
+        let view = lock(&state.view).snapshot();
+        leader::lead(&self.context, lead, &mut state.sync, fleet, &view).await
+    }
+
+    fn leader_gone(&self, state: &State, fleet: &Fleet) -> bool {
+        let Some(leader) = fleet.leader.as_deref() else {
+            return true;
+        };
+        let view = lock(&state.view);
+        !fleet.beats.contains_key(leader) || !view.alive(leader, Instant::now(), self.context.settings.lease_duration)
+    }
+
+    /// Follows this worker's assignment: reads it when its epoch moved, gives away what is no
+    /// longer assigned, acquires what is.
+    async fn follow(&self, state: &mut State, fleet: &Fleet) -> Result<(), StreamError> {
+        let me = self.context.leases.owner();
+        let epoch = fleet.epochs.get(me).copied().unwrap_or(0);
+        let leaving = lock(&state.view).leaving;
+        let stale = state.epoch_read.is_none_or(|(read, at)| {
+            read != epoch || leaving || at.elapsed() >= self.context.settings.shard_sync_interval
+        });
+        if stale {
+            state.assignment = self.context.leases.table().assignment(me).await?;
+            state.epoch_read = Some((epoch, Instant::now()));
+        }
+        self.give_away(state).await;
+        let now = Instant::now();
+        state.holdoff.retain(|_, until| *until > now);
+        for shard in &state.assignment.shards.clone() {
+            if state.held.contains_key(shard) || state.holdoff.contains_key(shard) {
+                continue;
+            }
+            self.acquire(state, shard, fleet).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the readers of held shards no longer assigned here; a held shard without a reader
+    /// is handed over at once.
+    async fn give_away(&self, state: &mut State) {
+        let assigned: HashSet<&ShardId> = state.assignment.shards.iter().collect();
+        let going: Vec<ShardId> = state
+            .held
+            .keys()
+            .filter(|shard| !assigned.contains(shard) && !state.giving.contains_key(*shard))
+            .cloned()
+            .collect();
+        for shard in going {
+            let to = state.assignment.give.get(&shard).cloned();
+            state.giving.insert(shard.clone(), to);
+            match state.readers.get(&shard) {
+                Some(stop) => stop.cancel(),
+                None => self.hand_over(state, &shard).await,
+            }
+        }
+    }
+
+    /// Takes up `shard` if its row names this worker; otherwise waits for the hand-over.
+    async fn acquire(&self, state: &mut State, shard: &ShardId, fleet: &Fleet) -> Result<(), StreamError> {
+        let me = self.context.leases.owner();
+        let Some(row) = self.context.leases.table().get(shard).await? else {
+            return Ok(());
+        };
+        if row.owner.as_deref() != Some(me) {
+            return Ok(());
+        }
+        if row.shard_end {
+            return Ok(());
+        }
+        if let Some(from) = state.assignment.receive.get(shard).filter(|from| from.as_str() != me) {
+            let reason = if fleet.beats.contains_key(from) && !fleet.leaving.contains(from) {
+                TakeReason::Stolen
+            } else {
+                TakeReason::Released
+            };
+            metrics::counter!(metric::LEASE_TAKEOVERS, "reason" => reason.label()).increment(1);
+            tracing::info!(shard = %shard, reason = reason.label(), from = from.as_str(), "lease taken");
+        }
+        state.held.insert(shard.clone(), Arc::new(HeldLease::new(&row)));
+        state.rows.insert(shard.clone(), row);
+        Ok(())
+    }
+
+    /// Gives a held lease whose reader has stopped to the member its assignment names (or
+    /// releases it).
+    async fn hand_over(&self, state: &mut State, shard: &ShardId) {
+        let Some(held) = state.held.get(shard).cloned() else {
+            return;
+        };
+        let to = state.giving.get(shard).cloned().flatten();
+        state.drop_lease(shard);
+        if held.lost().is_cancelled() {
+            return;
+        }
+        let leases = &self.context.leases;
+        let result = match &to {
+            Some(to) => held.hand_over(leases, to).await,
+            None => held.release(leases).await,
+        };
+        match result {
+            Ok(()) => tracing::info!(shard = %shard, to = to.as_deref().unwrap_or("nobody"), "lease handed over"),
+            Err(error) => {
+                tracing::warn!(shard = %shard, error = %error, "could not hand the lease over; it will expire")
+            }
+        }
+    }
+
+    /// Starts a reader for every held, unfinished lease without one that is not being given.
+    fn start_readers(&self, state: &mut State, fleet: &Fleet) {
+        let starting: Vec<ShardId> = state
+            .held
+            .keys()
+            .filter(|shard| !state.readers.contains_key(*shard) && !state.giving.contains_key(*shard))
+            .cloned()
+            .collect();
+        for shard in starting {
+            let (Some(held), Some(lease)) = (state.held.get(&shard).cloned(), state.rows.get(&shard).cloned()) else {
+                continue;
+            };
+            if held.lost().is_cancelled() {
+                state.drop_lease(&shard);
+                continue;
+            }
+            let stop = held.lost().child_token();
+            let Some(stream_id) = lease.stream_id.clone().or_else(|| fleet.stream_id.clone()) else {
+                continue;
+            };
+            let lane = self.consumer.open_lane(&shard);
+            let reader = read_shard(self.context.clone(), stream_id, lease, held, lane, stop.clone());
+            let handle = state.tasks.spawn(reader);
+            state.shard_of_task.insert(handle.id(), shard.clone());
+            state.readers.insert(shard, stop);
+        }
+    }
+
+    /// Gauges every round and the status line every `status_interval`.
     fn report_status(&self, state: &mut State) {
         metrics::gauge!(metric::LEASES_HELD).set(state.held.len() as f64);
         metrics::gauge!(metric::SHARDS_READING).set(state.readers.len() as f64);
@@ -206,188 +387,79 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
                 iterator_age_seconds = self.context.ages.max(),
                 leases_held = state.held.len(),
                 shards_reading = state.readers.len(),
+                leading = state.leadership.is_some(),
                 "status"
             );
         }
     }
 
-    /// Stops every reader (each drains and checkpoints) while renewals go on, then stops the
-    /// renewals and releases.
-    async fn shut_down(&self, state: &mut State, renewals_stop: CancellationToken, renewals: JoinHandle<()>) {
-        for stop in state.readers.values() {
+    /// Marks this worker leaving and keeps running rounds while the leader hands its shards on
+    /// (each reader drains and checkpoints first); then releases what is left, resigns and
+    /// leaves the fleet.
+    async fn shut_down(&self, state: &mut State, beats_stop: CancellationToken, beats: JoinHandle<()>) {
+        lock(&state.view).leaving = true;
+        state.beat_now.notify_one();
+        let deadline = Instant::now() + self.context.settings.heartbeat_interval * 4;
+        while !state.held.is_empty() && Instant::now() < deadline && self.others_alive(state) {
+            self.round(state).await;
+            tokio::select! {
+                _ = tokio::time::sleep(self.context.settings.lease_take_interval) => {}
+                Some(joined) = state.tasks.join_next_with_id() => self.reader_done(state, joined).await,
+            }
+        }
+        for (shard, stop) in &state.readers {
+            state.giving.entry(shard.clone()).or_insert(None);
             stop.cancel();
         }
         while let Some(joined) = state.tasks.join_next_with_id().await {
-            self.reader_done(state, joined);
-            state.share_held();
+            self.reader_done(state, joined).await;
         }
-        renewals_stop.cancel();
-        if let Err(error) = renewals.await {
-            tracing::warn!(error = %error, "the lease renewal task failed");
+        let rest: Vec<ShardId> = state.held.keys().cloned().collect();
+        for shard in rest {
+            state.giving.entry(shard.clone()).or_insert(None);
+            self.hand_over(state, &shard).await;
         }
-        state.held.retain(|_, held| !held.lost().is_cancelled());
-        for held in state.held.values() {
-            match held.release(&self.context.leases).await {
-                Ok(()) => tracing::info!(shard = %held.shard, "lease released"),
-                Err(error) => {
-                    tracing::warn!(shard = %held.shard, error = %error, "could not release the lease; it will expire")
-                }
-            }
+        self.leave(state).await;
+        beats_stop.cancel();
+        if let Err(error) = beats.await {
+            tracing::warn!(error = %error, "the heartbeat task failed");
         }
-        state.held.clear();
         metrics::gauge!(metric::LEASES_HELD).set(0.0);
         metrics::gauge!(metric::SHARDS_READING).set(0.0);
     }
 
-    /// One lease round: observe, take, start readers, publish.
-    async fn lease_round(&self, state: &mut State) -> Result<(), StreamError> {
-        let Some(stream) = state.sync.stream.clone() else {
-            return Ok(());
-        };
-        let mut view = self.observe(state, stream).await?;
-        self.take(state, &mut view).await;
-        self.start_readers(state, &view);
-        self.publish(state, &view);
-        Ok(())
-    }
-
-    /// Reads the lease table and notes what moved; a lease the table gives to someone else is
-    /// lost, even before a write of ours finds out.
-    async fn observe(&self, state: &mut State, stream: StreamShards) -> Result<RoundView, StreamError> {
+    /// Whether another member could take this worker's shards.
+    fn others_alive(&self, state: &State) -> bool {
         let me = self.context.leases.owner();
-        let leases = self.context.leases.load_all().await?;
-        let now = Instant::now();
-        state.observations.observe(&leases, now);
-        for held in state.held.values() {
-            if leases
-                .get(&held.shard)
-                .is_none_or(|lease| lease.owner.as_deref() != Some(me))
-            {
-                held.mark_lost();
-            }
-        }
-        state.held.retain(|_, held| !held.lost().is_cancelled());
-        let readable = lineage::readable(&stream.shards, &leases, |_| false)
-            .into_iter()
-            .map(|shard| shard.id.clone())
-            .collect();
-        Ok(RoundView {
-            stream,
-            leases,
-            readable,
-            now,
+        let view = lock(&state.view);
+        let Some(fleet) = &view.fleet else { return false };
+        let duration = self.context.settings.lease_duration;
+        fleet.beats.keys().any(|worker| {
+            worker != me && !fleet.leaving.contains(worker) && view.alive(worker, Instant::now(), duration)
         })
     }
 
-    /// Takes back our own rows, then free leases and steals ([`balance::choose`]).
-    async fn take(&self, state: &mut State, view: &mut RoundView) {
-        let mut to_take = self.own_rows_to_take(state, view);
-        let mut readable: Vec<&Lease> = view.readable.iter().filter_map(|id| view.leases.get(id)).collect();
-        readable.sort_by(|a, b| a.shard.cmp(&b.shard));
-        let settings = &self.context.settings;
-        to_take.extend(balance::choose(
-            self.context.leases.owner(),
-            &readable,
-            &state.observations,
-            view.now,
-            settings.lease_duration,
-            settings.max_steals_per_round,
-        ));
-        for (shard, reason) in to_take {
-            let Some(seen) = view.leases.get(&shard) else { continue };
-            match self.context.leases.take(seen).await {
-                Ok(Some(taken)) => {
-                    if reason != TakeReason::New {
-                        metrics::counter!(metric::LEASE_TAKEOVERS, "reason" => reason.label()).increment(1);
-                    }
-                    let from = seen.owner.as_deref().unwrap_or("nobody");
-                    tracing::info!(shard = %shard, reason = reason.label(), from, "lease taken");
-                    state.held.insert(shard.clone(), Arc::new(HeldLease::new(&taken)));
-                    view.leases.insert(shard, taken);
-                }
-                Ok(None) => tracing::debug!(shard = %shard, "another worker took the lease first"),
-                Err(error) => tracing::warn!(shard = %shard, error = %error, "could not take the lease"),
-            }
-        }
-    }
-
-    /// Rows under our own id that we do not hold: a restart's, taken back at once, unless a
-    /// live twin with our id was seen lately and the row is still renewed (then it is the
-    /// twin's, and taking it would only start a tug of war).
-    fn own_rows_to_take(&self, state: &State, view: &RoundView) -> Vec<(ShardId, TakeReason)> {
+    /// Resigns leadership and removes this worker's entry from the fleet row.
+    async fn leave(&self, state: &mut State) {
+        let table = self.context.leases.table();
         let me = self.context.leases.owner();
-        let duration = self.context.settings.lease_duration;
-        let twin = self.context.leases.twin_seen_within(duration * 6);
-        view.leases
-            .values()
-            .filter(|lease| {
-                lease.owner.as_deref() == Some(me)
-                    && !state.held.contains_key(&lease.shard)
-                    && view.readable.contains(&lease.shard)
-                    && (!twin || state.observations.is_free(lease, view.now, duration))
-            })
-            .map(|lease| (lease.shard.clone(), TakeReason::New))
-            .collect()
-    }
-
-    /// Starts a reader for every held, unfinished lease without one (and not held off after a
-    /// failure).
-    fn start_readers(&self, state: &mut State, view: &RoundView) {
-        state.holdoff.retain(|_, until| *until > view.now);
-        for (shard, held) in &state.held {
-            if state.readers.contains_key(shard) || state.holdoff.contains_key(shard) {
-                continue;
+        if let Some(lead) = state.leadership.take() {
+            if let Err(error) = table.resign(me, lead.term).await {
+                tracing::warn!(error = %error, "could not resign leadership; another worker leads after a lease duration");
             }
-            let Some(lease) = view.leases.get(shard).filter(|lease| !lease.shard_end) else {
-                continue;
-            };
-            let stop = held.lost().child_token();
-            let stream_id = lease.stream_id.clone().unwrap_or_else(|| view.stream.stream_id.clone());
-            let lane = self.consumer.open_lane(shard);
-            let reader = read_shard(
-                self.context.clone(),
-                stream_id,
-                lease.clone(),
-                held.clone(),
-                lane,
-                stop.clone(),
-            );
-            let handle = state.tasks.spawn(reader);
-            state.shard_of_task.insert(handle.id(), shard.clone());
-            state.readers.insert(shard.clone(), stop);
+        }
+        let own_beat = lock(&state.view).own_beat;
+        if let Some(beat) = own_beat {
+            if let Err(error) = table.remove_member(me, beat).await {
+                tracing::warn!(error = %error, "could not leave the fleet; the leader drops this worker after a lease duration");
+            }
         }
     }
 
-    /// Shard states by the round's view, and readiness.
-    fn publish(&self, state: &State, view: &RoundView) {
-        let mut counts: HashMap<&str, usize> = SHARD_STATES.iter().map(|state| (*state, 0)).collect();
-        for shard in &view.stream.shards {
-            let Some(lease) = view.leases.get(&shard.id) else {
-                continue;
-            };
-            let shard_state = if lease.shard_end {
-                "finished"
-            } else if !view.readable.contains(&shard.id) {
-                "blocked"
-            } else if state.held.contains_key(&shard.id) {
-                "reading"
-            } else if state
-                .observations
-                .is_free(lease, view.now, self.context.settings.lease_duration)
-            {
-                "free"
-            } else {
-                "owned_elsewhere"
-            };
-            *counts.entry(shard_state).or_default() += 1;
-        }
-        for (shard_state, count) in counts {
-            metrics::gauge!(metric::SHARDS, "state" => shard_state).set(count as f64);
-        }
-        self.context.health.lease_round_succeeded(!state.held.is_empty());
-    }
-
-    fn reader_done(
+    /// A reader ended: a finished shard tells the leader (its children may start); a shard
+    /// being given away is handed over; a failed one is dropped and acquired again after a pause
+    /// (from its row as it then stands).
+    async fn reader_done(
         &self,
         state: &mut State,
         joined: Result<(tokio::task::Id, Result<ShardReport, StreamError>), tokio::task::JoinError>,
@@ -402,23 +474,37 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         state.readers.remove(&shard);
         match joined {
             Ok((_, Ok(report))) => {
-                if report.ended {
-                    state.held.remove(&shard);
-                }
+                let ended = report.ended;
                 state.report.shards.push(report);
+                if ended {
+                    state.drop_lease(&shard);
+                    if let Err(error) = self.context.leases.table().mark_changed().await {
+                        tracing::warn!(error = %error, "could not tell the leader a shard finished; it sees it at its next scan");
+                    }
+                } else if state.giving.contains_key(&shard) {
+                    self.hand_over(state, &shard).await;
+                }
             }
-            Ok((_, Err(StreamError::LeaseLost { .. }))) => {
-                state.held.remove(&shard);
-            }
+            Ok((_, Err(StreamError::LeaseLost { .. }))) => state.drop_lease(&shard),
             Ok((_, Err(error))) => {
                 tracing::warn!(shard = %shard, error = %error, "shard reader failed; it restarts from its checkpoint");
-                state.holdoff.insert(shard, Instant::now() + self.holdoff());
+                self.after_failure(state, &shard).await;
             }
             Err(error) => {
                 tracing::error!(shard = %shard, error = %error, "shard reader panicked; it restarts from its checkpoint");
-                state.holdoff.insert(shard, Instant::now() + self.holdoff());
+                self.after_failure(state, &shard).await;
             }
         }
+        state.share_held();
+    }
+
+    async fn after_failure(&self, state: &mut State, shard: &ShardId) {
+        if state.giving.contains_key(shard) {
+            self.hand_over(state, shard).await;
+            return;
+        }
+        state.drop_lease(shard);
+        state.holdoff.insert(shard.clone(), Instant::now() + self.holdoff());
     }
 
     fn holdoff(&self) -> Duration {

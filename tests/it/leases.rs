@@ -2,7 +2,7 @@
 //! twin the unit tests and simulations use. A rule the twin keeps and DynamoDB does not (or the
 //! reverse) fails here, so the twin cannot drift.
 
-use cruddur_stream_worker::stream::lease::OwnedWrite;
+use cruddur_stream_worker::stream::lease::{Assignment, BeatRefused, OwnedWrite};
 use cruddur_stream_worker::stream::{
     DynamoDbLeaseTable, Lease, LeaseTable, Position, SequenceNumber, ShardId, StreamError,
 };
@@ -36,6 +36,10 @@ contract!(
     only_finished_rows_are_deleted,
     a_row_is_retired_only_if_nobody_wrote_it_since,
     of_two_workers_taking_one_row_one_wins,
+    a_beat_needs_the_entry_as_last_written,
+    leadership_is_claimed_only_from_the_term_seen,
+    an_assignment_and_a_hand_over_round_trip,
+    coordination_rows_are_not_leases,
 );
 
 /// A table of its own on DynamoDB Local, not created yet.
@@ -249,4 +253,106 @@ async fn of_two_workers_taking_one_row_one_wins<T: LeaseTable>(table: T) {
         .collect();
     assert_eq!(winners.len(), 1, "exactly one take succeeds");
     assert_eq!(row(&table, "shard-1").await, winners.into_iter().next());
+}
+
+async fn a_beat_needs_the_entry_as_last_written<T: LeaseTable>(table: T) {
+    table.ensure().await.expect("ensure");
+    let fleet = table.beat("w1", None, 5, false).await.expect("beat").expect("joined");
+    assert_eq!(fleet.beats.get("w1"), Some(&5));
+    let fleet = table
+        .beat("w1", Some(5), 6, false)
+        .await
+        .expect("beat")
+        .expect("beats on");
+    assert_eq!(fleet.beats.get("w1"), Some(&6));
+    table.beat("w2", None, 1, true).await.expect("beat").expect("joined");
+    assert_eq!(
+        table.beat("w1", Some(5), 7, false).await.expect("beat"),
+        Err(BeatRefused::Twin),
+        "another process wrote w1's entry"
+    );
+    assert!(!table.remove_member("w1", 5).await.expect("remove"), "not as seen");
+    assert!(table.remove_member("w1", 6).await.expect("remove"));
+    assert_eq!(
+        table.beat("w1", Some(6), 7, false).await.expect("beat"),
+        Err(BeatRefused::Evicted)
+    );
+    let fleet = table
+        .beat("w2", Some(1), 2, false)
+        .await
+        .expect("beat")
+        .expect("beats on");
+    assert!(!fleet.beats.contains_key("w1"));
+    assert!(
+        fleet.leaving.contains("w2"),
+        "a leaving mark stays until the member is removed"
+    );
+}
+
+async fn leadership_is_claimed_only_from_the_term_seen<T: LeaseTable>(table: T) {
+    table.ensure().await.expect("ensure");
+    assert!(table.claim_leadership("w1", None, 0).await.expect("claim"));
+    assert!(
+        !table.claim_leadership("w2", None, 0).await.expect("claim"),
+        "w1 got there first"
+    );
+    assert!(
+        !table.claim_leadership("w2", Some("w1"), 0).await.expect("claim"),
+        "an old term"
+    );
+    assert!(table.claim_leadership("w2", Some("w1"), 1).await.expect("claim"));
+    table.resign("w1", 1).await.expect("resign");
+    let fleet = table.beat("w3", None, 1, false).await.expect("beat").expect("joined");
+    assert_eq!(
+        (fleet.leader.as_deref(), fleet.term),
+        (Some("w2"), 2),
+        "a stale resign changes nothing"
+    );
+    table.resign("w2", 2).await.expect("resign");
+    table
+        .notify(&["w3".to_owned()], Some("arn:stream/1"))
+        .await
+        .expect("notify");
+    table.mark_changed().await.expect("changed");
+    let fleet = table
+        .beat("w3", Some(1), 2, false)
+        .await
+        .expect("beat")
+        .expect("beats on");
+    assert_eq!(fleet.leader, None);
+    assert_eq!(fleet.epochs.get("w3"), Some(&1));
+    assert_eq!(fleet.changes, 1);
+    assert_eq!(fleet.stream_id.as_deref(), Some("arn:stream/1"));
+}
+
+async fn an_assignment_and_a_hand_over_round_trip<T: LeaseTable>(table: T) {
+    let seen = created(&table, "shard-1").await;
+    assert_eq!(table.assignment("w1").await.expect("read"), Assignment::default());
+    let assignment = Assignment {
+        shards: vec![shard("shard-1"), shard("shard-2")],
+        give: [(shard("shard-3"), "w2".to_owned())].into(),
+        receive: [(shard("shard-2"), "w3".to_owned())].into(),
+    };
+    table.put_assignment("w1", &assignment).await.expect("write");
+    assert_eq!(table.assignment("w1").await.expect("read"), assignment);
+    let taken = table.take(&seen, "w1").await.expect("take").expect("taken");
+    let counter = table
+        .write(&taken.shard, "w1", taken.counter, OwnedWrite::HandOver { to: "w2" })
+        .await
+        .expect("handed over");
+    let now = table.get(&shard("shard-1")).await.expect("get").expect("row");
+    assert_eq!((now.owner.as_deref(), now.counter), (Some("w2"), counter));
+    assert_eq!(now.checkpoint, seen.checkpoint, "the checkpoint goes with it");
+    assert_eq!(
+        lost_to(table.write(&taken.shard, "w1", counter, OwnedWrite::Renew).await),
+        "w2"
+    );
+}
+
+async fn coordination_rows_are_not_leases<T: LeaseTable>(table: T) {
+    created(&table, "shard-1").await;
+    table.beat("w1", None, 1, false).await.expect("beat").expect("joined");
+    table.put_assignment("w1", &Assignment::default()).await.expect("write");
+    let rows = table.load_all().await.expect("scan");
+    assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), vec![shard("shard-1")]);
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::support::{s, users, wait_until, ChildWorker, LeaseWatch, TestDb};
 
-/// Fast leases for tests: `lease_duration_ms` as given, rounds every 100 ms.
+/// Fast leases for tests: `lease_duration_ms` as given, rounds every 100 ms, beats every 200.
 fn args<'a>(id: &'a str, lease_duration_ms: &'a str) -> Vec<String> {
     [
         "--worker-id",
@@ -15,6 +15,8 @@ fn args<'a>(id: &'a str, lease_duration_ms: &'a str) -> Vec<String> {
         &format!("lease_duration_ms={lease_duration_ms}"),
         "--set",
         "lease_take_interval_ms=100",
+        "--set",
+        "heartbeat_interval_ms=200",
         "--set",
         "idle_interval_ms=20",
         "--set",
@@ -225,6 +227,7 @@ async fn renewals_go_on_while_the_lease_table_scan_is_slow() {
             &[
                 ("lease_duration_ms", "1500"),
                 ("lease_take_interval_ms", "100"),
+                ("heartbeat_interval_ms", "200"),
                 ("worker_id", "slow-scanner"),
             ],
         )

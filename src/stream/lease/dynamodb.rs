@@ -2,7 +2,9 @@
 //!
 //! Item (`shard_id` is the key): `checkpoint` (a [`Position`] in its stored form), `owner`,
 //! `parent_shard_ids`, `shard_end`, `stream_id`, `lease_counter` and `updated_at` (for people
-//! reading the table; no worker compares clocks). Every condition of [`LeaseTable`] is a
+//! reading the table; no worker compares clocks). The fleet row holds `beats` and `epochs` (maps
+//! of worker id to number), `leader`, `term`, `changes` and `stream_id`; an assignment row
+//! `shards` (a list) and `give` (a map of shard to worker). Every condition of [`LeaseTable`] is a
 //! DynamoDB condition expression, so concurrent workers are ordered by DynamoDB itself.
 
 use std::collections::HashMap;
@@ -14,7 +16,10 @@ use aws_sdk_dynamodb::types::{
     ReturnValuesOnConditionCheckFailure, ScalarAttributeType,
 };
 
-use super::table::{Lease, LeaseTable, OwnedWrite, LEASE_TABLE_KEY};
+use super::table::{
+    is_coordination_key, Assignment, BeatRefused, Fleet, Lease, LeaseTable, OwnedWrite, ASSIGNMENT_PREFIX, FLEET_ROW,
+    LEASE_TABLE_KEY,
+};
 use crate::aws::{self, AwsError};
 use crate::stream::error::StreamError;
 use crate::stream::position::Position;
@@ -63,6 +68,7 @@ impl LeaseTable for DynamoDbLeaseTable {
                 .billing_mode(BillingMode::PayPerRequest)
         })
         .await?;
+        self.ensure_fleet_row().await?;
         Ok(created)
     }
 
@@ -70,6 +76,9 @@ impl LeaseTable for DynamoDbLeaseTable {
         let items = aws::scan_all(self.client.scan().table_name(&self.table).consistent_read(true)).await?;
         let mut leases = HashMap::new();
         for item in items {
+            if text(&item, LEASE_TABLE_KEY).is_some_and(is_coordination_key) {
+                continue;
+            }
             let lease = decode(&item)?;
             leases.insert(lease.shard.clone(), lease);
         }
@@ -154,6 +163,9 @@ impl LeaseTable for DynamoDbLeaseTable {
             OwnedWrite::Release => {
                 request.update_expression("REMOVE #owner SET updated_at = :now ADD lease_counter :one")
             }
+            OwnedWrite::HandOver { to } => request
+                .update_expression("SET #owner = :to, updated_at = :now ADD lease_counter :one")
+                .expression_attribute_values(":to", AttributeValue::S(to.to_owned())),
         };
         match request.send().await {
             Ok(output) => Ok(output
@@ -183,9 +195,223 @@ impl LeaseTable for DynamoDbLeaseTable {
         let counter = AttributeValue::N(seen.counter.to_string());
         self.delete_if(&seen.shard, "lease_counter = :value", counter).await
     }
+
+    async fn get(&self, shard: &ShardId) -> Result<Option<Lease>, StreamError> {
+        match self.get_item(&shard.0).await? {
+            Some(item) => decode(&item).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn beat(
+        &self,
+        worker: &str,
+        previous: Option<u64>,
+        next: u64,
+        leaving: bool,
+    ) -> Result<Result<Fleet, BeatRefused>, StreamError> {
+        let request = self.update(&ShardId(FLEET_ROW.to_owned()));
+        let request = if leaving {
+            request
+                .update_expression("SET beats.#me = :next ADD leaving :me")
+                .expression_attribute_values(":me", AttributeValue::Ss(vec![worker.to_owned()]))
+        } else {
+            request.update_expression("SET beats.#me = :next")
+        };
+        let request = request
+            .expression_attribute_names("#me", worker)
+            .expression_attribute_values(":next", number_value(next))
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let request = match previous {
+            None => request,
+            Some(previous) => request
+                .condition_expression("beats.#me = :previous")
+                .expression_attribute_values(":previous", number_value(previous)),
+        };
+        match request.send().await {
+            Ok(output) => Ok(Ok(decode_fleet(&output.attributes.unwrap_or_default()))),
+            Err(error) => match error.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    let fleet = failed.item().map(decode_fleet).unwrap_or_default();
+                    Ok(Err(if fleet.beats.contains_key(worker) {
+                        BeatRefused::Twin
+                    } else {
+                        BeatRefused::Evicted
+                    }))
+                }
+                _ => Err(AwsError::from_sdk("UpdateItem", &error).into()),
+            },
+        }
+    }
+
+    async fn remove_member(&self, worker: &str, seen: u64) -> Result<bool, StreamError> {
+        let request = self
+            .update(&ShardId(FLEET_ROW.to_owned()))
+            .update_expression("REMOVE beats.#w, epochs.#w DELETE leaving :set")
+            .condition_expression("beats.#w = :seen")
+            .expression_attribute_names("#w", worker)
+            .expression_attribute_values(":set", AttributeValue::Ss(vec![worker.to_owned()]))
+            .expression_attribute_values(":seen", number_value(seen));
+        conditional(request.send().await)
+    }
+
+    async fn claim_leadership(&self, me: &str, seen_leader: Option<&str>, seen_term: u64) -> Result<bool, StreamError> {
+        let request = self
+            .update(&ShardId(FLEET_ROW.to_owned()))
+            .update_expression("SET leader = :me, term = :next")
+            .expression_attribute_values(":me", AttributeValue::S(me.to_owned()))
+            .expression_attribute_values(":next", number_value(seen_term + 1))
+            .expression_attribute_values(":term", number_value(seen_term));
+        let request = match seen_leader {
+            Some(leader) => request
+                .condition_expression("leader = :leader AND term = :term")
+                .expression_attribute_values(":leader", AttributeValue::S(leader.to_owned())),
+            None => request.condition_expression("attribute_not_exists(leader) AND term = :term"),
+        };
+        conditional(request.send().await)
+    }
+
+    async fn resign(&self, me: &str, term: u64) -> Result<(), StreamError> {
+        let request = self
+            .update(&ShardId(FLEET_ROW.to_owned()))
+            .update_expression("REMOVE leader")
+            .condition_expression("leader = :me AND term = :term")
+            .expression_attribute_values(":me", AttributeValue::S(me.to_owned()))
+            .expression_attribute_values(":term", number_value(term));
+        conditional(request.send().await).map(|_| ())
+    }
+
+    async fn notify(&self, workers: &[String], stream_id: Option<&str>) -> Result<(), StreamError> {
+        let mut sets: Vec<String> = Vec::new();
+        let mut request = self
+            .update(&ShardId(FLEET_ROW.to_owned()))
+            .expression_attribute_values(":zero", number_value(0))
+            .expression_attribute_values(":one", number_value(1));
+        for (index, worker) in workers.iter().enumerate() {
+            sets.push(format!(
+                "epochs.#w{index} = if_not_exists(epochs.#w{index}, :zero) + :one"
+            ));
+            request = request.expression_attribute_names(format!("#w{index}"), worker);
+        }
+        if let Some(stream_id) = stream_id {
+            sets.push("stream_id = :stream".to_owned());
+            request = request.expression_attribute_values(":stream", AttributeValue::S(stream_id.to_owned()));
+        }
+        if sets.is_empty() {
+            return Ok(());
+        }
+        request
+            .update_expression(format!("SET {}", sets.join(", ")))
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("UpdateItem", &error))?;
+        Ok(())
+    }
+
+    async fn mark_changed(&self) -> Result<(), StreamError> {
+        self.update(&ShardId(FLEET_ROW.to_owned()))
+            .update_expression("ADD changes :one")
+            .expression_attribute_values(":one", number_value(1))
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("UpdateItem", &error))?;
+        Ok(())
+    }
+
+    async fn put_assignment(&self, worker: &str, assignment: &Assignment) -> Result<(), StreamError> {
+        let shards = assignment
+            .shards
+            .iter()
+            .map(|s| AttributeValue::S(s.0.clone()))
+            .collect();
+        let map = |shards: &std::collections::BTreeMap<ShardId, String>| {
+            AttributeValue::M(
+                shards
+                    .iter()
+                    .map(|(shard, worker)| (shard.0.clone(), AttributeValue::S(worker.clone())))
+                    .collect(),
+            )
+        };
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item(
+                LEASE_TABLE_KEY,
+                AttributeValue::S(format!("{ASSIGNMENT_PREFIX}{worker}")),
+            )
+            .item("shards", AttributeValue::L(shards))
+            .item("give", map(&assignment.give))
+            .item("receive", map(&assignment.receive))
+            .item("updated_at", now())
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("PutItem", &error))?;
+        Ok(())
+    }
+
+    async fn assignment(&self, worker: &str) -> Result<Assignment, StreamError> {
+        let Some(item) = self.get_item(&format!("{ASSIGNMENT_PREFIX}{worker}")).await? else {
+            return Ok(Assignment::default());
+        };
+        let shards = match item.get("shards") {
+            Some(AttributeValue::L(values)) => values
+                .iter()
+                .filter_map(|value| value.as_s().ok().map(|id| ShardId(id.clone())))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let map = |name: &str| match item.get(name) {
+            Some(AttributeValue::M(values)) => values
+                .iter()
+                .filter_map(|(shard, worker)| worker.as_s().ok().map(|w| (ShardId(shard.clone()), w.clone())))
+                .collect(),
+            _ => Default::default(),
+        };
+        Ok(Assignment {
+            shards,
+            give: map("give"),
+            receive: map("receive"),
+        })
+    }
 }
 
 impl DynamoDbLeaseTable {
+    /// Adds the fleet row with empty maps unless it exists (a beat sets entries of them).
+    async fn ensure_fleet_row(&self) -> Result<(), StreamError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item(LEASE_TABLE_KEY, AttributeValue::S(FLEET_ROW.to_owned()))
+            .item("beats", AttributeValue::M(HashMap::new()))
+            .item("epochs", AttributeValue::M(HashMap::new()))
+            .item("term", number_value(0))
+            .item("changes", number_value(0))
+            .condition_expression("attribute_not_exists(#key)")
+            .expression_attribute_names("#key", LEASE_TABLE_KEY)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if is_condition_failure(error.as_service_error()) => Ok(()),
+            Err(error) => Err(AwsError::from_sdk("PutItem", &error).into()),
+        }
+    }
+
+    async fn get_item(&self, key: &str) -> Result<Option<HashMap<String, AttributeValue>>, StreamError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(LEASE_TABLE_KEY, AttributeValue::S(key.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("GetItem", &error))?;
+        Ok(output.item)
+    }
+
     /// Deletes the shard's row if `condition` (on `:value`) holds; whether it did.
     async fn delete_if(&self, shard: &ShardId, condition: &str, value: AttributeValue) -> Result<bool, StreamError> {
         let result = self
@@ -208,6 +434,46 @@ impl DynamoDbLeaseTable {
 /// A failed condition of a write.
 fn is_condition_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(error: Option<&E>) -> bool {
     error.and_then(|error| error.code()) == Some("ConditionalCheckFailedException")
+}
+
+/// A conditional update's outcome: whether its condition held.
+fn conditional<T>(
+    result: Result<T, aws_sdk_dynamodb::error::SdkError<UpdateItemError, aws_sdk_dynamodb::config::http::HttpResponse>>,
+) -> Result<bool, StreamError> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(error) if is_condition_failure(error.as_service_error()) => Ok(false),
+        Err(error) => Err(AwsError::from_sdk("UpdateItem", &error).into()),
+    }
+}
+
+fn number_value(value: u64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn numbers(item: &HashMap<String, AttributeValue>, name: &str) -> std::collections::BTreeMap<String, u64> {
+    match item.get(name) {
+        Some(AttributeValue::M(values)) => values
+            .iter()
+            .filter_map(|(key, value)| value.as_n().ok()?.parse().ok().map(|n| (key.clone(), n)))
+            .collect(),
+        _ => Default::default(),
+    }
+}
+
+fn decode_fleet(item: &HashMap<String, AttributeValue>) -> Fleet {
+    Fleet {
+        beats: numbers(item, "beats"),
+        leader: text(item, "leader").map(str::to_owned),
+        term: number(item, "term").unwrap_or(0),
+        epochs: numbers(item, "epochs"),
+        changes: number(item, "changes").unwrap_or(0),
+        stream_id: text(item, "stream_id").map(str::to_owned),
+        leaving: match item.get("leaving") {
+            Some(AttributeValue::Ss(names)) => names.iter().cloned().collect(),
+            _ => Default::default(),
+        },
+    }
 }
 
 fn now() -> AttributeValue {

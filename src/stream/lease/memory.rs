@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::table::{Lease, LeaseTable, OwnedWrite};
+use super::table::{Assignment, BeatRefused, Fleet, Lease, LeaseTable, OwnedWrite};
 use crate::aws::AwsError;
 use crate::lock::lock;
 use crate::stream::error::StreamError;
@@ -23,12 +23,61 @@ pub struct MemoryLeaseTable {
     rows: Arc<Mutex<Option<HashMap<ShardId, Lease>>>>,
     /// How long every scan takes (simulated time under `tokio::time::pause`).
     scan_delay: Arc<Mutex<Duration>>,
+    fleet: Arc<Mutex<Fleet>>,
+    assignments: Arc<Mutex<HashMap<String, Assignment>>>,
+    usage: Arc<Mutex<Usage>>,
+}
+
+/// What the table was asked to do, in DynamoDB's capacity units (sizes estimated from the rows'
+/// attributes as stored), for simulations that report cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub read_units: f64,
+    pub write_units: f64,
+    pub scans: u64,
+}
+
+/// An estimate of a shard row's stored size in bytes (names and values, as DynamoDB counts).
+fn row_bytes(lease: &Lease) -> usize {
+    let ids: usize = lease.parents.iter().map(|p| p.0.len()).sum();
+    60 + lease.shard.0.len()
+        + lease.checkpoint.encode().len()
+        + lease.owner.as_ref().map_or(0, |o| o.len() + 5)
+        + ids
+        + lease.stream_id.as_ref().map_or(0, |s| s.len() + 9)
+}
+
+fn fleet_bytes(fleet: &Fleet) -> usize {
+    let entries: usize = fleet.beats.keys().chain(fleet.epochs.keys()).map(|w| w.len() + 4).sum();
+    80 + entries + fleet.leader.as_ref().map_or(0, String::len) + fleet.stream_id.as_ref().map_or(0, String::len)
+}
+
+fn units(bytes: usize, unit: usize) -> f64 {
+    bytes.div_ceil(unit).max(1) as f64
 }
 
 impl MemoryLeaseTable {
     /// Every scan takes `delay` from now on.
     pub fn set_scan_delay(&self, delay: Duration) {
         *lock(&self.scan_delay) = delay;
+    }
+
+    /// What was asked of the table so far.
+    pub fn usage(&self) -> Usage {
+        *lock(&self.usage)
+    }
+
+    /// The fleet row as it stands (for assertions).
+    pub fn fleet(&self) -> Fleet {
+        lock(&self.fleet).clone()
+    }
+
+    fn read(&self, bytes: usize, consistent: bool) {
+        lock(&self.usage).read_units += units(bytes, 4096) * if consistent { 1.0 } else { 0.5 };
+    }
+
+    fn wrote(&self, bytes: usize) {
+        lock(&self.usage).write_units += units(bytes, 1024);
     }
 
     /// One row as it stands (for assertions).
@@ -75,10 +124,15 @@ impl LeaseTable for MemoryLeaseTable {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        self.with_rows("Scan", |rows| rows.clone())
+        let rows = self.with_rows("Scan", |rows| rows.clone())?;
+        let bytes: usize = rows.values().map(row_bytes).sum();
+        self.read(bytes, true);
+        lock(&self.usage).scans += 1;
+        Ok(rows)
     }
 
     async fn create(&self, lease: &Lease) -> Result<bool, StreamError> {
+        self.wrote(row_bytes(lease));
         self.with_rows("PutItem", |rows| {
             if rows.contains_key(&lease.shard) {
                 return false;
@@ -89,6 +143,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn take(&self, seen: &Lease, owner: &str) -> Result<Option<Lease>, StreamError> {
+        self.wrote(row_bytes(seen));
         self.with_rows("UpdateItem", |rows| {
             let row = rows.get_mut(&seen.shard)?;
             if row.counter != seen.counter || row.owner != seen.owner {
@@ -107,6 +162,7 @@ impl LeaseTable for MemoryLeaseTable {
         counter: u64,
         write: OwnedWrite<'_>,
     ) -> Result<u64, StreamError> {
+        self.wrote(256);
         self.with_rows("UpdateItem", |rows| {
             let lost = |row: Option<&Lease>| StreamError::LeaseLost {
                 shard: shard.clone(),
@@ -127,6 +183,7 @@ impl LeaseTable for MemoryLeaseTable {
                     row.shard_end = shard_end;
                 }
                 OwnedWrite::Release => row.owner = None,
+                OwnedWrite::HandOver { to } => row.owner = Some(to.to_owned()),
             }
             row.counter += 1;
             Ok(row.counter)
@@ -141,6 +198,111 @@ impl LeaseTable for MemoryLeaseTable {
             }
             finished
         })
+    }
+
+    async fn get(&self, shard: &ShardId) -> Result<Option<Lease>, StreamError> {
+        let row = self.with_rows("GetItem", |rows| rows.get(shard).cloned())?;
+        self.read(row.as_ref().map_or(1, row_bytes), true);
+        Ok(row)
+    }
+
+    async fn beat(
+        &self,
+        worker: &str,
+        previous: Option<u64>,
+        next: u64,
+        leaving: bool,
+    ) -> Result<Result<Fleet, BeatRefused>, StreamError> {
+        self.with_rows("UpdateItem", |_| ())?;
+        let mut fleet = lock(&self.fleet);
+        self.wrote(fleet_bytes(&fleet));
+        match (fleet.beats.get(worker), previous) {
+            (None, Some(_)) => return Ok(Err(BeatRefused::Evicted)),
+            (Some(now), Some(previous)) if *now != previous => return Ok(Err(BeatRefused::Twin)),
+            _ => {}
+        }
+        fleet.beats.insert(worker.to_owned(), next);
+        if leaving {
+            fleet.leaving.insert(worker.to_owned());
+        }
+        Ok(Ok(fleet.clone()))
+    }
+
+    async fn remove_member(&self, worker: &str, seen: u64) -> Result<bool, StreamError> {
+        self.with_rows("UpdateItem", |_| ())?;
+        let mut fleet = lock(&self.fleet);
+        self.wrote(fleet_bytes(&fleet));
+        if fleet.beats.get(worker) != Some(&seen) {
+            return Ok(false);
+        }
+        fleet.beats.remove(worker);
+        fleet.epochs.remove(worker);
+        fleet.leaving.remove(worker);
+        Ok(true)
+    }
+
+    async fn claim_leadership(&self, me: &str, seen_leader: Option<&str>, seen_term: u64) -> Result<bool, StreamError> {
+        self.with_rows("UpdateItem", |_| ())?;
+        let mut fleet = lock(&self.fleet);
+        self.wrote(fleet_bytes(&fleet));
+        if fleet.leader.as_deref() != seen_leader || fleet.term != seen_term {
+            return Ok(false);
+        }
+        fleet.leader = Some(me.to_owned());
+        fleet.term += 1;
+        Ok(true)
+    }
+
+    async fn resign(&self, me: &str, term: u64) -> Result<(), StreamError> {
+        self.with_rows("UpdateItem", |_| ())?;
+        let mut fleet = lock(&self.fleet);
+        self.wrote(fleet_bytes(&fleet));
+        if fleet.leader.as_deref() == Some(me) && fleet.term == term {
+            fleet.leader = None;
+        }
+        Ok(())
+    }
+
+    async fn notify(&self, workers: &[String], stream_id: Option<&str>) -> Result<(), StreamError> {
+        self.with_rows("UpdateItem", |_| ())?;
+        let mut fleet = lock(&self.fleet);
+        self.wrote(fleet_bytes(&fleet));
+        for worker in workers {
+            *fleet.epochs.entry(worker.clone()).or_default() += 1;
+        }
+        if let Some(stream_id) = stream_id {
+            fleet.stream_id = Some(stream_id.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn mark_changed(&self) -> Result<(), StreamError> {
+        self.with_rows("UpdateItem", |_| ())?;
+        let mut fleet = lock(&self.fleet);
+        self.wrote(fleet_bytes(&fleet));
+        fleet.changes += 1;
+        Ok(())
+    }
+
+    async fn put_assignment(&self, worker: &str, assignment: &Assignment) -> Result<(), StreamError> {
+        self.with_rows("PutItem", |_| ())?;
+        let bytes: usize = assignment
+            .shards
+            .iter()
+            .chain(assignment.give.keys())
+            .map(|s| s.0.len() + 3)
+            .sum();
+        self.wrote(bytes + assignment.give.values().map(String::len).sum::<usize>() + 40);
+        lock(&self.assignments).insert(worker.to_owned(), assignment.clone());
+        Ok(())
+    }
+
+    async fn assignment(&self, worker: &str) -> Result<Assignment, StreamError> {
+        self.with_rows("GetItem", |_| ())?;
+        let assignment = lock(&self.assignments).get(worker).cloned().unwrap_or_default();
+        let bytes: usize = assignment.shards.iter().map(|s| s.0.len() + 3).sum();
+        self.read(bytes + 40, true);
+        Ok(assignment)
     }
 
     async fn retire(&self, seen: &Lease) -> Result<bool, StreamError> {

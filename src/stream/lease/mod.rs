@@ -12,4 +12,7 @@ pub mod table;
 pub use dynamodb::DynamoDbLeaseTable;
 pub use memory::MemoryLeaseTable;
 pub use store::{HeldLease, LeaseStore};
-pub use table::{Lease, LeaseTable, OwnedWrite, LEASE_TABLE_KEY};
+pub use table::{
+    is_coordination_key, Assignment, BeatRefused, Fleet, Lease, LeaseTable, OwnedWrite, ASSIGNMENT_PREFIX, FLEET_ROW,
+    LEASE_TABLE_KEY,
+};

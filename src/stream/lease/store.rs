@@ -63,16 +63,21 @@ impl<T: LeaseTable> LeaseStore<T> {
         &self.owner
     }
 
+    /// The table itself, for the fleet's coordination rows.
+    pub fn table(&self) -> &T {
+        &self.table
+    }
+
     /// A write of ours found the lease written by someone with our own worker id: another live
     /// task was given the same `WORKER_ID`. Reported loudly (at most once a minute).
-    fn twin_found(&self, shard: &ShardId) {
+    pub(crate) fn twin_found(&self, shard: Option<&ShardId>) {
         let now = Instant::now();
         let previous = lock(&self.twin_seen).replace(now);
         metrics::counter!(metric::DUPLICATE_WORKER_ID).increment(1);
         if previous.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(60)) {
             tracing::error!(
                 worker_id = %self.owner,
-                shard = %shard,
+                shard = ?shard.map(|s| s.0.as_str()),
                 "another live worker uses this worker id: give every task its own WORKER_ID (or leave it unset); \
                  until then this worker leaves that worker's leases alone"
             );
@@ -187,6 +192,11 @@ impl HeldLease {
         self.write(store, OwnedWrite::Checkpoint { position, shard_end }).await
     }
 
+    /// Gives the lease to `to`, who reads on from its checkpoint.
+    pub async fn hand_over<T: LeaseTable>(&self, store: &LeaseStore<T>, to: &str) -> Result<(), StreamError> {
+        self.write(store, OwnedWrite::HandOver { to }).await
+    }
+
     /// Gives the lease up so that another worker takes it at once, not after expiry.
     pub async fn release<T: LeaseTable>(&self, store: &LeaseStore<T>) -> Result<(), StreamError> {
         self.write(store, OwnedWrite::Release).await
@@ -203,7 +213,7 @@ impl HeldLease {
             Err(error @ StreamError::LeaseLost { .. }) => {
                 // Still "ours" by name, yet not written by us: a twin with our worker id.
                 if matches!(&error, StreamError::LeaseLost { owner, .. } if owner == store.owner()) {
-                    store.twin_found(&self.shard);
+                    store.twin_found(Some(&self.shard));
                 }
                 self.mark_lost();
                 Err(error)

@@ -178,6 +178,7 @@ impl TestDb {
         items
             .into_iter()
             .map(|item| (s(&item, LEASE_TABLE_KEY).to_owned(), item))
+            .filter(|(key, _)| !key.starts_with('~'))
             .collect()
     }
 
