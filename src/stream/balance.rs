@@ -1,15 +1,16 @@
-//! Which leases a worker takes in one round: pure, so balancing is tested without a table.
+//! Who reads what: the leader's assignment plan, pure, so balancing is tested without a table.
 //!
-//! Rules (per round, from this worker's view of the lease table):
-//! - a lease is *free* when it has no owner (new or released) or when its counter has not moved
-//!   for a whole lease duration as measured by this worker's own clock (expired: its owner
-//!   stopped renewing). Clocks of different workers are never compared;
-//! - the target share is `ceil(readable leases / workers)`, where workers are the owners of
-//!   live leases plus this one;
-//! - free leases are taken first, up to the target;
-//! - only if this worker is still more than one lease below the most loaded worker does it steal,
-//!   at most `max_steals` per round, from that worker. So shares converge to within one of each
-//!   other without leases bouncing back and forth.
+//! Rules (one round, from the leader's copy of the lease table):
+//! - every readable lease goes to a live member that is not leaving; shares end within one of
+//!   each other in this one round;
+//! - a member keeps what it holds up to its quota; the larger quotas go to the members holding
+//!   most, so only the excess over the quotas moves (the fewest moves that balance), and it moves
+//!   by hand-over from its live owner, never by a take;
+//! - leases of dead or departed owners, released and new ones are taken for the members furthest
+//!   below their quota;
+//! - a lease of an owner that is not a member (a worker of an earlier version) stays with it
+//!   while its counter moves ([`Observations`]: judged by this worker's own clock, never by
+//!   comparing clocks).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
