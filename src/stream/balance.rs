@@ -27,7 +27,7 @@ pub enum TakeReason {
     New,
     /// Its owner released it (graceful shutdown).
     Released,
-    /// Its owner stopped renewing it.
+    /// Its owner stopped (heartbeats, or an earlier version's renewals, stood still).
     Expired,
     /// Taken from a live owner to even out shares.
     Stolen,

@@ -22,7 +22,6 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::error::StreamError;
 use super::lease::{BeatRefused, Fleet, HeldLease, LeaseStore, LeaseTable};
 use crate::lock::lock;
 
@@ -192,12 +191,8 @@ async fn beat_once<T: LeaseTable>(beating: &Beating<T>, value: u64) -> Result<()
             Err(Some(refused))
         }
         Err(error) => {
-            log_failure(&error);
+            tracing::warn!(error = %error, "heartbeat failed; retrying at the next beat");
             Err(None)
         }
     }
-}
-
-fn log_failure(error: &StreamError) {
-    tracing::warn!(error = %error, "heartbeat failed; retrying at the next beat");
 }

@@ -26,7 +26,7 @@ use super::fleet::FleetView;
 use super::lease::{Assignment, Fleet, Lease, LeaseTable};
 use super::lineage;
 use super::record::ShardId;
-use super::source::StreamSource;
+use super::source::{ShardInfo, StreamSource};
 use super::sync::ShardSync;
 use crate::telemetry::metric;
 
@@ -139,7 +139,8 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
                 .any(|lease| lease.owner.as_deref() == Some(owner) && !lead.observations.is_free(lease, now, duration))
     };
     let plan = balance::plan(&readable, &members, &leaving, outsider_alive);
-    publish(lead, &stream.shards, &plan, now, duration);
+    let readable: BTreeSet<ShardId> = readable.iter().map(|lease| lease.shard.clone()).collect();
+    publish(lead, &stream.shards, &readable, &plan, now, duration);
     apply_takes(context, lead, plan.takes).await;
     write_assignments(context, lead, plan.assignments, &stream.stream_id, fleet).await
 }
@@ -241,16 +242,13 @@ async fn write_assignments<S: StreamSource, T: LeaseTable>(
 /// fleet, each shard counts once).
 fn publish(
     lead: &Leadership,
-    shards: &[super::source::ShardInfo],
+    shards: &[ShardInfo],
+    readable: &BTreeSet<ShardId>,
     plan: &balance::Plan,
     now: Instant,
     duration: Duration,
 ) {
     let assigned: BTreeSet<&ShardId> = plan.assignments.values().flat_map(|a| a.shards.iter()).collect();
-    let readable: BTreeSet<&ShardId> = lineage::readable(shards, &lead.leases, |_| false)
-        .into_iter()
-        .map(|shard| &shard.id)
-        .collect();
     let mut counts: HashMap<&str, usize> = SHARD_STATES.iter().map(|state| (*state, 0)).collect();
     for shard in shards {
         let Some(lease) = lead.leases.get(&shard.id) else {

@@ -19,10 +19,10 @@
 //! - [`source`] and its implementations [`DynamoDbStreamsSource`], [`KinesisSource`];
 //!   [`consumer`]: what records are handed to;
 //! - [`lease`]: the lease table (DynamoDB and an in-memory twin) and the leases a worker holds;
-//! - `lineage`, `balance`: pure rules (which shard may be read, which lease to take);
+//! - `lineage`, `balance`: pure rules (which shard may be read, who reads what);
 //! - `settings`, `health`, `context`: what the worker's parts share;
-//! - `reader` (one shard), `sync` (shard discovery), `worker` (the lease round, renewals,
-//!   shutdown), the only room that knows them all.
+//! - `fleet` (heartbeats, the fence), `reader` (one shard), `sync` (shard discovery), `leader`
+//!   (assignment), `worker` (the round, hand-overs, shutdown), the only room that knows them all.
 
 mod balance;
 pub mod change;

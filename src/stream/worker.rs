@@ -269,10 +269,14 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         self.give_away(state).await;
         let now = Instant::now();
         state.holdoff.retain(|_, until| *until > now);
-        for shard in &state.assignment.shards.clone() {
-            if state.held.contains_key(shard) || state.holdoff.contains_key(shard) {
-                continue;
-            }
+        let wanted: Vec<ShardId> = state
+            .assignment
+            .shards
+            .iter()
+            .filter(|shard| !state.held.contains_key(*shard) && !state.holdoff.contains_key(*shard))
+            .cloned()
+            .collect();
+        for shard in &wanted {
             self.acquire(state, shard, fleet).await?;
         }
         Ok(())
@@ -419,11 +423,12 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             state.giving.entry(shard.clone()).or_insert(None);
             self.hand_over(state, &shard).await;
         }
-        self.leave(state).await;
+        // Beats stop first: a beat racing the removal would move the entry it names.
         beats_stop.cancel();
         if let Err(error) = beats.await {
             tracing::warn!(error = %error, "the heartbeat task failed");
         }
+        self.leave(state).await;
         metrics::gauge!(metric::LEASES_HELD).set(0.0);
         metrics::gauge!(metric::SHARDS_READING).set(0.0);
     }

@@ -42,6 +42,16 @@ contract!(
     coordination_rows_are_not_leases,
 );
 
+static HORIZON: Position = Position::TrimHorizon;
+
+/// An owner's write that moves only the counter (a checkpoint where the row already stands).
+fn unmoved() -> OwnedWrite<'static> {
+    OwnedWrite::Checkpoint {
+        position: &HORIZON,
+        shard_end: false,
+    }
+}
+
 /// A table of its own on DynamoDB Local, not created yet.
 async fn dynamodb_table() -> DynamoDbLeaseTable {
     let db = TestDb::empty().await;
@@ -144,16 +154,13 @@ async fn a_take_needs_the_counter_and_owner_as_seen<T: LeaseTable>(table: T) {
 async fn an_owners_write_needs_its_owner_and_its_counter<T: LeaseTable>(table: T) {
     let mine = taken(&table, "shard-1", "w1").await;
     let id = &mine.shard;
-    let renewed = table
-        .write(id, "w1", mine.counter, OwnedWrite::Renew)
-        .await
-        .expect("renew");
+    let renewed = table.write(id, "w1", mine.counter, unmoved()).await.expect("renew");
     assert_eq!(renewed, mine.counter + 1);
     assert_eq!(row(&table, "shard-1").await.map(|row| row.counter), Some(renewed));
 
     // The counter is the proof: an owner's write at a counter it did not produce last is lost,
     // though the name matches (a restarted or twin worker of the same id).
-    let stale = table.write(id, "w1", mine.counter, OwnedWrite::Renew).await;
+    let stale = table.write(id, "w1", mine.counter, unmoved()).await;
     assert_eq!(lost_to(stale), "w1");
     let position = Position::After(SequenceNumber::parse("00042").expect("sequence"));
     let checkpoint = OwnedWrite::Checkpoint {
@@ -170,7 +177,7 @@ async fn an_owners_write_needs_its_owner_and_its_counter<T: LeaseTable>(table: T
         Some(Position::TrimHorizon)
     );
     assert_eq!(
-        lost_to(table.write(&shard("no-such-shard"), "w1", 0, OwnedWrite::Renew).await),
+        lost_to(table.write(&shard("no-such-shard"), "w1", 0, unmoved()).await),
         "nobody"
     );
 }
@@ -206,7 +213,7 @@ async fn checkpoints_and_releases_keep_what_they_do_not_change<T: LeaseTable>(ta
         (None, released, position)
     );
     assert_eq!(
-        lost_to(table.write(&mine.shard, "w1", released, OwnedWrite::Renew).await),
+        lost_to(table.write(&mine.shard, "w1", released, unmoved()).await),
         "nobody",
         "released is released"
     );
@@ -233,7 +240,7 @@ async fn only_finished_rows_are_deleted<T: LeaseTable>(table: T) {
 async fn a_row_is_retired_only_if_nobody_wrote_it_since<T: LeaseTable>(table: T) {
     let seen = taken(&table, "shard-1", "w1").await;
     table
-        .write(&seen.shard, "w1", seen.counter, OwnedWrite::Renew)
+        .write(&seen.shard, "w1", seen.counter, unmoved())
         .await
         .expect("renew");
     assert!(!table.retire(&seen).await.expect("retire"), "renewed since seen");
@@ -343,10 +350,7 @@ async fn an_assignment_and_a_hand_over_round_trip<T: LeaseTable>(table: T) {
     let now = table.get(&shard("shard-1")).await.expect("get").expect("row");
     assert_eq!((now.owner.as_deref(), now.counter), (Some("w2"), counter));
     assert_eq!(now.checkpoint, seen.checkpoint, "the checkpoint goes with it");
-    assert_eq!(
-        lost_to(table.write(&taken.shard, "w1", counter, OwnedWrite::Renew).await),
-        "w2"
-    );
+    assert_eq!(lost_to(table.write(&taken.shard, "w1", counter, unmoved()).await), "w2");
 }
 
 async fn coordination_rows_are_not_leases<T: LeaseTable>(table: T) {

@@ -153,7 +153,6 @@ impl LeaseTable for DynamoDbLeaseTable {
             .return_values(ReturnValue::UpdatedNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         let request = match write {
-            OwnedWrite::Renew => request.update_expression("SET updated_at = :now ADD lease_counter :one"),
             OwnedWrite::Checkpoint { position, shard_end } => request
                 .update_expression(
                     "SET checkpoint = :checkpoint, shard_end = :end, updated_at = :now ADD lease_counter :one",

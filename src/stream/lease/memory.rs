@@ -177,7 +177,6 @@ impl LeaseTable for MemoryLeaseTable {
                 return Err(lost(Some(row)));
             }
             match write {
-                OwnedWrite::Renew => {}
                 OwnedWrite::Checkpoint { position, shard_end } => {
                     row.checkpoint = position.clone();
                     row.shard_end = shard_end;

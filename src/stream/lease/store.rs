@@ -2,9 +2,9 @@
 //! owner of every take and write) and notices a twin using the same id; [`HeldLease`] orders the
 //! writes to one lease this worker holds.
 //!
-//! Invariant: every write after taking a lease (renew, checkpoint, release) is conditional on
-//! the owner *and* the counter the writer last saw, and bumps the counter. A worker that lost
-//! its lease (expired and taken, or stolen) can therefore neither renew it nor move its
+//! Invariant: every write after taking a lease (checkpoint, release, hand-over) is conditional
+//! on the owner *and* the counter the writer last saw, and bumps the counter. A worker that lost
+//! its lease (assigned to another after its heartbeats stood still) can therefore not move its
 //! checkpoint: its write fails and it stops reading the shard.
 
 use std::collections::HashMap;
@@ -84,11 +84,6 @@ impl<T: LeaseTable> LeaseStore<T> {
         }
     }
 
-    /// Whether another live task with this worker id was seen within `window`.
-    pub fn twin_seen_within(&self, window: Duration) -> bool {
-        lock(&self.twin_seen).is_some_and(|at| at.elapsed() < window)
-    }
-
     /// Creates the lease table when missing. Returns whether it created it.
     pub async fn ensure_table(&self) -> Result<bool, StreamError> {
         self.table.ensure().await
@@ -141,7 +136,7 @@ impl<T: LeaseTable> LeaseStore<T> {
     }
 }
 
-/// A lease this worker holds, shared by the renewal loop and the shard's reader. Writes go
+/// A lease this worker holds, shared by the worker and the shard's reader. Writes go
 /// through it one at a time so that each uses the counter the previous one produced; a write
 /// that finds the lease gone cancels `lost`, which stops the shard's reader.
 #[derive(Debug)]
@@ -175,11 +170,6 @@ impl HeldLease {
             tracing::info!(shard = %self.shard, "lease taken by another worker; stopping the shard");
             self.lost.cancel();
         }
-    }
-
-    /// Proves this worker still reads the shard.
-    pub async fn renew<T: LeaseTable>(&self, store: &LeaseStore<T>) -> Result<(), StreamError> {
-        self.write(store, OwnedWrite::Renew).await
     }
 
     /// Records how far the shard is handled.

@@ -6,7 +6,7 @@
 //! The rules every implementation keeps:
 //! - `create` adds a row only if none exists for its shard;
 //! - `take` succeeds only if the row's counter *and* owner are still as the taker saw them;
-//! - every owner's write (renew, checkpoint, release) succeeds only if the row's owner is the
+//! - every owner's write (checkpoint, release, hand-over) succeeds only if the row's owner is the
 //!   writer and its counter the one the writer last produced, and bumps the counter; a failed
 //!   condition answers who owns the row now;
 //! - `delete_finished` removes only a finished row, `retire` only a row nobody wrote since seen.
@@ -85,16 +85,15 @@ pub struct Lease {
     pub shard_end: bool,
     /// The stream the shard belongs to (a table's stream changes when it is re-enabled).
     pub stream_id: Option<String>,
-    /// Bumped by every write of the owner (take, renew, checkpoint, release); other workers
-    /// judge expiry by watching it stand still.
+    /// Bumped by every take and every write of the owner (checkpoint, release, hand-over); a
+    /// worker of an earlier version renews it, and the leader judges such a lease by watching it
+    /// stand still.
     pub counter: u64,
 }
 
 /// What an owner writes to a lease it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OwnedWrite<'a> {
-    /// Only the counter moves: proof that the owner is alive.
-    Renew,
     /// How far the shard is handled, and whether it was read to its end.
     Checkpoint { position: &'a Position, shard_end: bool },
     /// The owner gives the lease up (the row keeps its checkpoint, loses its owner).
