@@ -385,6 +385,76 @@ async fn heartbeats_go_on_while_the_lease_table_scan_is_slow() {
     holder.kill();
 }
 
+/// Never two readers of one shard past a lease duration: a worker cut off from the lease table
+/// (it still reaches the stream) stops reading a lease duration after its last heartbeat, the
+/// successor resumes after the last checkpoint, and the cut-off worker, once it reaches the
+/// table again, neither reads on nor takes the shard back.
+#[tokio::test(start_paused = true)]
+async fn a_worker_cut_off_from_the_lease_table_stops_reading_within_a_lease_duration() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    let table = MemoryLeaseTable::default();
+    let (cut_seen, other_seen) = (Seen::default(), Seen::default());
+    let mut settings = settings();
+    // Without the fence only a checkpoint would stop the cut-off reader: make that far away.
+    settings.checkpoint_interval = Duration::from_secs(600);
+    let cut_table = table.handle();
+    let cut = start("w1", &source, &cut_table, &cut_seen, settings.clone());
+    source.put_many("shard-a", 3);
+    assert!(pass_until(Duration::from_secs(5), || cut_seen.count() == 3).await);
+    let other = start("w2", &source, &table, &other_seen, settings);
+    pass(TAKE_INTERVAL * 2).await;
+    assert_eq!(owner(&table, "shard-a").as_deref(), Some("w1"));
+
+    cut_table.cut_off(true);
+    // A record every 100 ms from here on, for three lease durations.
+    for _ in 0..10 * 30 {
+        source.put("shard-a", "during the cut");
+        pass(Duration::from_millis(100)).await;
+        if owner(&table, "shard-a").as_deref() == Some("w2") {
+            break;
+        }
+    }
+    assert_eq!(
+        owner(&table, "shard-a").as_deref(),
+        Some("w2"),
+        "taken over while cut off"
+    );
+    let read_by_cut = cut_seen.count();
+    for _ in 0..10 * 10 {
+        source.put("shard-a", "after the takeover");
+        pass(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cut_seen.count(),
+        read_by_cut,
+        "the cut-off worker had stopped reading before it"
+    );
+    cut_table.cut_off(false);
+    for _ in 0..10 * 10 {
+        source.put("shard-a", "after the cut healed");
+        pass(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cut_seen.count(),
+        read_by_cut,
+        "and reads nothing once it reaches the table again"
+    );
+    assert_eq!(
+        owner(&table, "shard-a").as_deref(),
+        Some("w2"),
+        "nor takes the shard back"
+    );
+    let last = source.put("shard-a", "last");
+    assert!(
+        pass_until(Duration::from_secs(5), || other_seen.of("shard-a").last()
+            == Some(&last))
+        .await,
+        "the successor reads on to the end"
+    );
+    cut.kill();
+    other.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn checkpoints_are_written_at_the_interval_not_per_batch() {
     let source = FakeSource::with_shards(&["shard-a"]);

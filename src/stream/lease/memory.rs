@@ -1,8 +1,8 @@
 //! The lease table's in-memory twin: the same rows and the same conditions as DynamoDB, held in
 //! one process, for unit tests and simulations of many workers under `tokio::time::pause`.
 //!
-//! Owns: the rows, and the fault a test injects (a slow scan). Clones share
-//! the rows, so every worker of a simulation sees one table.
+//! Owns: the rows, and the faults a test injects (a slow scan, a handle cut off from the table).
+//! Clones share the rows, so every worker of a simulation sees one table.
 //!
 //! Must not: differ from [`DynamoDbLeaseTable`](super::dynamodb::DynamoDbLeaseTable) in any
 //! rule of [`LeaseTable`]; `tests/it/leases.rs` runs one contract suite against both.
@@ -18,7 +18,7 @@ use crate::stream::error::StreamError;
 use crate::stream::record::ShardId;
 
 /// Lease rows in memory; `None` until [`LeaseTable::ensure`] creates the table.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryLeaseTable {
     rows: Arc<Mutex<Option<HashMap<ShardId, Lease>>>>,
     /// How long every scan takes (simulated time under `tokio::time::pause`).
@@ -26,6 +26,21 @@ pub struct MemoryLeaseTable {
     fleet: Arc<Mutex<Fleet>>,
     assignments: Arc<Mutex<HashMap<String, Assignment>>>,
     usage: Arc<Mutex<Usage>>,
+    /// Open unless this handle's process is cut off from the table (every call waits).
+    reachable: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for MemoryLeaseTable {
+    fn default() -> Self {
+        Self {
+            rows: Arc::default(),
+            scan_delay: Arc::default(),
+            fleet: Arc::default(),
+            assignments: Arc::default(),
+            usage: Arc::default(),
+            reachable: Arc::new(tokio::sync::watch::Sender::new(true)),
+        }
+    }
 }
 
 /// What the table was asked to do, in DynamoDB's capacity units (sizes estimated from the rows'
@@ -60,6 +75,26 @@ impl MemoryLeaseTable {
     /// Every scan takes `delay` from now on.
     pub fn set_scan_delay(&self, delay: Duration) {
         *lock(&self.scan_delay) = delay;
+    }
+
+    /// Another handle on the same rows, which [`Self::cut_off`] can separate from them alone
+    /// (one worker of a simulation partitioned from the table).
+    pub fn handle(&self) -> Self {
+        Self {
+            reachable: Arc::new(tokio::sync::watch::Sender::new(true)),
+            ..self.clone()
+        }
+    }
+
+    /// Every call through this handle waits while `cut` (a network partition), then goes on.
+    pub fn cut_off(&self, cut: bool) {
+        self.reachable.send_replace(!cut);
+    }
+
+    async fn reach(&self) {
+        let mut open = self.reachable.subscribe();
+        // The sender lives as long as `self`: waiting cannot fail.
+        let _ = open.wait_for(|open| *open).await;
     }
 
     /// What was asked of the table so far.
@@ -113,6 +148,7 @@ impl MemoryLeaseTable {
 
 impl LeaseTable for MemoryLeaseTable {
     async fn ensure(&self) -> Result<bool, StreamError> {
+        self.reach().await;
         let mut rows = lock(&self.rows);
         let created = rows.is_none();
         rows.get_or_insert_with(HashMap::new);
@@ -120,6 +156,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn load_all(&self) -> Result<HashMap<ShardId, Lease>, StreamError> {
+        self.reach().await;
         let delay = *lock(&self.scan_delay);
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -132,6 +169,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn create(&self, lease: &Lease) -> Result<bool, StreamError> {
+        self.reach().await;
         self.wrote(row_bytes(lease));
         self.with_rows("PutItem", |rows| {
             if rows.contains_key(&lease.shard) {
@@ -143,6 +181,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn take(&self, seen: &Lease, owner: &str) -> Result<Option<Lease>, StreamError> {
+        self.reach().await;
         self.wrote(row_bytes(seen));
         self.with_rows("UpdateItem", |rows| {
             let row = rows.get_mut(&seen.shard)?;
@@ -162,6 +201,7 @@ impl LeaseTable for MemoryLeaseTable {
         counter: u64,
         write: OwnedWrite<'_>,
     ) -> Result<u64, StreamError> {
+        self.reach().await;
         self.wrote(256);
         self.with_rows("UpdateItem", |rows| {
             let lost = |row: Option<&Lease>| StreamError::LeaseLost {
@@ -190,6 +230,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn delete_finished(&self, shard: &ShardId) -> Result<bool, StreamError> {
+        self.reach().await;
         self.with_rows("DeleteItem", |rows| {
             let finished = rows.get(shard).is_some_and(|row| row.shard_end);
             if finished {
@@ -200,6 +241,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn get(&self, shard: &ShardId) -> Result<Option<Lease>, StreamError> {
+        self.reach().await;
         let row = self.with_rows("GetItem", |rows| rows.get(shard).cloned())?;
         self.read(row.as_ref().map_or(1, row_bytes), true);
         Ok(row)
@@ -212,6 +254,7 @@ impl LeaseTable for MemoryLeaseTable {
         next: u64,
         leaving: bool,
     ) -> Result<Result<Fleet, BeatRefused>, StreamError> {
+        self.reach().await;
         self.with_rows("UpdateItem", |_| ())?;
         let mut fleet = lock(&self.fleet);
         self.wrote(fleet_bytes(&fleet));
@@ -228,6 +271,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn remove_member(&self, worker: &str, seen: u64) -> Result<bool, StreamError> {
+        self.reach().await;
         self.with_rows("UpdateItem", |_| ())?;
         let mut fleet = lock(&self.fleet);
         self.wrote(fleet_bytes(&fleet));
@@ -241,6 +285,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn claim_leadership(&self, me: &str, seen_leader: Option<&str>, seen_term: u64) -> Result<bool, StreamError> {
+        self.reach().await;
         self.with_rows("UpdateItem", |_| ())?;
         let mut fleet = lock(&self.fleet);
         self.wrote(fleet_bytes(&fleet));
@@ -253,6 +298,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn resign(&self, me: &str, term: u64) -> Result<(), StreamError> {
+        self.reach().await;
         self.with_rows("UpdateItem", |_| ())?;
         let mut fleet = lock(&self.fleet);
         self.wrote(fleet_bytes(&fleet));
@@ -263,6 +309,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn notify(&self, workers: &[String], stream_id: Option<&str>) -> Result<(), StreamError> {
+        self.reach().await;
         self.with_rows("UpdateItem", |_| ())?;
         let mut fleet = lock(&self.fleet);
         self.wrote(fleet_bytes(&fleet));
@@ -276,6 +323,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn mark_changed(&self) -> Result<(), StreamError> {
+        self.reach().await;
         self.with_rows("UpdateItem", |_| ())?;
         let mut fleet = lock(&self.fleet);
         self.wrote(fleet_bytes(&fleet));
@@ -284,6 +332,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn put_assignment(&self, worker: &str, assignment: &Assignment) -> Result<(), StreamError> {
+        self.reach().await;
         self.with_rows("PutItem", |_| ())?;
         let bytes: usize = assignment
             .shards
@@ -297,6 +346,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn assignment(&self, worker: &str) -> Result<Assignment, StreamError> {
+        self.reach().await;
         self.with_rows("GetItem", |_| ())?;
         let assignment = lock(&self.assignments).get(worker).cloned().unwrap_or_default();
         let bytes: usize = assignment.shards.iter().map(|s| s.0.len() + 3).sum();
@@ -305,6 +355,7 @@ impl LeaseTable for MemoryLeaseTable {
     }
 
     async fn retire(&self, seen: &Lease) -> Result<bool, StreamError> {
+        self.reach().await;
         self.with_rows("DeleteItem", |rows| {
             let unchanged = rows.get(&seen.shard).is_some_and(|row| row.counter == seen.counter);
             if unchanged {
