@@ -244,6 +244,41 @@ async fn a_dead_workers_lease_is_taken_after_the_lease_duration_and_read_from_it
     standby.stop().await;
 }
 
+/// The same for a worker that does not lead: the leader drops it and assigns its shard only once
+/// its heartbeats stood still a whole lease duration.
+#[tokio::test(start_paused = true)]
+async fn a_dead_members_shard_is_assigned_by_the_leader_only_after_the_lease_duration() {
+    let shards = ["s0", "s1"];
+    let source = FakeSource::with_shards(&shards);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let leader = start("w1", &source, &table, &seen, settings());
+    assert!(
+        pass_until(Duration::from_secs(5), || held_by(&table, &shards).get("w1")
+            == Some(&2))
+        .await
+    );
+    let member = start("w2", &source, &table, &seen, settings());
+    assert!(pass_until(TAKE_INTERVAL * 3, || held_by(&table, &shards).get("w2") == Some(&1)).await);
+    let shard = *shards
+        .iter()
+        .find(|shard| owner(&table, shard).as_deref() == Some("w2"))
+        .expect("w2 holds one");
+    member.kill();
+    pass(LEASE_DURATION - Duration::from_secs(1)).await;
+    assert_eq!(
+        owner(&table, shard).as_deref(),
+        Some("w2"),
+        "not assigned before a lease duration"
+    );
+    assert!(table.fleet().beats.contains_key("w2"), "nor dropped from the fleet");
+    assert!(
+        pass_until(TAKE_INTERVAL * 3, || owner(&table, shard).as_deref() == Some("w1")).await,
+        "assigned within a few rounds after it"
+    );
+    assert!(!table.fleet().beats.contains_key("w2"), "dropped");
+    leader.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_new_worker_gets_its_share_in_one_assignment_and_no_lease_moves_twice() {
     let shards = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
