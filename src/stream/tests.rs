@@ -280,6 +280,35 @@ async fn a_dead_members_shard_is_assigned_by_the_leader_only_after_the_lease_dur
 }
 
 #[tokio::test(start_paused = true)]
+async fn leadership_moves_only_when_the_leader_is_gone() {
+    let source = FakeSource::with_shards(&["s0", "s1", "s2"]);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let first = start("w1", &source, &table, &seen, settings());
+    pass(TAKE_INTERVAL).await;
+    let others = [
+        start("w2", &source, &table, &seen, settings()),
+        start("w3", &source, &table, &seen, settings()),
+    ];
+    pass(LEASE_DURATION * 3).await;
+    let fleet = table.fleet();
+    assert_eq!(
+        (fleet.leader.as_deref(), fleet.term),
+        (Some("w1"), 1),
+        "one claim, kept"
+    );
+    first.kill();
+    assert!(pass_until(LEASE_DURATION + TAKE_INTERVAL * 3, || table.fleet().term == 2).await);
+    let successor = table.fleet().leader.expect("a leader");
+    assert_ne!(successor, "w1");
+    pass(LEASE_DURATION * 3).await;
+    let fleet = table.fleet();
+    assert_eq!((fleet.leader, fleet.term), (Some(successor), 2), "and no claim after");
+    for worker in others {
+        worker.stop().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_worker_gets_its_share_in_one_assignment_and_no_lease_moves_twice() {
     let shards = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
     let source = FakeSource::with_shards(&shards);
