@@ -6,10 +6,12 @@
 //!   successful beat ([`Fence`]). The leader declares a worker dead only after seeing its beat
 //!   stand still for a whole `lease_duration` by the leader's own clock, which starts no earlier
 //!   than that beat was written; so by then the worker has stopped reading on its own;
-//! - once the fence lapsed (a pause, a partition), every held lease is given up before a beat
-//!   may extend the fence again: a worker that wakes up never reads on with what it held;
-//! - a beat refused because the entry is gone (evicted) or written by another process (a twin
-//!   with this worker's id) gives up every held lease too.
+//! - while the fence is down (a pause, a partition) no reader hands records on;
+//! - the leader frees a member's leases only once its removal of the member's entry succeeded,
+//!   which fails if the member beat meanwhile; every later beat of a removed member is refused,
+//!   and a refused beat (entry gone, or written by another process: a twin with this worker's
+//!   id) gives up every held lease. So the fence comes back up only for a worker that still holds
+//!   what it held.
 //!
 //! Must not: read or write shard rows; deciding who reads what is the leader's
 //! ([`super::balance`]) and the worker's.
@@ -32,10 +34,6 @@ pub(super) struct Fence(Mutex<Option<Instant>>);
 impl Fence {
     pub fn valid(&self) -> bool {
         lock(&self.0).is_some_and(|until| Instant::now() < until)
-    }
-
-    fn lapsed_at(&self, now: Instant) -> bool {
-        lock(&self.0).is_some_and(|until| now >= until)
     }
 
     fn extend(&self, until: Instant) {
@@ -141,11 +139,6 @@ pub(super) async fn beat_loop<T: LeaseTable>(beating: Beating<T>, stop: Cancella
             return;
         }
         let sent = Instant::now();
-        if beating.fence.lapsed_at(sent) {
-            tracing::info!("heartbeats lapsed past the lease duration; giving up every lease held");
-            lose_all(&beating.held);
-            beating.fence.clear();
-        }
         if standby_until.is_some_and(|until| sent < until) {
             continue;
         }

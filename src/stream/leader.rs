@@ -43,6 +43,8 @@ pub(super) struct Leadership {
     /// Assignments as last written, so that only changes are written.
     written: BTreeMap<String, Assignment>,
     observations: Observations,
+    /// Members this leader dropped, with the beat they were dropped at (a rejoin beats anew).
+    evicted: BTreeMap<String, u64>,
     /// Every worker seen a member while this worker led: a lease of one that is no longer a
     /// member is free at once (it left or was dropped), not after a lease duration.
     known: BTreeSet<String>,
@@ -61,6 +63,7 @@ impl Leadership {
             written: BTreeMap::new(),
             observations: Observations::default(),
             known: BTreeSet::new(),
+            evicted: BTreeMap::new(),
             dirty: true,
         }
     }
@@ -112,31 +115,35 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
             scan(context, lead, fleet, now).await?;
         }
     }
-    let dead = view.dead(now, duration);
-    evict(context, lead, &dead).await?;
+    let me = context.leases.owner();
+    let dead: Vec<(String, u64)> = view.dead(now, duration).into_iter().filter(|(w, _)| w != me).collect();
+    // A member that beat again just as it was found dead keeps its leases this round.
+    let undecided = evict(context, lead, &dead).await?;
+    lead.evicted
+        .retain(|worker, beat| fleet.beats.get(worker) == Some(beat));
     let Some(stream) = sync.stream.clone() else {
         return Ok(());
     };
-    let me = context.leases.owner();
-    let alive = |worker: &str| worker == me || view.alive(worker, now, duration);
+    let gone =
+        |worker: &str| lead.evicted.get(worker) == fleet.beats.get(worker) || dead.iter().any(|(w, _)| w == worker);
     let members: Vec<String> = fleet
         .beats
         .keys()
-        .filter(|worker| !fleet.leaving.contains(*worker) && alive(worker))
+        .filter(|worker| !fleet.leaving.contains(*worker) && !gone(worker))
         .cloned()
         .collect();
-    let leaving: Vec<String> = fleet.leaving.iter().filter(|worker| alive(worker)).cloned().collect();
+    let leaving: Vec<String> = fleet.leaving.iter().filter(|worker| !gone(worker)).cloned().collect();
     let mut readable: Vec<&Lease> = lineage::readable(&stream.shards, &lead.leases, |_| false)
         .into_iter()
         .filter_map(|shard| lead.leases.get(&shard.id))
         .collect();
     readable.sort_by(|a, b| a.shard.cmp(&b.shard));
     let outsider_alive = |owner: &str| {
-        !lead.known.contains(owner)
-            && lead
-                .leases
-                .values()
-                .any(|lease| lease.owner.as_deref() == Some(owner) && !lead.observations.is_free(lease, now, duration))
+        undecided.contains(owner)
+            || !lead.known.contains(owner)
+                && lead.leases.values().any(|lease| {
+                    lease.owner.as_deref() == Some(owner) && !lead.observations.is_free(lease, now, duration)
+                })
     };
     let plan = balance::plan(&readable, &members, &leaving, outsider_alive);
     let readable: BTreeSet<ShardId> = readable.iter().map(|lease| lease.shard.clone()).collect();
@@ -166,25 +173,32 @@ async fn scan<S: StreamSource, T: LeaseTable>(
 }
 
 /// Drops members whose beat stood still a whole lease duration; their assignment is emptied so
-/// that a rejoin starts from nothing, and their leases are free from this round on.
+/// that a rejoin starts from nothing, and their leases are free from this round on. Only a
+/// removal that succeeded frees them: it fails when the member beat meanwhile, and a removed
+/// member's every later beat is refused (it then gives up all it holds). Returns the members
+/// whose removal failed.
 async fn evict<S: StreamSource, T: LeaseTable>(
     context: &ShardContext<S, T>,
     lead: &mut Leadership,
     dead: &[(String, u64)],
-) -> Result<(), StreamError> {
+) -> Result<BTreeSet<String>, StreamError> {
     let table = context.leases.table();
+    let mut undecided = BTreeSet::new();
     for (worker, beat) in dead {
-        if worker == context.leases.owner() {
+        if lead.evicted.get(worker) == Some(beat) {
             continue;
         }
         if table.remove_member(worker, *beat).await? {
             tracing::info!(worker = %worker, "worker dropped from the fleet: its heartbeats stood still for a lease duration");
             table.put_assignment(worker, &Assignment::default()).await?;
+            lead.evicted.insert(worker.clone(), *beat);
             lead.written.remove(worker);
             lead.dirty = true;
+        } else {
+            undecided.insert(worker.clone());
         }
     }
-    Ok(())
+    Ok(undecided)
 }
 
 /// Takes each lease nobody live holds for the member the plan chose.

@@ -519,6 +519,53 @@ async fn a_worker_cut_off_from_the_lease_table_stops_reading_within_a_lease_dura
     other.stop().await;
 }
 
+/// A member whose beat lands just as the leader finds it dead: whatever the moment the partition
+/// heals, the member never reads a shard after the leader gave it to someone else.
+#[tokio::test(start_paused = true)]
+async fn a_member_healing_as_it_is_found_dead_never_reads_beside_its_successor() {
+    for step in 0..30u64 {
+        let source = FakeSource::with_shards(&["s0", "s1"]);
+        let table = MemoryLeaseTable::default();
+        let (leader_seen, member_seen) = (Seen::default(), Seen::default());
+        let mut settings = settings();
+        settings.checkpoint_interval = Duration::from_secs(600);
+        let leader = start("w1", &source, &table, &leader_seen, settings.clone());
+        pass(TAKE_INTERVAL).await;
+        let member_table = table.handle();
+        let member = start("w2", &source, &member_table, &member_seen, settings);
+        assert!(
+            pass_until(TAKE_INTERVAL * 4, || held_by(&table, &["s0", "s1"]).get("w2")
+                == Some(&1))
+            .await
+        );
+        let shard = if owner(&table, "s0").as_deref() == Some("w2") {
+            "s0"
+        } else {
+            "s1"
+        };
+        member_table.cut_off(true);
+        pass(LEASE_DURATION - Duration::from_millis(500) + Duration::from_millis(50 * step)).await;
+        member_table.cut_off(false);
+        let mut taken_at = None;
+        for _ in 0..10 * 20 {
+            source.put(shard, "steady");
+            pass(Duration::from_millis(100)).await;
+            let owned = owner(&table, shard);
+            match (taken_at, owned.as_deref()) {
+                (None, Some("w1")) => taken_at = Some(member_seen.of(shard).len()),
+                (Some(count), _) => assert!(
+                    member_seen.of(shard).len() <= count,
+                    "healed at +{} ms: the member read on after the leader took its shard",
+                    50 * step
+                ),
+                _ => {}
+            }
+        }
+        member.kill();
+        leader.kill();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn checkpoints_are_written_at_the_interval_not_per_batch() {
     let source = FakeSource::with_shards(&["shard-a"]);
