@@ -101,17 +101,22 @@ pub struct Plan {
 }
 
 /// One round's assignment of `readable` leases (unfinished, parents done) to `members` (live,
-/// not leaving). `leaving` members (live, shutting down) hand everything on. `live_elsewhere`: owners that are not members yet still renew their leases
-/// (workers of the previous version during a rolling deploy): their leases stay theirs.
+/// not leaving). `leaving` members (live, shutting down) hand everything on. `newcomers` (members
+/// that joined within the last lease duration) get free leases and those of leaving members at
+/// once, but none moved from a live member yet: in a rolling deploy the old task stops soon after
+/// the new one joins, and its shards then go to the newcomer, each moving once. `live_elsewhere`:
+/// owners that are not members yet still renew their leases (workers of an earlier version
+/// during a rolling deploy): their leases stay theirs.
 ///
-/// Shares end within one of each other in this one round. Each member keeps what it holds up
-/// to its quota, and the larger quotas (`total % members` of them) go to the members holding
-/// most, so the leases that move are exactly the excess over the quotas: the fewest moves that
-/// balance. Leases nobody live holds fill the members furthest below their quota first.
+/// Shares end within one of each other in this one round (once no newcomer waits). Each member
+/// keeps what it holds up to its quota, and the larger quotas (`total % members` of them) go to
+/// the members holding most, so the leases that move are exactly the excess over the quotas:
+/// the fewest moves that balance. Every lease goes to the member furthest below its quota.
 pub fn plan(
     readable: &[&Lease],
     members: &[String],
     leaving: &[String],
+    newcomers: &[String],
     live_elsewhere: impl Fn(&str) -> bool,
 ) -> Plan {
     let mut plan = Plan::default();
@@ -122,40 +127,32 @@ pub fn plan(
     let is_leaving = |owner: &str| leaving.iter().any(|m| m == owner);
     let mut held: BTreeMap<&str, Vec<&Lease>> = members.iter().map(|m| (m.as_str(), Vec::new())).collect();
     let mut pool: Vec<&Lease> = Vec::new();
-    let mut excess: Vec<(&str, &Lease)> = Vec::new();
+    let mut handed_on: Vec<(&str, &Lease)> = Vec::new();
     for lease in readable {
         match lease.owner.as_deref() {
             Some(owner) if is_member(owner) => held.entry(owner).or_default().push(lease),
-            Some(owner) if is_leaving(owner) => excess.push((owner, lease)),
+            Some(owner) if is_leaving(owner) => handed_on.push((owner, lease)),
             Some(owner) if live_elsewhere(owner) => {}
             _ => pool.push(lease),
         }
     }
-    let total: usize = held.values().map(Vec::len).sum::<usize>() + pool.len() + excess.len();
+    let total: usize = held.values().map(Vec::len).sum::<usize>() + pool.len() + handed_on.len();
     let quotas = quotas(&held, total);
-    let mut assigned: BTreeMap<&str, Vec<ShardId>> = BTreeMap::new();
-    let mut give: BTreeMap<&str, BTreeMap<ShardId, String>> = BTreeMap::new();
-    let mut receive: BTreeMap<&str, BTreeMap<ShardId, String>> = BTreeMap::new();
+    let mut fill = Fill::default();
+    let mut excess: Vec<(&str, &Lease)> = Vec::new();
     for (member, leases) in &held {
         let (keep, over) = leases.split_at(leases.len().min(quotas[member]));
-        assigned
+        fill.assigned
             .entry(member)
             .or_default()
             .extend(keep.iter().map(|l| l.shard.clone()));
+        fill.missing.insert(member, quotas[member] - keep.len());
         excess.extend(over.iter().map(|lease| (*member, *lease)));
     }
-    let mut below: Vec<(&str, usize)> = quotas
-        .iter()
-        .map(|(member, quota)| (*member, quota - assigned.get(member).map_or(0, Vec::len)))
-        .filter(|(_, missing)| *missing > 0)
-        .collect();
-    below.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-    let mut slots = below
-        .into_iter()
-        .flat_map(|(member, missing)| std::iter::repeat_n(member, missing));
     for lease in pool {
-        let Some(target) = slots.next() else { break };
-        assigned.entry(target).or_default().push(lease.shard.clone());
+        let Some(target) = fill.place(&lease.shard, |_| true) else {
+            break;
+        };
         let reason = match (&lease.owner, lease.counter) {
             (None, 0) => TakeReason::New,
             (None, _) => TakeReason::Released,
@@ -163,26 +160,61 @@ pub fn plan(
         };
         plan.takes.push((lease.shard.clone(), target.to_owned(), reason));
     }
-    for (from, lease) in excess {
-        let Some(target) = slots.next() else { break };
-        assigned.entry(target).or_default().push(lease.shard.clone());
-        give.entry(from)
-            .or_default()
-            .insert(lease.shard.clone(), target.to_owned());
-        receive
-            .entry(target)
-            .or_default()
-            .insert(lease.shard.clone(), from.to_owned());
-        plan.moves += 1;
+    let settled = |member: &str| !newcomers.iter().any(|m| m == member);
+    for (from, lease, anyone) in handed_on
+        .into_iter()
+        .map(|(from, lease)| (from, lease, true))
+        .chain(excess.into_iter().map(|(from, lease)| (from, lease, false)))
+    {
+        match fill.place(&lease.shard, |target| anyone || settled(target)) {
+            Some(target) => {
+                fill.give
+                    .entry(from)
+                    .or_default()
+                    .insert(lease.shard.clone(), target.to_owned());
+                fill.receive
+                    .entry(target)
+                    .or_default()
+                    .insert(lease.shard.clone(), from.to_owned());
+                plan.moves += 1;
+            }
+            // Nowhere to go this round: it stays where it is.
+            None => fill.assigned.entry(from).or_default().push(lease.shard.clone()),
+        }
     }
     for member in members.iter().chain(leaving) {
-        let shards = assigned.remove(member.as_str()).unwrap_or_default();
-        let give = give.remove(member.as_str()).unwrap_or_default();
-        let receive = receive.remove(member.as_str()).unwrap_or_default();
+        let shards = fill.assigned.remove(member.as_str()).unwrap_or_default();
+        let give = fill.give.remove(member.as_str()).unwrap_or_default();
+        let receive = fill.receive.remove(member.as_str()).unwrap_or_default();
         plan.assignments
             .insert(member.clone(), Assignment { shards, give, receive });
     }
     plan
+}
+
+/// The assignment as it is filled: each member's shards, hand-overs, and what each still misses
+/// of its quota.
+#[derive(Default)]
+struct Fill<'a> {
+    assigned: BTreeMap<&'a str, Vec<ShardId>>,
+    give: BTreeMap<&'a str, BTreeMap<ShardId, String>>,
+    receive: BTreeMap<&'a str, BTreeMap<ShardId, String>>,
+    missing: BTreeMap<&'a str, usize>,
+}
+
+impl<'a> Fill<'a> {
+    /// Gives `shard` to the allowed member furthest below its quota (by name on a tie).
+    fn place(&mut self, shard: &ShardId, allowed: impl Fn(&str) -> bool) -> Option<&'a str> {
+        let (target, missing) = self
+            .missing
+            .iter_mut()
+            .filter(|(member, missing)| **missing > 0 && allowed(member))
+            .max_by(|a, b| (*a.1).cmp(&*b.1).then(b.0.cmp(a.0)))?;
+        *missing -= 1;
+        let target = *target;
+        self.assigned.entry(target).or_default().push(shard.clone());
+        Some(target)
+    }
 }
 
 /// Each member's share of `total`: all get `total / members`, and the `total % members` members
@@ -275,7 +307,7 @@ mod tests {
     fn a_lone_worker_is_assigned_every_lease_with_why() {
         let leases = [lease("a", None, 0), lease("b", None, 3), lease("c", Some("gone"), 3)];
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &members(&["w1"]), &[], |_| false);
+        let plan = plan(&readable, &members(&["w1"]), &[], &[], |_| false);
         let reasons: Vec<TakeReason> = plan.takes.iter().map(|(_, _, r)| *r).collect();
         assert_eq!(reasons, [TakeReason::New, TakeReason::Released, TakeReason::Expired]);
         assert_eq!(plan.assignments["w1"].shards.len(), 3);
@@ -292,13 +324,13 @@ mod tests {
             leases.extend(owned_by(count, Some(name), leases.len()));
         }
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &names, &[], |_| false);
+        let plan = plan(&readable, &names, &[], &[], |_| false);
         assert!(plan.takes.is_empty());
         assert_eq!(shares(&plan), vec![50; 20], "balanced in one round");
         assert_eq!(plan.moves, 50, "exactly the newcomer's share moves");
         apply(&mut leases, &plan);
         let readable: Vec<&Lease> = leases.iter().collect();
-        let again = super::plan(&readable, &names, &[], |_| false);
+        let again = super::plan(&readable, &names, &[], &[], |_| false);
         assert_eq!(again.moves, 0, "and nothing moves the round after");
         assert!(again.takes.is_empty());
     }
@@ -309,7 +341,7 @@ mod tests {
         leases.extend(owned_by(10, Some("w2"), 10));
         leases.extend(owned_by(11, Some("dead"), 20));
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &members(&["w1", "w2"]), &[], |_| false);
+        let plan = plan(&readable, &members(&["w1", "w2"]), &[], &[], |_| false);
         assert_eq!(plan.moves, 0, "no live lease moves");
         assert_eq!(plan.takes.len(), 11);
         assert!(plan.takes.iter().all(|(_, _, r)| *r == TakeReason::Expired));
@@ -325,7 +357,7 @@ mod tests {
         leases.extend(owned_by(3, Some("w2"), 3));
         leases.extend(owned_by(1, None, 6));
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &members(&["w1", "w2", "w3"]), &[], |_| false);
+        let plan = plan(&readable, &members(&["w1", "w2", "w3"]), &[], &[], |_| false);
         assert_eq!(plan.moves, 1);
         assert_eq!(plan.takes.len(), 1);
         let mut counts = shares(&plan);
@@ -338,7 +370,7 @@ mod tests {
         let mut leases = owned_by(4, Some("old"), 0);
         leases.extend(owned_by(2, None, 4));
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &members(&["new"]), &[], |owner| owner == "old");
+        let plan = plan(&readable, &members(&["new"]), &[], &[], |owner| owner == "old");
         assert_eq!(plan.assignments["new"].shards.len(), 2);
         assert_eq!(plan.moves, 0);
     }
@@ -348,7 +380,7 @@ mod tests {
         let mut leases = owned_by(4, Some("going"), 0);
         leases.extend(owned_by(2, Some("w1"), 4));
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &members(&["w1", "w2"]), &members(&["going"]), |_| false);
+        let plan = plan(&readable, &members(&["w1", "w2"]), &members(&["going"]), &[], |_| false);
         assert_eq!(plan.assignments["going"].shards.len(), 0);
         assert_eq!(plan.assignments["going"].give.len(), 4);
         assert_eq!(plan.moves, 4);
@@ -357,11 +389,59 @@ mod tests {
     }
 
     #[test]
+    fn a_newcomer_gets_free_and_leaving_leases_at_once_but_no_live_one_yet() {
+        let mut leases = owned_by(4, Some("w1"), 0);
+        leases.extend(owned_by(4, Some("w2"), 4));
+        let readable: Vec<&Lease> = leases.iter().collect();
+        let waiting = plan(
+            &readable,
+            &members(&["w1", "w2", "new"]),
+            &[],
+            &members(&["new"]),
+            |_| false,
+        );
+        assert_eq!(waiting.moves, 0, "no live lease moves to a newcomer");
+        assert!(waiting.assignments["new"].shards.is_empty());
+        assert_eq!(
+            waiting.assignments["w1"].shards.len(),
+            4,
+            "the excess stays where it is"
+        );
+        assert!(waiting.assignments["w1"].give.is_empty());
+
+        // A deploy: w2 leaves while the newcomer waits; w2's shards go to the newcomer, once.
+        let deploy = plan(
+            &readable,
+            &members(&["w1", "new"]),
+            &members(&["w2"]),
+            &members(&["new"]),
+            |_| false,
+        );
+        assert_eq!(deploy.moves, 4);
+        assert_eq!(
+            deploy.assignments["w2"].give.values().filter(|to| *to == "new").count(),
+            4
+        );
+        assert_eq!(deploy.assignments["w1"].shards.len(), 4, "w1 keeps all it had");
+
+        let mut free = owned_by(2, None, 0);
+        free.extend(owned_by(4, Some("w1"), 2));
+        let readable: Vec<&Lease> = free.iter().collect();
+        let fresh = plan(&readable, &members(&["w1", "new"]), &[], &members(&["new"]), |_| false);
+        assert_eq!(
+            fresh.assignments["new"].shards.len(),
+            2,
+            "free leases go to the newcomer first"
+        );
+        assert_eq!(fresh.moves, 0);
+    }
+
+    #[test]
     fn a_lease_is_never_both_taken_and_handed_over_nor_given_to_two() {
         let mut leases = owned_by(9, Some("w1"), 0);
         leases.extend(owned_by(4, None, 9));
         let readable: Vec<&Lease> = leases.iter().collect();
-        let plan = plan(&readable, &members(&["w1", "w2", "w3", "w4"]), &[], |_| false);
+        let plan = plan(&readable, &members(&["w1", "w2", "w3", "w4"]), &[], &[], |_| false);
         let mut seen = std::collections::HashSet::new();
         for assignment in plan.assignments.values() {
             for shard in &assignment.shards {

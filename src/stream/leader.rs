@@ -45,9 +45,10 @@ pub(super) struct Leadership {
     observations: Observations,
     /// Members this leader dropped, with the beat they were dropped at (a rejoin beats anew).
     evicted: BTreeMap<String, u64>,
-    /// Every worker seen a member while this worker led: a lease of one that is no longer a
-    /// member is free at once (it left or was dropped), not after a lease duration.
-    known: BTreeSet<String>,
+    /// Every worker seen a member while this worker led, and since when: a lease of one that is
+    /// no longer a member is free at once (it left or was dropped), not after a lease duration;
+    /// one seen for less than a lease duration is a newcomer ([`balance::plan`]).
+    known: BTreeMap<String, Instant>,
     /// Scan at the next round (a condition failed: the copy is stale).
     dirty: bool,
 }
@@ -62,7 +63,7 @@ impl Leadership {
             members_seen: BTreeSet::new(),
             written: BTreeMap::new(),
             observations: Observations::default(),
-            known: BTreeSet::new(),
+            known: BTreeMap::new(),
             evicted: BTreeMap::new(),
             dirty: true,
         }
@@ -107,7 +108,15 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
 ) -> Result<(), StreamError> {
     let now = Instant::now();
     let duration = context.settings.lease_duration;
-    lead.known.extend(fleet.beats.keys().cloned());
+    // Members there when this worker began to lead count as settled.
+    let first_seen = if lead.known.is_empty() {
+        now.checked_sub(duration).unwrap_or(now)
+    } else {
+        now
+    };
+    for worker in fleet.beats.keys() {
+        lead.known.entry(worker.clone()).or_insert(first_seen);
+    }
     let sync_due = now >= sync.next;
     if lead.must_scan(fleet, sync_due, lead.has_outsiders(fleet)) {
         scan(context, lead, fleet, now).await?;
@@ -140,12 +149,21 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
     readable.sort_by(|a, b| a.shard.cmp(&b.shard));
     let outsider_alive = |owner: &str| {
         undecided.contains(owner)
-            || !lead.known.contains(owner)
+            || !lead.known.contains_key(owner)
                 && lead.leases.values().any(|lease| {
                     lease.owner.as_deref() == Some(owner) && !lead.observations.is_free(lease, now, duration)
                 })
     };
-    let plan = balance::plan(&readable, &members, &leaving, outsider_alive);
+    let newcomers: Vec<String> = members
+        .iter()
+        .filter(|member| {
+            lead.known
+                .get(*member)
+                .is_some_and(|since| now.duration_since(*since) < duration)
+        })
+        .cloned()
+        .collect();
+    let plan = balance::plan(&readable, &members, &leaving, &newcomers, outsider_alive);
     let readable: BTreeSet<ShardId> = readable.iter().map(|lease| lease.shard.clone()).collect();
     publish(lead, &stream.shards, &readable, &plan, now, duration);
     apply_takes(context, lead, plan.takes).await;

@@ -48,6 +48,8 @@ mod worker;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod simulation;
+#[cfg(test)]
 mod tests;
 
 pub use consumer::{Consumer, ShardLane};

@@ -44,7 +44,7 @@ pub(super) fn settings() -> StreamSettings {
 
 /// Records handed to the consumer, in the order the lanes got them; handled at once.
 #[derive(Debug, Default, Clone)]
-struct Seen(Arc<Mutex<Vec<(ShardId, SequenceNumber)>>>);
+pub(super) struct Seen(Arc<Mutex<Vec<(ShardId, SequenceNumber)>>>);
 
 impl Seen {
     fn of(&self, shard: &str) -> Vec<SequenceNumber> {
@@ -55,7 +55,14 @@ impl Seen {
             .collect()
     }
 
-    fn count(&self) -> usize {
+    /// Records handed over more than once (to one worker or to two).
+    pub(super) fn duplicates(&self) -> usize {
+        let all = lock(&self.0);
+        let distinct: std::collections::HashSet<&(ShardId, SequenceNumber)> = all.iter().collect();
+        all.len() - distinct.len()
+    }
+
+    pub(super) fn count(&self) -> usize {
         lock(&self.0).len()
     }
 
@@ -80,7 +87,7 @@ impl Consumer for Seen {
     }
 }
 
-struct SeenLane {
+pub(super) struct SeenLane {
     shard: ShardId,
     seen: Seen,
     last: Option<SequenceNumber>,
@@ -103,24 +110,24 @@ impl ShardLane for SeenLane {
 }
 
 /// One worker of a simulated fleet: its task and its stop.
-struct Running {
+pub(super) struct Running {
     task: JoinHandle<StreamReport>,
     cancel: CancellationToken,
 }
 
 impl Running {
-    async fn stop(self) -> StreamReport {
+    pub(super) async fn stop(self) -> StreamReport {
         self.cancel.cancel();
         self.task.await.expect("worker task")
     }
 
     /// Gone without a word (kill -9): nothing released, nothing renewed any more.
-    fn kill(self) {
+    pub(super) fn kill(self) {
         self.task.abort();
     }
 }
 
-fn start(
+pub(super) fn start(
     id: &str,
     source: &FakeSource,
     table: &MemoryLeaseTable,
@@ -161,7 +168,7 @@ fn checkpoint(table: &MemoryLeaseTable, shard: &str) -> Option<Position> {
 }
 
 /// Lets simulated time pass in small steps, so that every timer due in between fires in order.
-async fn pass(duration: Duration) {
+pub(super) async fn pass(duration: Duration) {
     let step = Duration::from_millis(50);
     let mut left = duration;
     while !left.is_zero() {
@@ -172,7 +179,7 @@ async fn pass(duration: Duration) {
 }
 
 /// Passes time until `done` holds, at most `limit`; whether it did.
-async fn pass_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub(super) async fn pass_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let step = Duration::from_millis(50);
     let mut waited = Duration::ZERO;
     while !done() {
@@ -258,7 +265,12 @@ async fn a_dead_members_shard_is_assigned_by_the_leader_only_after_the_lease_dur
         .await
     );
     let member = start("w2", &source, &table, &seen, settings());
-    assert!(pass_until(TAKE_INTERVAL * 3, || held_by(&table, &shards).get("w2") == Some(&1)).await);
+    assert!(
+        pass_until(LEASE_DURATION + TAKE_INTERVAL * 3, || held_by(&table, &shards)
+            .get("w2")
+            == Some(&1))
+        .await
+    );
     let shard = *shards
         .iter()
         .find(|shard| owner(&table, shard).as_deref() == Some("w2"))
@@ -309,7 +321,7 @@ async fn leadership_moves_only_when_the_leader_is_gone() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_new_worker_gets_its_share_in_one_assignment_and_no_lease_moves_twice() {
+async fn a_new_worker_gets_its_share_after_a_lease_duration_and_no_lease_moves_twice() {
     let shards = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
     let source = FakeSource::with_shards(&shards);
     let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
@@ -321,10 +333,13 @@ async fn a_new_worker_gets_its_share_in_one_assignment_and_no_lease_moves_twice(
     );
     let before = owners(&table, &shards);
     let two = start("w2", &source, &table, &seen, settings());
-    // One heartbeat for the leader to see the newcomer, one round to assign, one for the
-    // hand-overs: well inside three rounds.
+    // A newcomer gets no live lease for a lease duration (a deploy's old task may be about to
+    // leave it its shards), then its whole share in one round: one heartbeat for the leader to
+    // see it, one round to assign, one for the hand-overs.
+    pass(LEASE_DURATION - TAKE_INTERVAL).await;
+    assert_eq!(held_by(&table, &shards).get("w2"), None, "not before a lease duration");
     assert!(
-        pass_until(TAKE_INTERVAL * 3, || held_by(&table, &shards).get("w2") == Some(&4)).await,
+        pass_until(TAKE_INTERVAL * 4, || held_by(&table, &shards).get("w2") == Some(&4)).await,
         "{:?}",
         held_by(&table, &shards)
     );
@@ -534,7 +549,8 @@ async fn a_member_healing_as_it_is_found_dead_never_reads_beside_its_successor()
         let member_table = table.handle();
         let member = start("w2", &source, &member_table, &member_seen, settings);
         assert!(
-            pass_until(TAKE_INTERVAL * 4, || held_by(&table, &["s0", "s1"]).get("w2")
+            pass_until(LEASE_DURATION + TAKE_INTERVAL * 4, || held_by(&table, &["s0", "s1"])
+                .get("w2")
                 == Some(&1))
             .await
         );
@@ -716,7 +732,8 @@ async fn a_steal_is_logged_once_on_each_side_and_never_as_a_warning() {
     );
     let two = start("w2", &source, &table, &seen, settings());
     assert!(
-        pass_until(Duration::from_secs(10), || held_by(&table, &shards).get("w2")
+        pass_until(LEASE_DURATION + Duration::from_secs(10), || held_by(&table, &shards)
+            .get("w2")
             == Some(&2))
         .await
     );

@@ -115,6 +115,16 @@ impl MemoryLeaseTable {
         lock(&self.usage).write_units += units(bytes, 1024);
     }
 
+    /// The owner of every shard not yet read to its end, as it stands (for assertions).
+    pub fn owners(&self) -> HashMap<ShardId, Option<String>> {
+        lock(&self.rows)
+            .iter()
+            .flatten()
+            .filter(|(_, row)| !row.shard_end)
+            .map(|(shard, row)| (shard.clone(), row.owner.clone()))
+            .collect()
+    }
+
     /// One row as it stands (for assertions).
     pub fn row(&self, shard: &str) -> Option<Lease> {
         lock(&self.rows).as_ref()?.get(&ShardId(shard.to_owned())).cloned()
