@@ -85,6 +85,19 @@ impl Leadership {
             || self.members_seen != members
     }
 
+    /// Records when each member was first seen; members there when this worker began to lead
+    /// count as settled.
+    fn note_members(&mut self, fleet: &Fleet, now: Instant, duration: Duration) {
+        let first_seen = if self.known.is_empty() {
+            now.checked_sub(duration).unwrap_or(now)
+        } else {
+            now
+        };
+        for worker in fleet.beats.keys() {
+            self.known.entry(worker.clone()).or_insert(first_seen);
+        }
+    }
+
     /// Owners of leases that are not members (workers of an earlier version): while any holds a
     /// lease, the table is read every round to see their renewals.
     fn has_outsiders(&self, fleet: &Fleet) -> bool {
@@ -108,15 +121,7 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
 ) -> Result<(), StreamError> {
     let now = Instant::now();
     let duration = context.settings.lease_duration;
-    // Members there when this worker began to lead count as settled.
-    let first_seen = if lead.known.is_empty() {
-        now.checked_sub(duration).unwrap_or(now)
-    } else {
-        now
-    };
-    for worker in fleet.beats.keys() {
-        lead.known.entry(worker.clone()).or_insert(first_seen);
-    }
+    lead.note_members(fleet, now, duration);
     let sync_due = now >= sync.next;
     if lead.must_scan(fleet, sync_due, lead.has_outsiders(fleet)) {
         scan(context, lead, fleet, now).await?;
@@ -126,48 +131,81 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
     }
     let me = context.leases.owner();
     let dead: Vec<(String, u64)> = view.dead(now, duration).into_iter().filter(|(w, _)| w != me).collect();
-    // A member that beat again just as it was found dead keeps its leases this round.
     let undecided = evict(context, lead, &dead).await?;
     lead.evicted
         .retain(|worker, beat| fleet.beats.get(worker) == Some(beat));
     let Some(stream) = sync.stream.clone() else {
         return Ok(());
     };
-    let gone =
-        |worker: &str| lead.evicted.get(worker) == fleet.beats.get(worker) || dead.iter().any(|(w, _)| w == worker);
-    let members: Vec<String> = fleet
-        .beats
-        .keys()
-        .filter(|worker| !fleet.leaving.contains(*worker) && !gone(worker))
-        .cloned()
-        .collect();
-    let leaving: Vec<String> = fleet.leaving.iter().filter(|worker| !gone(worker)).cloned().collect();
+    let roster = Roster::of(lead, fleet, &dead, now, duration);
     let mut readable: Vec<&Lease> = lineage::readable(&stream.shards, &lead.leases, |_| false)
         .into_iter()
         .filter_map(|shard| lead.leases.get(&shard.id))
         .collect();
     readable.sort_by(|a, b| a.shard.cmp(&b.shard));
-    let outsider_alive = |owner: &str| {
+    // A member that beat again just as it was found dead keeps its leases this round; so does a
+    // worker of an earlier version while it renews them.
+    let live_elsewhere = |owner: &str| {
         undecided.contains(owner)
             || !lead.known.contains_key(owner)
                 && lead.leases.values().any(|lease| {
                     lease.owner.as_deref() == Some(owner) && !lead.observations.is_free(lease, now, duration)
                 })
     };
-    let newcomers: Vec<String> = members
-        .iter()
-        .filter(|member| {
-            lead.known
-                .get(*member)
-                .is_some_and(|since| now.duration_since(*since) < duration)
-        })
-        .cloned()
-        .collect();
-    let plan = balance::plan(&readable, &members, &leaving, &newcomers, outsider_alive);
+    let plan = balance::plan(
+        &readable,
+        &roster.members,
+        &roster.leaving,
+        &roster.newcomers,
+        live_elsewhere,
+    );
     let readable: BTreeSet<ShardId> = readable.iter().map(|lease| lease.shard.clone()).collect();
     publish(lead, &stream.shards, &readable, &plan, now, duration);
     apply_takes(context, lead, plan.takes).await;
     write_assignments(context, lead, plan.assignments, &stream.stream_id, fleet).await
+}
+
+/// Who shares the shards this round.
+struct Roster {
+    /// Live, not leaving, not dropped.
+    members: Vec<String>,
+    /// Live, shutting down: they hand everything on.
+    leaving: Vec<String>,
+    /// Members for less than a lease duration.
+    newcomers: Vec<String>,
+}
+
+impl Roster {
+    fn of(lead: &Leadership, fleet: &Fleet, dead: &[(String, u64)], now: Instant, duration: Duration) -> Self {
+        let gone = |worker: &str| {
+            dead.iter().any(|(w, _)| w == worker)
+                || lead
+                    .evicted
+                    .get(worker)
+                    .is_some_and(|beat| fleet.beats.get(worker) == Some(beat))
+        };
+        let members: Vec<String> = fleet
+            .beats
+            .keys()
+            .filter(|worker| !fleet.leaving.contains(*worker) && !gone(worker))
+            .cloned()
+            .collect();
+        let leaving = fleet.leaving.iter().filter(|worker| !gone(worker)).cloned().collect();
+        let newcomers = members
+            .iter()
+            .filter(|member| {
+                lead.known
+                    .get(*member)
+                    .is_some_and(|since| now.duration_since(*since) < duration)
+            })
+            .cloned()
+            .collect();
+        Self {
+            members,
+            leaving,
+            newcomers,
+        }
+    }
 }
 
 async fn scan<S: StreamSource, T: LeaseTable>(
@@ -186,6 +224,14 @@ async fn scan<S: StreamSource, T: LeaseTable>(
         .chain(fleet.leaving.iter().cloned())
         .collect();
     lead.observations.observe(&lead.leases, now);
+    // Bounded: a worker is remembered while it is a member or owns a lease.
+    let owners: BTreeSet<&str> = lead
+        .leases
+        .values()
+        .filter_map(|lease| lease.owner.as_deref())
+        .collect();
+    lead.known
+        .retain(|worker, _| fleet.beats.contains_key(worker) || owners.contains(worker.as_str()));
     lead.dirty = false;
     Ok(())
 }
