@@ -755,6 +755,11 @@ mod tests {
         assert!(text.contains("retry_max_delay_ms"), "{text}");
         let text = error_text(&sources(&[("WORKER_TABLE_NAME", "no spaces allowed")], &[]));
         assert!(text.contains("table_name"), "{text}");
+        let text = error_text(&sources(&[("WORKER_LEASE_DURATION_MS", "2000")], &[]));
+        assert!(
+            text.contains("heartbeat_interval_ms") && text.contains("a third of lease_duration_ms"),
+            "a heartbeat too rare for the lease duration: {text}"
+        );
     }
 
     #[test]
