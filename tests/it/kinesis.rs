@@ -415,3 +415,93 @@ async fn behind_a_stuck_record_reading_waits_at_the_bound_and_memory_stays_flat(
     worker.signal("KILL");
     worker.wait_exit().await;
 }
+
+/// Records all `workers` received so far.
+async fn received(workers: &[crate::support::ChildWorker]) -> f64 {
+    let mut total = 0.0;
+    for worker in workers {
+        total += worker.metric("stream_worker_records_received_total", "").await;
+    }
+    total
+}
+
+/// Four worker processes over 64 shards: one leader assigns 16 each; a graceful stop hands each
+/// shard over after its final checkpoint (no record read twice), a kill -9 is taken over after
+/// the lease duration, and lease counters never go backwards.
+#[tokio::test]
+async fn four_workers_share_sixty_four_shards_and_a_stop_hands_over_without_reading_twice() {
+    let db = TestDb::new().await;
+    let stream = db.kinesis_stream(64).await;
+    let watch = LeaseWatch::start(&db);
+    let groups = conversations(&db, &stream, 20).await;
+    let mut published = 20.0 * 3.0;
+    let args = |id: &str| -> Vec<String> {
+        [
+            "--worker-id",
+            id,
+            "--set",
+            "source=kinesis",
+            "--set",
+            &format!("kinesis_stream_name={}", stream.name),
+            "--set",
+            "lease_duration_ms=3000",
+            "--set",
+            "heartbeat_interval_ms=200",
+            "--set",
+            "lease_take_interval_ms=100",
+            "--set",
+            "idle_interval_ms=200",
+            "--set",
+            "max_idle_interval_ms=1000",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    };
+    let mut workers = Vec::new();
+    for id in ["alpha", "beta", "gamma", "delta"] {
+        let args = args(id);
+        workers.push(
+            db.spawn_worker_process(&args.iter().map(String::as_str).collect::<Vec<_>>())
+                .await,
+        );
+    }
+    shares_settle(&db, &[16, 16, 16, 16]).await;
+    converge(&db, &wave(&db, &stream, &groups, 1).await).await;
+    published += 20.0;
+    let all_read = wait_until(Duration::from_secs(30), || async { received(&workers).await >= published }).await;
+    assert!(all_read, "every record read: {} of {published}", received(&workers).await);
+
+    // A graceful stop: its 16 shards go to the three others, each after its final checkpoint.
+    let mut leaving = workers.pop().expect("delta");
+    let read_by_leaver = leaving.metric("stream_worker_records_received_total", "").await;
+    leaving.signal("TERM");
+    assert_eq!(leaving.wait_exit().await.code(), Some(0));
+    shares_settle(&db, &[21, 21, 22]).await;
+    converge(&db, &wave(&db, &stream, &groups, 2).await).await;
+    published += 20.0;
+    let all_read = wait_until(Duration::from_secs(30), || async {
+        received(&workers).await + read_by_leaver >= published
+    })
+    .await;
+    assert!(all_read);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        received(&workers).await + read_by_leaver,
+        published,
+        "each record read once, through joins and hand-overs"
+    );
+
+    // A kill -9: its shards are taken over after the lease duration; nothing is lost.
+    let mut dead = workers.pop().expect("gamma");
+    dead.signal("KILL");
+    dead.wait_exit().await;
+    let expected = wave(&db, &stream, &groups, 3).await;
+    shares_settle(&db, &[32, 32]).await;
+    converge(&db, &expected).await;
+    for worker in workers.iter_mut() {
+        worker.signal("TERM");
+        assert_eq!(worker.wait_exit().await.code(), Some(0));
+    }
+    watch.finish().await;
+}
