@@ -8,6 +8,8 @@
 //!   cargo bench --bench suite -- latency   --endpoint URL --rate R --groups G --seconds S
 //!                                          --idle-ms I --worker BIN
 //!   cargo bench --bench suite -- drain-ceiling | drain-lambda (see bench/run)
+//!   cargo bench --bench suite -- fleet     --endpoint URL --kinesis URL --worker BIN
+//!                                          --workers W --shards S --seconds T (see bench/fleet)
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -28,6 +30,8 @@ use cruddur_stream_worker::stream::{
 use futures::{FutureExt as _, StreamExt as _};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+mod fleet;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
@@ -917,6 +921,7 @@ async fn main() {
         "drain-lambda" => drain_lambda(&flags).await,
         "drain-ceiling" => drain_ceiling(&flags).await,
         "latency" => latency(&flags).await,
+        "fleet" => fleet::fleet(&flags).await,
         other => Err(format!("unknown scenario {other:?}").into()),
     };
     match result {

@@ -469,8 +469,15 @@ async fn four_workers_share_sixty_four_shards_and_a_stop_hands_over_without_read
     shares_settle(&db, &[16, 16, 16, 16]).await;
     converge(&db, &wave(&db, &stream, &groups, 1).await).await;
     published += 20.0;
-    let all_read = wait_until(Duration::from_secs(30), || async { received(&workers).await >= published }).await;
-    assert!(all_read, "every record read: {} of {published}", received(&workers).await);
+    let all_read = wait_until(Duration::from_secs(30), || async {
+        received(&workers).await >= published
+    })
+    .await;
+    assert!(
+        all_read,
+        "every record read: {} of {published}",
+        received(&workers).await
+    );
 
     // A graceful stop: its 16 shards go to the three others, each after its final checkpoint.
     let mut leaving = workers.pop().expect("delta");
