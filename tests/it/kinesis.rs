@@ -72,6 +72,26 @@ async fn a_four_shard_stream_is_read_in_full() {
     assert_eq!(leases.len(), 4);
 }
 
+/// A worker process's arguments: `id` reading the Kinesis stream `stream` with fast leases
+/// (3 s), and `settings` on top.
+fn kinesis_args(id: &str, stream: &str, settings: &[(&str, &str)]) -> Vec<String> {
+    let mut args = vec![
+        "--worker-id".to_owned(),
+        id.to_owned(),
+        "--set".to_owned(),
+        "source=kinesis".to_owned(),
+        "--set".to_owned(),
+        format!("kinesis_stream_name={stream}"),
+        "--set".to_owned(),
+        "lease_duration_ms=3000".to_owned(),
+    ];
+    for (key, value) in settings {
+        args.push("--set".to_owned());
+        args.push(format!("{key}={value}"));
+    }
+    args
+}
+
 /// Waits until every shard is owned and the owners' shares are as `expected` (sorted).
 async fn shares_settle(db: &TestDb, expected: &[usize]) -> BTreeMap<String, usize> {
     let last = std::sync::Mutex::new(BTreeMap::new());
@@ -102,27 +122,12 @@ async fn two_then_three_workers_share_four_shards_within_one_and_survive_a_crash
     let stream = db.kinesis_stream(4).await;
     let watch = LeaseWatch::start(&db);
     let groups = conversations(&db, &stream, 8).await;
-    let args = |id: &'static str, name: String| -> Vec<String> {
-        [
-            "--worker-id",
-            id,
-            "--set",
-            "source=kinesis",
-            "--set",
-            &format!("kinesis_stream_name={name}"),
-            "--set",
-            "lease_duration_ms=3000",
-            "--set",
-            "lease_take_interval_ms=100",
-            "--set",
-            "idle_interval_ms=20",
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect()
-    };
     let spawn = |id: &'static str| {
-        let args = args(id, stream.name.clone());
+        let args = kinesis_args(
+            id,
+            &stream.name,
+            &[("lease_take_interval_ms", "100"), ("idle_interval_ms", "20")],
+        );
         let db = &db;
         async move {
             db.spawn_worker_process(&args.iter().map(String::as_str).collect::<Vec<_>>())
@@ -435,32 +440,18 @@ async fn four_workers_share_sixty_four_shards_and_a_stop_hands_over_without_read
     let watch = LeaseWatch::start(&db);
     let groups = conversations(&db, &stream, 20).await;
     let mut published = 20.0 * 3.0;
-    let args = |id: &str| -> Vec<String> {
-        [
-            "--worker-id",
-            id,
-            "--set",
-            "source=kinesis",
-            "--set",
-            &format!("kinesis_stream_name={}", stream.name),
-            "--set",
-            "lease_duration_ms=3000",
-            "--set",
-            "heartbeat_interval_ms=200",
-            "--set",
-            "lease_take_interval_ms=100",
-            "--set",
-            "idle_interval_ms=200",
-            "--set",
-            "max_idle_interval_ms=1000",
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect()
-    };
     let mut workers = Vec::new();
     for id in ["alpha", "beta", "gamma", "delta"] {
-        let args = args(id);
+        let args = kinesis_args(
+            id,
+            &stream.name,
+            &[
+                ("heartbeat_interval_ms", "200"),
+                ("lease_take_interval_ms", "100"),
+                ("idle_interval_ms", "200"),
+                ("max_idle_interval_ms", "1000"),
+            ],
+        );
         workers.push(
             db.spawn_worker_process(&args.iter().map(String::as_str).collect::<Vec<_>>())
                 .await,
