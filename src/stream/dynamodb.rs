@@ -1,20 +1,29 @@
 //! The DynamoDB Streams source: the table's latest stream, its shards, its records.
 //!
+//! Paces its DescribeStream calls under the API's limit (10 calls a second per stream), and
+//! looks up a finished shard's children with the `CHILD_SHARDS` filter, one call, without listing.
+//!
 //! Converts the streams client's attribute values into the DynamoDB client's (the two SDK
 //! crates each define their own type) by moving, not copying, the record's contents.
 
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_dynamodb::types::AttributeValue as TableValue;
 use aws_sdk_dynamodbstreams::operation::get_records::GetRecordsError;
 use aws_sdk_dynamodbstreams::operation::get_shard_iterator::GetShardIteratorError;
-use aws_sdk_dynamodbstreams::types::{AttributeValue as StreamValue, ShardIteratorType};
+use aws_sdk_dynamodbstreams::types::{AttributeValue as StreamValue, ShardFilter, ShardFilterType, ShardIteratorType};
 
 use super::error::StreamError;
 use super::position::Position;
 use super::record::{EventKind, Item, Record, SequenceNumber, ShardId};
 use super::source::{Batch, ShardInfo, StreamShards, StreamSource};
 use crate::aws::AwsError;
+use crate::lock::lock;
+
+/// The least time between two DescribeStream calls of this process: the API allows 10 calls a
+/// second per stream, so a listing of 1,000 shards (10 pages) stays at 5 calls a second.
+const DESCRIBE_GAP: Duration = Duration::from_millis(200);
 
 /// Reads the latest stream of one DynamoDB table.
 #[derive(Debug, Clone)]
@@ -22,6 +31,8 @@ pub struct DynamoDbStreamsSource {
     tables: aws_sdk_dynamodb::Client,
     streams: aws_sdk_dynamodbstreams::Client,
     table: String,
+    /// When this process may call DescribeStream next (shared by clones).
+    next_describe: Arc<Mutex<tokio::time::Instant>>,
 }
 
 impl DynamoDbStreamsSource {
@@ -34,7 +45,60 @@ impl DynamoDbStreamsSource {
             tables,
             streams,
             table: table.into(),
+            next_describe: Arc::new(Mutex::new(tokio::time::Instant::now())),
         }
+    }
+
+    /// One DescribeStream page: its shards and where the next page starts.
+    async fn describe_page(
+        &self,
+        stream_arn: &str,
+        start_after: Option<String>,
+        filter: Option<ShardFilter>,
+    ) -> Result<(Vec<ShardInfo>, Option<String>), StreamError> {
+        self.describe_slot().await;
+        let output = self
+            .streams
+            .describe_stream()
+            .stream_arn(stream_arn)
+            .set_exclusive_start_shard_id(start_after)
+            .set_shard_filter(filter)
+            .send()
+            .await
+            .map_err(|error| AwsError::from_sdk("DescribeStream", &error))?;
+        let Some(description) = output.stream_description else {
+            return Err(StreamError::Malformed {
+                what: "DescribeStream answer",
+                detail: "no StreamDescription".into(),
+            });
+        };
+        let shards = description
+            .shards
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|shard| {
+                Some(ShardInfo {
+                    id: ShardId(shard.shard_id?),
+                    parents: shard.parent_shard_id.map(ShardId).into_iter().collect(),
+                    closed: shard
+                        .sequence_number_range
+                        .is_some_and(|range| range.ending_sequence_number.is_some()),
+                })
+            })
+            .collect();
+        Ok((shards, description.last_evaluated_shard_id))
+    }
+
+    /// Waits for this process's next DescribeStream slot (one per [`DESCRIBE_GAP`]).
+    async fn describe_slot(&self) {
+        let now = tokio::time::Instant::now();
+        let slot = {
+            let mut next = lock(&self.next_describe);
+            let slot = (*next).max(now);
+            *next = slot + DESCRIBE_GAP;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
     }
 
     async fn latest_stream_arn(&self) -> Result<String, StreamError> {
@@ -65,31 +129,9 @@ impl StreamSource for DynamoDbStreamsSource {
         let mut shards = Vec::new();
         let mut start_after: Option<String> = None;
         loop {
-            let output = self
-                .streams
-                .describe_stream()
-                .stream_arn(&stream_arn)
-                .set_exclusive_start_shard_id(start_after.take())
-                .send()
-                .await
-                .map_err(|error| AwsError::from_sdk("DescribeStream", &error))?;
-            let Some(description) = output.stream_description else {
-                return Err(StreamError::Malformed {
-                    what: "DescribeStream answer",
-                    detail: "no StreamDescription".into(),
-                });
-            };
-            for shard in description.shards.unwrap_or_default() {
-                let Some(id) = shard.shard_id else { continue };
-                shards.push(ShardInfo {
-                    id: ShardId(id),
-                    parents: shard.parent_shard_id.map(ShardId).into_iter().collect(),
-                    closed: shard
-                        .sequence_number_range
-                        .is_some_and(|range| range.ending_sequence_number.is_some()),
-                });
-            }
-            match description.last_evaluated_shard_id {
+            let (page, last) = self.describe_page(&stream_arn, start_after.take(), None).await?;
+            shards.extend(page);
+            match last {
                 Some(last) => start_after = Some(last),
                 None => break,
             }
@@ -98,6 +140,21 @@ impl StreamSource for DynamoDbStreamsSource {
             stream_id: stream_arn,
             shards,
         })
+    }
+
+    async fn children(&self, stream_id: &str, shard: &ShardId) -> Result<Option<Vec<ShardInfo>>, StreamError> {
+        let filter = ShardFilter::builder()
+            .r#type(ShardFilterType::ChildShards)
+            .shard_id(&shard.0)
+            .build();
+        let (children, _) = self.describe_page(stream_id, None, Some(filter)).await?;
+        // DynamoDB Local accepts the filter and answers no shards: the caller then lists.
+        Ok(Some(
+            children
+                .into_iter()
+                .filter(|child| child.parents.contains(shard))
+                .collect(),
+        ))
     }
 
     async fn iterator(&self, stream_id: &str, shard: &ShardId, position: &Position) -> Result<String, StreamError> {

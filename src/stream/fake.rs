@@ -1,6 +1,7 @@
 //! A stream source in memory, for the worker's and the reader's unit tests under
 //! `tokio::time::pause`: shards with lineage (splits, merges), records, trimming, shards that
-//! vanish, iterators that expire, throttled reads, and a count of reads.
+//! vanish, iterators that expire, throttled reads, child lookups (answered as DynamoDB Streams
+//! does, or not at all as DynamoDB Local does), and counts of reads and DescribeStream calls.
 //!
 //! Answers as DynamoDB Streams does: an iterator past trimmed records is `Trimmed`, a shard no
 //! longer listed is `ShardGone`, a closed shard read to its end has no next iterator.
@@ -30,6 +31,10 @@ struct FakeStream {
     next_iterator: u64,
     throttled_reads: u32,
     reads: u64,
+    /// DescribeStream calls so far: a listing's pages (100 shards a page) and child lookups.
+    describe_calls: u64,
+    /// Child lookups answer no shards, as DynamoDB Local does.
+    children_unanswered: bool,
 }
 
 #[derive(Debug)]
@@ -59,7 +64,8 @@ impl FakeSource {
         source
     }
 
-    fn add_shard(&self, id: &str, parents: &[&str]) {
+    /// Adds an open shard.
+    pub fn add_shard(&self, id: &str, parents: &[&str]) {
         lock(&self.0).shards.push(FakeShard {
             info: ShardInfo {
                 id: ShardId((*id).to_owned()),
@@ -142,6 +148,17 @@ impl FakeSource {
     pub fn reads(&self) -> u64 {
         lock(&self.0).reads
     }
+
+    /// DescribeStream calls so far, counted as DynamoDB Streams would: one per page of 100 shards
+    /// in a listing, one per child lookup.
+    pub fn describe_calls(&self) -> u64 {
+        lock(&self.0).describe_calls
+    }
+
+    /// From now on child lookups answer no shards (as DynamoDB Local does).
+    pub fn leave_children_unanswered(&self) {
+        lock(&self.0).children_unanswered = true;
+    }
 }
 
 impl FakeStream {
@@ -171,16 +188,33 @@ impl FakeStream {
 
 impl StreamSource for FakeSource {
     async fn describe(&self) -> Result<StreamShards, StreamError> {
-        let stream = lock(&self.0);
+        let mut stream = lock(&self.0);
+        let shards: Vec<ShardInfo> = stream
+            .shards
+            .iter()
+            .filter(|s| !s.gone)
+            .map(|s| s.info.clone())
+            .collect();
+        stream.describe_calls += shards.len().div_ceil(100).max(1) as u64;
         Ok(StreamShards {
             stream_id: STREAM_ID.to_owned(),
-            shards: stream
-                .shards
-                .iter()
-                .filter(|s| !s.gone)
-                .map(|s| s.info.clone())
-                .collect(),
+            shards,
         })
+    }
+
+    async fn children(&self, _stream_id: &str, shard: &ShardId) -> Result<Option<Vec<ShardInfo>>, StreamError> {
+        let mut stream = lock(&self.0);
+        stream.describe_calls += 1;
+        if stream.children_unanswered {
+            return Ok(Some(Vec::new()));
+        }
+        let children = stream
+            .shards
+            .iter()
+            .filter(|s| !s.gone && s.info.parents.contains(shard))
+            .map(|s| s.info.clone())
+            .collect();
+        Ok(Some(children))
     }
 
     async fn iterator(&self, _stream_id: &str, shard: &ShardId, position: &Position) -> Result<String, StreamError> {

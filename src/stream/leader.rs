@@ -4,7 +4,8 @@
 //!
 //! Cost: the table is scanned when something changed (leadership won, a member joined, left or
 //! died, a shard finished, new shard rows) and otherwise once per `shard_sync_interval`, with
-//! the sync; between scans the leader works from its own copy, kept current by its own writes.
+//! the stream's listing; a finished shard's children are looked up after the scan that finds it
+//! finished ([`ShardSync`]). Between scans the leader works from its own copy, kept current by its own writes.
 //! A stale copy costs only a failed condition, never a wrong owner: every take names the owner
 //! and counter it saw.
 //!
@@ -85,16 +86,13 @@ impl Leadership {
             || self.members_seen != members
     }
 
-    /// Records when each member was first seen; members there when this worker began to lead
-    /// count as settled.
-    fn note_members(&mut self, fleet: &Fleet, now: Instant, duration: Duration) {
-        let first_seen = if self.known.is_empty() {
-            now.checked_sub(duration).unwrap_or(now)
-        } else {
-            now
-        };
+    /// Records when each member was first seen. Members there when this worker began to lead
+    /// count as newcomers too: the leader cannot tell how long they have been members, and one
+    /// that just started (often the new leader itself, in a deploy) must not take live shards
+    /// that an old task is about to leave it.
+    fn note_members(&mut self, fleet: &Fleet, now: Instant) {
         for worker in fleet.beats.keys() {
-            self.known.entry(worker.clone()).or_insert(first_seen);
+            self.known.entry(worker.clone()).or_insert(now);
         }
     }
 
@@ -111,7 +109,8 @@ impl Leadership {
     }
 }
 
-/// One leader round: scan if needed (and sync if due), evict the dead, assign.
+/// One leader round: scan if needed (and then keep the shard rows in step), evict the dead,
+/// assign.
 pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
     context: &ShardContext<S, T>,
     lead: &mut Leadership,
@@ -121,11 +120,11 @@ pub(super) async fn lead<S: StreamSource, T: LeaseTable>(
 ) -> Result<(), StreamError> {
     let now = Instant::now();
     let duration = context.settings.lease_duration;
-    lead.note_members(fleet, now, duration);
+    lead.note_members(fleet, now);
     let sync_due = now >= sync.next;
     if lead.must_scan(fleet, sync_due, lead.has_outsiders(fleet)) {
         scan(context, lead, fleet, now).await?;
-        if sync_due && sync.run(context, &lead.leases).await {
+        if sync.run(context, &lead.leases).await {
             scan(context, lead, fleet, now).await?;
         }
     }
@@ -301,7 +300,16 @@ async fn write_assignments<S: StreamSource, T: LeaseTable>(
 ) -> Result<(), StreamError> {
     let table = context.leases.table();
     let mut changed = Vec::new();
-    for (worker, assignment) in assignments {
+    for (worker, mut assignment) in assignments {
+        // A move stays on the receiver's assignment while the shard is assigned there: the
+        // receiver may read it only after the hand-over is done, and says where it came from.
+        if let Some(before) = lead.written.get(&worker) {
+            for (shard, from) in &before.receive {
+                if assignment.shards.contains(shard) {
+                    assignment.receive.entry(shard.clone()).or_insert_with(|| from.clone());
+                }
+            }
+        }
         if lead.written.get(&worker) == Some(&assignment) {
             continue;
         }

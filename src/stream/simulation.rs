@@ -27,7 +27,7 @@ fn fleet_settings() -> StreamSettings {
     settings.heartbeat_interval = Duration::from_secs(1);
     settings.lease_take_interval = Duration::from_millis(500);
     settings.lease_duration = LEASE_DURATION;
-    settings.shard_sync_interval = Duration::from_secs(10);
+    settings.shard_sync_interval = Duration::from_secs(60);
     settings.checkpoint_interval = Duration::from_secs(1);
     settings.idle_interval = Duration::from_millis(250);
     settings.max_idle_interval = Duration::from_millis(1500);
@@ -154,10 +154,18 @@ async fn a_thousand_shards_and_twenty_workers() {
 
     // Idle: what the lease table costs.
     ledger.watch(&table, Duration::from_secs(30)).await;
-    let before = table.usage();
-    ledger.watch(&table, Duration::from_secs(60)).await;
-    let (reads, writes) = per_second(before, table.usage(), 60.0);
-    println!("idle, 20 workers x 1,000 shards: {reads:.2} read units/s, {writes:.2} write units/s");
+    let (before, calls) = (table.usage(), source.describe_calls());
+    ledger.watch(&table, Duration::from_secs(120)).await;
+    let (reads, writes) = per_second(before, table.usage(), 120.0);
+    let describes = (source.describe_calls() - calls) as f64 / 120.0;
+    println!(
+        "idle, 20 workers x 1,000 shards: {reads:.2} read units/s, {writes:.2} write units/s, \
+         {describes:.2} DescribeStream calls/s"
+    );
+    assert!(
+        describes < 1.0,
+        "the fleet under 1 DescribeStream call/s idle: {describes:.2}"
+    );
     assert!(reads <= 10.0, "lease-table reads at most 10 units/s idle: {reads:.2}");
     assert!(
         writes <= WORKERS as f64,
@@ -170,7 +178,7 @@ async fn a_thousand_shards_and_twenty_workers() {
     }
     ledger.watch(&table, Duration::from_secs(5)).await;
     ledger.reset();
-    let deploy_started = Instant::now();
+    let (deploy_started, calls) = (Instant::now(), source.describe_calls());
     for i in 0..WORKERS {
         let id = format!("new-{i:02}");
         let running = start(&id, &source, &table, &seen, fleet_settings());
@@ -184,6 +192,12 @@ async fn a_thousand_shards_and_twenty_workers() {
         .until_balanced(&table, SHARDS, WORKERS, Duration::from_secs(60))
         .await;
     let twice = ledger.moves.values().filter(|moves| **moves > 1).count();
+    let describes = (source.describe_calls() - calls) as f64 / deploy_started.elapsed().as_secs_f64();
+    println!("rolling deploy: {describes:.2} DescribeStream calls/s");
+    assert!(
+        describes < 1.0,
+        "the fleet under 1 DescribeStream call/s through a deploy: {describes:.2}"
+    );
     println!(
         "rolling deploy of 20: {:?} then balanced after {took:?}; {} moves for {SHARDS} shards (minimum {SHARDS}), \
          {twice} shards moved more than once, at most {} times",
@@ -196,6 +210,7 @@ async fn a_thousand_shards_and_twenty_workers() {
         f64::from(ledger.total()) <= 1.1 * SHARDS as f64,
         "moves at most 1.1 x the minimum (each old task's shards once)"
     );
+    assert_eq!(twice, 0, "no lease moves twice in a rolling deploy");
     for id in &ids {
         source.put(id, "after the deploy");
     }
@@ -243,10 +258,16 @@ async fn a_thousand_shards_and_twenty_workers() {
         source.put(&b, "first of a child");
     }
     let reading = SHARDS - parents.len() + children.len();
+    let calls = source.describe_calls();
     let took = ledger
         .until_balanced(&table, reading, WORKERS - 1, Duration::from_secs(60))
         .await;
-    println!("split of 10 shards: {reading} shards balanced again after {took:?}");
+    let describes = source.describe_calls() - calls;
+    println!("split of 10 shards: {reading} shards balanced again after {took:?}, {describes} DescribeStream calls");
+    assert!(
+        describes <= 20,
+        "children found by lookups, not listings: {describes} calls"
+    );
     assert!(took.is_some(), "children assigned: {:?}", shares(&table));
     let handed = 2 * SHARDS + 10 + children.len();
     assert!(pass_until(Duration::from_secs(30), || seen.count() >= handed).await);

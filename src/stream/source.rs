@@ -40,6 +40,17 @@ pub struct Batch {
 pub trait StreamSource: Send + Sync + 'static {
     /// Finds the stream and lists every shard (all pages).
     fn describe(&self) -> impl Future<Output = Result<StreamShards, StreamError>> + Send;
+    /// The children of `shard` (a shard read to its end) as the source lists them, found without
+    /// listing the whole stream; `None` when this source cannot look them up (the caller lists
+    /// everything instead). An empty list is no answer either: a source may not show a child yet.
+    fn children(
+        &self,
+        stream_id: &str,
+        shard: &ShardId,
+    ) -> impl Future<Output = Result<Option<Vec<ShardInfo>>, StreamError>> + Send {
+        let _ = (stream_id, shard);
+        async { Ok(None) }
+    }
     /// An iterator that reads `shard` from `position`.
     fn iterator(
         &self,

@@ -356,6 +356,38 @@ async fn a_new_worker_gets_its_share_after_a_lease_duration_and_no_lease_moves_t
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_leader_learns_of_finished_hand_overs_within_a_round_not_at_its_next_scan() {
+    use super::LeaseTable as _;
+    let shards = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+    let source = FakeSource::with_shards(&shards);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let mut settings = settings();
+    settings.shard_sync_interval = Duration::from_secs(60);
+    let one = start("w1", &source, &table, &seen, settings.clone());
+    assert!(
+        pass_until(Duration::from_secs(5), || held_by(&table, &shards).get("w1")
+            == Some(&8))
+        .await
+    );
+    let two = start("w2", &source, &table, &seen, settings);
+    assert!(pass_until(LEASE_DURATION * 2, || held_by(&table, &shards).get("w2") == Some(&4)).await);
+    pass(TAKE_INTERVAL * 3).await;
+    let giver = table.assignment("w1").await.expect("assignment");
+    assert!(
+        giver.give.is_empty(),
+        "hand-overs done are off the giver's assignment: {giver:?}"
+    );
+    let receiver = table.assignment("w2").await.expect("assignment");
+    assert_eq!(
+        receiver.receive.len(),
+        4,
+        "the receiver's says where each lease came from: {receiver:?}"
+    );
+    one.stop().await;
+    two.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn leases_released_on_shutdown_are_taken_within_a_round_from_the_final_checkpoint() {
     let shards = ["s0", "s1", "s2"];
     let source = FakeSource::with_shards(&shards);
@@ -416,6 +448,60 @@ async fn children_are_read_only_after_every_parent_ends() {
     for shard in ["parent-a", "parent-b", "child-a2"] {
         assert!(table.row(shard).expect("row").shard_end, "{shard} finished");
     }
+}
+
+/// A stream of 250 shards (three pages to list), one read record each, read by one worker that
+/// lists it every minute; its DescribeStream calls once everything was read.
+async fn listed_rarely(source: &FakeSource, seen: &Seen, table: &MemoryLeaseTable) -> (Running, u64) {
+    let names: Vec<String> = (0..250).map(|i| format!("shard-{i:03}")).collect();
+    for name in &names {
+        source.add_shard(name, &[]);
+        source.put(name, "first");
+    }
+    let mut settings = settings();
+    settings.shard_sync_interval = Duration::from_secs(60);
+    let worker = start("w1", source, table, seen, settings);
+    assert!(pass_until(Duration::from_secs(20), || seen.count() == 250).await);
+    (worker, source.describe_calls())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_finished_shards_children_are_looked_up_at_once_without_listing_the_stream() {
+    let (source, table, seen) = (FakeSource::default(), MemoryLeaseTable::default(), Seen::default());
+    let (worker, calls) = listed_rarely(&source, &seen, &table).await;
+    source.put("shard-007", "last");
+    source.split("shard-007", &["shard-007-a", "shard-007-b"]);
+    source.put_many("shard-007-a", 2);
+    source.put_many("shard-007-b", 2);
+    assert!(
+        pass_until(Duration::from_secs(10), || seen.count() == 255).await,
+        "the children are read long before the next listing"
+    );
+    assert_eq!(
+        source.describe_calls() - calls,
+        1,
+        "one lookup of the finished shard's children, no listing"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn children_a_lookup_does_not_find_are_found_by_listing_at_once() {
+    let (source, table, seen) = (FakeSource::default(), MemoryLeaseTable::default(), Seen::default());
+    let (worker, calls) = listed_rarely(&source, &seen, &table).await;
+    source.leave_children_unanswered();
+    source.put("shard-007", "last");
+    source.split("shard-007", &["shard-007-a"]);
+    source.put_many("shard-007-a", 2);
+    assert!(pass_until(Duration::from_secs(10), || seen.count() == 253).await);
+    assert_eq!(
+        source.describe_calls() - calls,
+        4,
+        "one lookup, then one listing of three pages"
+    );
+    pass(Duration::from_secs(30)).await;
+    assert_eq!(source.describe_calls() - calls, 4, "each finished shard looked up once");
+    worker.stop().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -65,6 +65,11 @@ struct State {
     giving: HashMap<ShardId, Option<String>>,
     /// Shards whose reader failed, not restarted before the instant.
     holdoff: HashMap<ShardId, Instant>,
+    /// Shards of the assignment received from another member and counted as such (once each,
+    /// however often the reader restarts).
+    received: HashSet<ShardId>,
+    /// Leases handed over since the leader was last told (it is, once nothing is left to give).
+    handed_over: bool,
     assignment: Assignment,
     /// This worker's epoch when its assignment was last read, and when.
     epoch_read: Option<(u64, Instant)>,
@@ -89,6 +94,8 @@ impl State {
             rows: HashMap::new(),
             giving: HashMap::new(),
             holdoff: HashMap::new(),
+            received: HashSet::new(),
+            handed_over: false,
             assignment: Assignment::default(),
             epoch_read: None,
             leadership: None,
@@ -204,6 +211,7 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         if let Err(error) = self.follow(state, &fleet).await {
             tracing::warn!(error = %error, "could not read this worker's assignment");
         }
+        self.tell_hand_overs(state).await;
         state.share_held();
         self.start_readers(state, &fleet);
         self.context.health.lease_round_succeeded(!state.held.is_empty());
@@ -236,6 +244,8 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             }
             tracing::info!(term = fleet.term + 1, "leading the fleet");
             state.leadership = Some(Leadership::new(fleet.term + 1));
+            // Another leader may have found shards since this worker last listed.
+            state.sync = ShardSync::new();
             state.beat_now.notify_one();
         }
         let Some(lead) = state.leadership.as_mut() else {
@@ -264,6 +274,8 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         });
         if stale {
             state.assignment = self.context.leases.table().assignment(me).await?;
+            let assigned: HashSet<&ShardId> = state.assignment.shards.iter().collect();
+            state.received.retain(|shard| assigned.contains(shard));
             state.epoch_read = Some((epoch, Instant::now()));
         }
         self.give_away(state).await;
@@ -302,6 +314,20 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         }
     }
 
+    /// Once every lease assigned away is handed over, tells the leader (one write), so that its
+    /// copy of the table and the assignments settle at its next round, not at its next scan.
+    async fn tell_hand_overs(&self, state: &mut State) {
+        if !state.handed_over || !state.giving.is_empty() {
+            return;
+        }
+        match self.context.leases.table().mark_changed().await {
+            Ok(()) => state.handed_over = false,
+            Err(error) => {
+                tracing::debug!(error = %error, "could not tell the leader of hand-overs; it sees them at its next scan")
+            }
+        }
+    }
+
     /// Takes up `shard` if its row names this worker; otherwise waits for the hand-over.
     async fn acquire(&self, state: &mut State, shard: &ShardId, fleet: &Fleet) -> Result<(), StreamError> {
         let me = self.context.leases.owner();
@@ -314,7 +340,8 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         if row.shard_end {
             return Ok(());
         }
-        if let Some(from) = state.assignment.receive.get(shard).filter(|from| from.as_str() != me) {
+        let from = state.assignment.receive.get(shard).filter(|from| from.as_str() != me);
+        if let Some(from) = from.filter(|_| state.received.insert(shard.clone())) {
             let reason = if fleet.beats.contains_key(from) && !fleet.leaving.contains(from) {
                 TakeReason::Stolen
             } else {
@@ -345,7 +372,10 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             None => held.release(leases).await,
         };
         match result {
-            Ok(()) => tracing::info!(shard = %shard, to = to.as_deref().unwrap_or("nobody"), "lease handed over"),
+            Ok(()) => {
+                state.handed_over = true;
+                tracing::info!(shard = %shard, to = to.as_deref().unwrap_or("nobody"), "lease handed over");
+            }
             Err(error) => {
                 tracing::warn!(shard = %shard, error = %error, "could not hand the lease over; it will expire")
             }
