@@ -390,6 +390,7 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
                 max_in_flight: 64,
                 max_pending_records: 20_000,
                 max_folded_records: 5_000,
+                read_ahead_bytes: 64 << 20,
                 max_record_age: None,
             },
             retry: policy(),
@@ -403,7 +404,6 @@ async fn worker_read(db: &Db, records: u64, run: usize) -> Result<f64, Failure> 
     let settings = StreamSettings {
         starting_position: StartingPosition::TrimHorizon,
         batch_size: 1000,
-        read_ahead_records: 4000,
         idle_interval: Duration::from_millis(250),
         max_idle_interval: Duration::from_millis(250),
         max_reads_per_second: 1000,
@@ -478,7 +478,8 @@ async fn seeded(flags: &Flags) -> Result<(Db, Vec<(Item, String)>, usize), Failu
     Ok((db, final_keys(&groups, &newest), count))
 }
 
-/// The worker binary drains a backlog written while nothing consumed it.
+/// The worker binary drains a backlog written while nothing consumed it: how long, its peak
+/// RSS and CPU, and from its /metrics the records read, updates and TransactWriteItems calls.
 async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let (db, keys, count) = seeded(flags).await?;
     let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
@@ -486,18 +487,64 @@ async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |since| since.as_secs_f64());
+    let http = match std::env::var("BENCH_WORKER_HTTP") {
+        Ok(addr) => addr,
+        Err(_) => format!("127.0.0.1:{}", free_port()?),
+    };
     let started = Instant::now();
     let mut child = db
         .worker(&flags.text("worker")?, 250, &scratch.to_string_lossy())
+        .env("WORKER_HTTP_ADDR", &http)
         .spawn()?;
     let seconds = wait_final(&db, &keys, started, Duration::from_secs(600)).await?;
+    let (cpu_seconds, peak_rss) = child.id().map_or(Ok((0.0, 0)), footprint)?;
+    let counts = worker_counts(&http).await;
     keep_worker_metrics().await;
     child.kill().await?;
     db.drop_tables().await?;
+    let per_call = counts.updates / counts.calls.max(1.0);
     Ok(
-        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2, "seconds": seconds,
-               "started_unix": started_unix }),
+        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2,
+               "seconds": seconds, "started_unix": started_unix, "peak_rss_bytes": peak_rss,
+               "cpu_seconds": cpu_seconds, "records_read": counts.records, "updates": counts.updates,
+               "transact_calls": counts.calls, "conversations_per_call": per_call }),
     )
+}
+
+fn free_port() -> Result<u16, Failure> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// What a worker's /metrics says it did.
+#[derive(Default)]
+struct WorkerCounts {
+    records: f64,
+    updates: f64,
+    calls: f64,
+}
+
+/// Sums of the worker's counters (every label set), read from its /metrics with curl.
+async fn worker_counts(addr: &str) -> WorkerCounts {
+    let Ok(output) = tokio::process::Command::new("curl")
+        .args(["-s", &format!("http://{addr}/metrics")])
+        .output()
+        .await
+    else {
+        return WorkerCounts::default();
+    };
+    let text = String::from_utf8_lossy(&output.stdout);
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+            .filter(|line| name != "stream_worker_group_updates_total" || line.contains("outcome=\"applied\""))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    WorkerCounts {
+        records: sum("stream_worker_records_received_total"),
+        updates: sum("stream_worker_group_updates_total"),
+        calls: sum("stream_worker_write_transactions_total"),
+    }
 }
 
 /// The seed Lambda's logic as a Python boto3 poller, on the same backlog.

@@ -481,7 +481,6 @@ fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, Config
     Ok(StreamSettings {
         starting_position,
         batch_size: i32::try_from(layers.integer("batch_size", 1, 1000)?).unwrap_or(1000),
-        read_ahead_records: layers.count("read_ahead_records", 1, 10_000)?,
         idle_interval,
         max_idle_interval,
         max_reads_per_second: u32::try_from(layers.integer("max_reads_per_second", 1, 1_000)?).unwrap_or(1_000),
@@ -504,6 +503,7 @@ fn dispatch(layers: &Layers) -> Result<DispatchLimits, ConfigError> {
         max_in_flight: layers.count("max_in_flight", 1, 100_000)?,
         max_pending_records: layers.count("max_pending_records", 1, 10_000_000)?,
         max_folded_records: layers.count("max_folded_records", 1, 10_000_000)?,
+        read_ahead_bytes: layers.count("read_ahead_bytes", 0, 1 << 34)?,
         max_record_age: match layers.integer("max_record_age_seconds", 0, 604_800)? {
             0 => None,
             seconds => Some(Duration::from_secs(seconds)),

@@ -89,6 +89,9 @@ pub struct DispatchLimits {
     pub max_pending_records: usize,
     /// Records one update may cover; later records of its key make the next update.
     pub max_folded_records: usize,
+    /// Bytes (estimated) of updates every lane together may hold back while their shards are
+    /// behind, folding the next pages into them before they start.
+    pub read_ahead_bytes: usize,
     /// A failing update is not retried once its oldest record is older than this.
     pub max_record_age: Option<Duration>,
 }
@@ -133,6 +136,8 @@ struct Shared<H: Handler> {
     /// Dead-letter writes: never out of attempts.
     dead_letter_retry: RetryPolicy,
     permits: Arc<Semaphore>,
+    /// The read-ahead budget in KiB, shared by every lane: what held-back updates may take.
+    budget: Arc<Semaphore>,
     /// Per key, the newest update: what the next one awaits, and the update itself while it
     /// still waits for its turn (so that later records of its lane can join it).
     tails: Mutex<HashMap<String, Tail<H::Event>>>,
@@ -146,6 +151,7 @@ struct Shared<H: Handler> {
 impl<H: Handler> Dispatcher<H> {
     pub fn new(handler: Arc<H>, settings: DispatchSettings) -> Self {
         let permits = Arc::new(Semaphore::new(settings.limits.max_in_flight.max(1)));
+        let budget = Arc::new(Semaphore::new(kib(settings.limits.read_ahead_bytes)));
         let dead_letter_retry = RetryPolicy {
             max_attempts: None,
             ..settings.retry.clone()
@@ -156,6 +162,7 @@ impl<H: Handler> Dispatcher<H> {
                 settings,
                 dead_letter_retry,
                 permits,
+                budget,
                 tails: Mutex::new(HashMap::new()),
                 next_unit: AtomicU64::new(0),
                 tracker: TaskTracker::new(),
@@ -205,6 +212,7 @@ impl<H: Handler> Consumer for Dispatcher<H> {
                 watermark: Mutex::new(Watermark::default()),
                 moved: Notify::new(),
             }),
+            held: Held::default(),
         }
     }
 }
@@ -214,6 +222,36 @@ pub struct DispatchLane<H: Handler> {
     shard: ShardId,
     shared: Arc<Shared<H>>,
     progress: Arc<LaneProgress>,
+    /// Updates held back while the shard is behind.
+    held: Held<H::Event>,
+}
+
+/// A lane's updates held back while its shard is behind, in stream order, and the share of
+/// the read-ahead budget they take.
+struct Held<E> {
+    units: Vec<Unit<E>>,
+    /// Per key, the index of its newest held unit.
+    of_key: HashMap<String, usize>,
+    /// The budget taken (KiB), returned when the units go.
+    taken: Option<OwnedSemaphorePermit>,
+    /// Bytes estimated not yet covered by `taken` (under one KiB).
+    bytes: usize,
+}
+
+impl<E> Default for Held<E> {
+    fn default() -> Self {
+        Self {
+            units: Vec::new(),
+            of_key: HashMap::new(),
+            taken: None,
+            bytes: 0,
+        }
+    }
+}
+
+/// Whole KiB in `bytes`, as semaphore permits (at least one, at most the semaphore's maximum).
+fn kib(bytes: usize) -> usize {
+    (bytes / 1024).clamp(1, Semaphore::MAX_PERMITS)
 }
 
 struct LaneProgress {
@@ -276,19 +314,26 @@ struct Unit<E> {
 }
 
 impl<E> Unit<E> {
+    /// About the bytes of memory the unit holds (its records; the event is counted as the
+    /// surviving record's image, which it is made from).
+    fn approx_bytes(&self) -> usize {
+        2 * self.record.approx_bytes()
+            + self.folded.iter().map(Record::approx_bytes).sum::<usize>()
+            + self.tickets.len() * std::mem::size_of::<Ticket>()
+    }
+
     /// Takes in `later`, an update for the same key later in the stream: one update then
     /// covers both, with the event `supersedes` picks.
     fn absorb(&mut self, later: Unit<E>, supersedes: impl Fn(&E, &E) -> bool) {
         self.tickets.extend(later.tickets);
         self.oldest = earliest(self.oldest, later.oldest);
-        let mut folded = if supersedes(&later.event, &self.event) {
+        let folded = if supersedes(&later.event, &self.event) {
             self.event = later.event;
             std::mem::replace(&mut self.record, later.record)
         } else {
             later.record
         };
-        folded.new_image = None;
-        self.folded.push(folded);
+        self.folded.push(folded.keys_only());
         self.folded.extend(later.folded);
     }
 }
@@ -487,29 +532,105 @@ impl<H: Handler> DispatchLane<H> {
     }
 }
 
-impl<H: Handler> ShardLane for DispatchLane<H> {
-    async fn submit(&mut self, records: Vec<Record>) {
-        let failed = &self.shared.failed;
-        self.progress
-            .wait_below(self.shared.settings.limits.max_pending_records, failed)
-            .await;
+impl<H: Handler> DispatchLane<H> {
+    /// Plans `records` and holds their updates back, each folded into the held update of its key
+    /// when there is one; rejected records go at once. Returns whether the held updates must go
+    /// now (over the budget), or `None` when the worker stops (nothing was taken).
+    async fn hold(&mut self, records: Vec<Record>) -> Option<bool> {
+        let shared = self.shared.clone();
+        let failed = &shared.failed;
+        let bound = self.shared.settings.limits.max_pending_records;
+        if lock(&self.progress.watermark).pending() >= bound.max(1) {
+            // Held records count as pending: they must go before waiting for room.
+            self.release().await;
+        }
+        self.progress.wait_below(bound, failed).await;
         if failed.is_cancelled() {
             // The worker stops: nothing more is taken (none of it is checkpointed either).
-            return;
+            return None;
         }
         let (units, rejected, done_now) = self.plan(records);
         self.progress.complete(&done_now);
-        // The semaphore is never closed; were it, running unbounded beats losing work.
+        let mut over_budget = false;
         for unit in units {
+            over_budget |= !self.keep(unit);
+        }
+        // The semaphore is never closed; were it, running unbounded beats losing work.
+        for rejected in rejected {
+            let permit = self.shared.permits.clone().acquire_owned().await.ok();
+            self.spawn_rejected(rejected, permit);
+        }
+        Some(over_budget)
+    }
+
+    /// Adds `unit` to the held updates and takes its size from the shared budget; `false` when
+    /// the budget has no more room.
+    fn keep(&mut self, unit: Unit<H::Event>) -> bool {
+        let held = &mut self.held;
+        let max_folded = self.shared.settings.limits.max_folded_records;
+        let index = held
+            .of_key
+            .get(&unit.key)
+            .copied()
+            .filter(|&index| held.units[index].tickets.len() + unit.tickets.len() <= max_folded);
+        match index {
+            Some(index) => {
+                // One more record kept by its keys, and the folded ones it brings.
+                held.bytes += unit.approx_bytes() - 2 * unit.record.approx_bytes() + unit.record.approx_key_bytes();
+                metrics::counter!(metric::RECORDS_COALESCED).increment(unit.tickets.len() as u64);
+                let handler = &self.shared.handler;
+                held.units[index].absorb(unit, |a, b| handler.supersedes(a, b));
+            }
+            None => {
+                held.bytes += unit.approx_bytes();
+                held.of_key.insert(unit.key.clone(), held.units.len());
+                held.units.push(unit);
+            }
+        }
+        let whole = u32::try_from(held.bytes / 1024).unwrap_or(u32::MAX);
+        if whole == 0 {
+            return true;
+        }
+        match self.shared.budget.clone().try_acquire_many_owned(whole) {
+            Ok(permit) => {
+                held.bytes -= whole as usize * 1024;
+                match held.taken.as_mut() {
+                    Some(taken) => taken.merge(permit),
+                    None => held.taken = Some(permit),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Starts every held update (each after its key's previous one), giving its share of the
+    /// budget back.
+    async fn release(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        for unit in held.units {
             let Some(unit) = self.join_waiting(unit) else {
                 continue;
             };
             let permit = self.shared.permits.clone().acquire_owned().await.ok();
             self.spawn(unit, permit);
         }
-        for rejected in rejected {
-            let permit = self.shared.permits.clone().acquire_owned().await.ok();
-            self.spawn_rejected(rejected, permit);
+    }
+}
+
+impl<H: Handler> ShardLane for DispatchLane<H> {
+    async fn submit(&mut self, records: Vec<Record>) {
+        if self.hold(records).await.is_some() {
+            self.release().await;
+        }
+    }
+
+    async fn submit_ahead(&mut self, records: Vec<Record>) {
+        if self.shared.settings.limits.read_ahead_bytes == 0 {
+            return self.submit(records).await;
+        }
+        if self.hold(records).await == Some(true) {
+            self.release().await;
         }
     }
 
@@ -518,6 +639,9 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
     }
 
     async fn drain(&mut self) {
+        if !self.shared.failed.is_cancelled() {
+            self.release().await;
+        }
         self.progress.wait_below(1, &self.shared.failed).await;
     }
 }
@@ -688,6 +812,7 @@ mod tests {
                 max_in_flight,
                 max_pending_records: 100_000,
                 max_folded_records: 100_000,
+                read_ahead_bytes: 1 << 30,
                 max_record_age: None,
             },
             retry: RetryPolicy {
@@ -972,6 +1097,93 @@ mod tests {
         let mut lane = task.await.expect("submit finishes");
         lane.drain().await;
         assert_eq!(handler.applied().len(), 3);
+    }
+
+    fn page(from: u32, keys: &[&str], value: u32) -> Vec<Record> {
+        keys.iter()
+            .enumerate()
+            .map(|(n, key)| record(from + n as u32, key, value))
+            .collect()
+    }
+
+    /// Full pages (a backlog) are held and folded: one update per key for the whole backlog,
+    /// with each key's newest value, written only once a page that is not full comes.
+    #[tokio::test]
+    async fn full_pages_are_held_and_folded_until_the_tip() {
+        let handler = Recorder::new(true, &[]);
+        let dispatcher = dispatcher(handler.clone(), 8);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        lane.submit_ahead(page(1, &["a", "b"], 1)).await;
+        lane.submit_ahead(page(3, &["b", "a"], 2)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            handler.applied().is_empty(),
+            "nothing written while the shard is behind"
+        );
+        assert_eq!(through(&lane), None);
+        lane.submit(page(5, &["c"], 3)).await;
+        lane.drain().await;
+        let mut applied = handler.applied();
+        applied.sort();
+        assert_eq!(applied, vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 3)]);
+        assert_eq!(through(&lane).as_deref(), Some("5"));
+    }
+
+    /// Held updates of every lane share one budget: past it, a lane lets its updates go.
+    #[tokio::test]
+    async fn the_read_ahead_budget_is_shared_by_every_lane() {
+        let handler = Recorder::new(true, &[]);
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        let mut settings = settings(64, DeadLetterDestination::File(path));
+        let one = record(1, "k0", 1);
+        let unit_bytes = 2 * one.approx_bytes() + std::mem::size_of::<Ticket>();
+        settings.limits.read_ahead_bytes = 9 * unit_bytes;
+        let dispatcher = Dispatcher::new(handler.clone(), settings);
+        let mut first = dispatcher.open_lane(&ShardId("s1".into()));
+        let mut second = dispatcher.open_lane(&ShardId("s2".into()));
+        let keys: Vec<String> = (0..6).map(|n| format!("k{n}")).collect();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        first.submit_ahead(page(1, &keys, 1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(handler.applied().is_empty(), "six updates fit in a budget of nine");
+        let others: Vec<String> = (0..6).map(|n| format!("other{n}")).collect();
+        let others: Vec<&str> = others.iter().map(String::as_str).collect();
+        second.submit_ahead(page(1, &others, 1)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let applied = handler.applied();
+        assert_eq!(
+            applied.len(),
+            6,
+            "the lane that found the budget spent let its six go: {applied:?}"
+        );
+        assert!(applied.iter().all(|(key, _)| key.starts_with("other")));
+        first.drain().await;
+        assert_eq!(handler.applied().len(), 12);
+    }
+
+    /// Held records count against the pending bound: at it, the lane lets them go instead of
+    /// waiting for itself.
+    #[tokio::test]
+    async fn held_updates_go_when_the_pending_bound_is_reached() {
+        let handler = Recorder::new(true, &[]);
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        let mut settings = settings(64, DeadLetterDestination::File(path));
+        settings.limits.max_pending_records = 4;
+        let dispatcher = Dispatcher::new(handler.clone(), settings);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let submitted = tokio::time::timeout(Duration::from_secs(5), async {
+            for round in 0..5 {
+                lane.submit_ahead(page(1 + round * 3, &["a", "b", "c"], round + 1))
+                    .await;
+            }
+        })
+        .await;
+        assert!(submitted.is_ok(), "the lane never waits for records it holds itself");
+        assert!(!handler.applied().is_empty());
+        lane.drain().await;
+        assert!(handler.applied().contains(&("a".into(), 5)));
     }
 
     /// One update that cannot finish (an hour-long handler) and 100 batches of 1 000 records

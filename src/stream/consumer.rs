@@ -18,6 +18,12 @@ pub trait ShardLane: Send + Sync + 'static {
     /// Takes a batch, in stream order. Waits while the consumer is at its in-flight bound
     /// (backpressure); returns once every record is accepted, not handled.
     fn submit(&mut self, records: Vec<Record>) -> impl Future<Output = ()> + Send;
+    /// Takes a batch that more records follow at once (the page was full: the shard is behind).
+    /// The lane may hold its work back, within its memory budget, to fold later records of the
+    /// same keys into it; the next `submit` or `drain` releases it. By default, `submit`.
+    fn submit_ahead(&mut self, records: Vec<Record>) -> impl Future<Output = ()> + Send {
+        self.submit(records)
+    }
     /// The newest submitted record such that it and every record submitted before it are
     /// fully handled: the only sequence number a checkpoint may name.
     fn handled_through(&self) -> Option<SequenceNumber>;

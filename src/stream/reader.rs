@@ -6,7 +6,8 @@
 //! the reader drains its lane and writes a final checkpoint before it returns.
 //!
 //! Polling: after a batch with records the shard is read again at once, while that batch is
-//! handed over (at most one read ahead of the lane); after an empty one the reader waits as
+//! handed over (at most one page read ahead of the lane; a full page is handed over as one that
+//! more follow, so the lane may fold the backlog before it writes); after an empty one the reader waits as
 //! [`Pacer`] says (from `idle_interval` up to `max_idle_interval` while the shard stays quiet),
 //! and no shard is read more than `max_reads_per_second` times a second.
 
@@ -69,26 +70,10 @@ pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
 }
 
 impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
-    /// One page, or under a backlog (full pages) several, up to `read_ahead_records`: a wider
-    /// window lets the consumer fold more records of one key into one update. A failure after
-    /// the first page hands over what was read; the next read meets it again.
+    /// One page. A full one means the shard is behind: the lane may then hold its records back
+    /// to fold them with the next pages' ([`ShardLane::submit_ahead`]).
     async fn read(&self, iterator: &str, pace: &Mutex<Pacer>) -> Result<Batch, StreamError> {
-        let full_page = usize::try_from(self.settings.batch_size).unwrap_or(usize::MAX);
-        let mut batch = self.read_page(iterator, pace).await?;
-        let mut last_page = batch.records.len();
-        while last_page >= full_page && batch.records.len() < self.settings.read_ahead_records {
-            let Some(next) = batch.next_iterator.clone() else {
-                break;
-            };
-            let Ok(page) = self.read_page(&next, pace).await else {
-                break;
-            };
-            last_page = page.records.len();
-            batch.records.extend(page.records);
-            batch.next_iterator = page.next_iterator;
-            batch.behind = page.behind;
-        }
-        Ok(batch)
+        self.read_page(iterator, pace).await
     }
 
     /// One GetRecords call (each attempt waits for the shard's pace).
@@ -246,11 +231,19 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
             // Records came, so more may follow at once: read on while the lane takes these (it
             // may wait for room), rather than one after the other.
             let context = self.context;
-            let ((), next_read) = tokio::join!(
-                self.lane.submit(batch.records),
-                context.read_unless(iterator, &self.pace, cancel)
-            );
+            let full = batch.records.len() >= usize::try_from(context.settings.batch_size).unwrap_or(usize::MAX);
+            let submit = async {
+                if full {
+                    self.lane.submit_ahead(batch.records).await;
+                } else {
+                    self.lane.submit(batch.records).await;
+                }
+            };
+            let ((), next_read) = tokio::join!(submit, context.read_unless(iterator, &self.pace, cancel));
             read_ahead = next_read;
+        } else {
+            // At the tip: whatever the lane held back for folding goes now.
+            self.lane.submit(Vec::new()).await;
         }
         self.save(false, false).await?;
         let idle = lock(&self.pace).after_read(read_any);

@@ -133,9 +133,67 @@ pub struct Record {
     pub created_at: Option<SystemTime>,
 }
 
+/// Bytes of memory one attribute's entry takes beyond its name and value (the map slot, the
+/// strings' and the enum's own headers), as an estimate.
+const ENTRY_OVERHEAD: usize = 64;
+/// Bytes of a record beyond its attributes: the sequence number, the maps' headers.
+const RECORD_OVERHEAD: usize = 160;
+
+impl Record {
+    /// About how many bytes of memory the record holds: what read-ahead budgets count.
+    pub fn approx_bytes(&self) -> usize {
+        self.approx_key_bytes() + self.new_image.as_ref().map_or(0, item_bytes)
+    }
+
+    /// About how many bytes the record holds without its new image.
+    pub fn approx_key_bytes(&self) -> usize {
+        RECORD_OVERHEAD + self.sequence_number.0.len() + item_bytes(&self.keys)
+    }
+
+    /// The same record without its new image (what a folded record keeps, for dead letters).
+    pub fn keys_only(mut self) -> Self {
+        self.new_image = None;
+        self
+    }
+}
+
+fn item_bytes(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| ENTRY_OVERHEAD + name.len() + value_bytes(value))
+        .sum()
+}
+
+fn value_bytes(value: &AttributeValue) -> usize {
+    match value {
+        AttributeValue::S(text) | AttributeValue::N(text) => text.len(),
+        AttributeValue::B(blob) => blob.as_ref().len(),
+        AttributeValue::Ss(texts) | AttributeValue::Ns(texts) => texts.iter().map(|t| t.len() + 24).sum(),
+        AttributeValue::Bs(blobs) => blobs.iter().map(|b| b.as_ref().len() + 24).sum(),
+        AttributeValue::L(values) => values.iter().map(|v| ENTRY_OVERHEAD + value_bytes(v)).sum(),
+        AttributeValue::M(item) => item_bytes(item),
+        _ => 8,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_is_sized_by_what_it_holds() {
+        let small = Record {
+            sequence_number: seq("1"),
+            event: EventKind::Insert,
+            keys: [("pk".to_owned(), AttributeValue::S("MSG#g".into()))].into(),
+            new_image: None,
+            created_at: None,
+        };
+        let mut large = small.clone();
+        large.new_image = Some([("message".to_owned(), AttributeValue::S("x".repeat(10_000)))].into());
+        assert!(small.approx_bytes() < 400, "{}", small.approx_bytes());
+        assert!(large.approx_bytes() > 10_000);
+        assert_eq!(large.keys_only().approx_bytes(), small.approx_bytes());
+    }
 
     fn seq(text: &str) -> SequenceNumber {
         SequenceNumber::parse(text).expect("valid sequence number")

@@ -19,8 +19,6 @@ pub struct StreamSettings {
     pub starting_position: StartingPosition,
     /// GetRecords limit (1..=1000 on DynamoDB Streams).
     pub batch_size: i32,
-    /// Records read before handing them over while pages come back full (a backlog).
-    pub read_ahead_records: usize,
     /// The first wait after an empty read; it doubles with each further one, up to
     /// `max_idle_interval` ([`super::pacing`]).
     pub idle_interval: Duration,

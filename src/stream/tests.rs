@@ -24,7 +24,6 @@ pub(super) fn settings() -> StreamSettings {
     StreamSettings {
         starting_position: StartingPosition::TrimHorizon,
         batch_size: 100,
-        read_ahead_records: 100,
         idle_interval: Duration::from_millis(200),
         max_idle_interval: Duration::from_millis(200),
         max_reads_per_second: 5,
@@ -879,7 +878,6 @@ async fn a_busy_shard_is_read_at_most_max_reads_per_second() {
     let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
     let mut settings = settings();
     settings.batch_size = 10;
-    settings.read_ahead_records = 40;
     let worker = start("w1", &source, &table, &seen, settings);
     pass(Duration::from_secs(1)).await;
     source.put_many("shard-a", 500);

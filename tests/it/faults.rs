@@ -118,7 +118,7 @@ async fn an_expired_iterator_resumes_from_the_checkpoint_without_skipping_or_rep
         expired_answers: expired_answers.clone(),
     };
     let worker = db
-        .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_records", "4")])
+        .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_bytes", "0")])
         .await;
     for (group, sk, text) in &expected {
         db.wait_for_group(group, sk, text).await;
@@ -144,7 +144,7 @@ async fn trimmed_records_are_counted_as_a_gap_and_reading_restarts_at_the_horizo
     let expected = traffic(&db).await;
     let source = Faulty::trimming(db.stream_source(), 1);
     let worker = db
-        .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_records", "4")])
+        .start_worker_on(source, &[("batch_size", "4"), ("read_ahead_bytes", "0")])
         .await;
     for (group, sk, text) in &expected {
         db.wait_for_group(group, sk, text).await;

@@ -36,7 +36,7 @@ async fn a_restart_resumes_after_the_checkpoint() {
     let worker = db
         .start_worker(&[
             ("batch_size", "7"),
-            ("read_ahead_records", "7"),
+            ("read_ahead_bytes", "0"),
             ("max_in_flight", "1"),
             ("checkpoint_interval_ms", "0"),
         ])
