@@ -15,6 +15,10 @@
 //! - At most `max_pending_records` (plus one batch) records of a lane wait for the watermark,
 //!   and one update folds in at most `max_folded_records`: behind an update that cannot finish,
 //!   `submit` waits instead of queueing every later record.
+//! - Read-ahead: a batch submitted as one that more follow (`submit_ahead`: the shard is behind)
+//!   is folded into the lane's held updates, which start at the next `submit` or `drain`, or as
+//!   soon as the held updates of every lane together pass `read_ahead_bytes` (one shared budget,
+//!   estimated from the records kept) or the lane's pending bound. Raw batches are never kept.
 //! - A record counts as handled (for the watermark) only once the update that covers it has
 //!   succeeded, or has failed for good *and* its dead letter is stored; ignored records are
 //!   handled at once. A dead letter that cannot be stored for now is retried until it is (the
@@ -1184,6 +1188,78 @@ mod tests {
         assert!(!handler.applied().is_empty());
         lane.drain().await;
         assert!(handler.applied().contains(&("a".into(), 5)));
+    }
+
+    /// A hot conversation in a backlog: 5,000 of its messages among 5,000 others over ten full
+    /// pages make one update for it, with its newest message.
+    #[tokio::test]
+    async fn a_hot_conversation_in_a_backlog_makes_one_update() {
+        let handler = Recorder::new(true, &[]);
+        handler.gate.add_permits(100_000);
+        let dispatcher = dispatcher(handler.clone(), 64);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        for page in 0..10u32 {
+            let records: Vec<Record> = (0..1_000u32)
+                .map(|n| {
+                    let sequence = page * 1_000 + n + 1;
+                    // Values 990-999 fail or are rejected: keep clear of them.
+                    if n % 2 == 0 {
+                        record(sequence, "hot", sequence + 1_000)
+                    } else {
+                        record(sequence, &format!("k{sequence}"), 1)
+                    }
+                })
+                .collect();
+            if page < 9 {
+                lane.submit_ahead(records).await;
+            } else {
+                lane.submit(records).await;
+            }
+        }
+        lane.drain().await;
+        let applied = handler.applied();
+        let hot: Vec<&(String, u32)> = applied.iter().filter(|(key, _)| key == "hot").collect();
+        assert_eq!(hot, vec![&("hot".to_owned(), 10_999)], "one update, the newest message");
+        assert_eq!(applied.len(), 5_001);
+        assert_eq!(through(&lane).as_deref(), Some("10000"));
+    }
+
+    /// 20,000 conversations with one message each, in full pages: what the lane holds stays
+    /// within the budget (plus the page that reached it), and every one is written.
+    #[tokio::test]
+    async fn twenty_thousand_distinct_conversations_stay_within_the_budget() {
+        let handler = Recorder::new(true, &[]);
+        handler.gate.add_permits(100_000);
+        let path = scratch_file();
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("dir");
+        let mut settings = settings(64, DeadLetterDestination::File(path));
+        let budget = 1 << 20;
+        settings.limits.read_ahead_bytes = budget;
+        let dispatcher = Dispatcher::new(handler.clone(), settings);
+        let mut lane = dispatcher.open_lane(&ShardId("s".into()));
+        let mut most = 0;
+        for page in 0..20u32 {
+            let records: Vec<Record> = (0..1_000u32)
+                .map(|n| {
+                    let sequence = page * 1_000 + n + 1;
+                    record(sequence, &format!("conversation-{sequence}"), 1)
+                })
+                .collect();
+            let page_bytes: usize = records.iter().map(|r| 2 * r.approx_bytes() + 8).sum();
+            lane.submit_ahead(records).await;
+            let held: usize = lane.held.units.iter().map(Unit::approx_bytes).sum();
+            assert!(held <= budget + page_bytes, "held {held} bytes, budget {budget}");
+            most = most.max(held);
+        }
+        assert!(most > budget / 2, "it did hold a backlog: {most}");
+        lane.submit(Vec::new()).await;
+        lane.drain().await;
+        assert_eq!(handler.applied().len(), 20_000);
+        assert_eq!(
+            dispatcher.shared.budget.available_permits(),
+            kib(budget),
+            "the budget is whole again"
+        );
     }
 
     /// One update that cannot finish (an hour-long handler) and 100 batches of 1 000 records
