@@ -469,45 +469,95 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
     }))
 }
 
-/// Seeds a fresh database with `groups` conversations and `count` later messages.
-async fn seeded(flags: &Flags) -> Result<(Db, Vec<(Item, String)>, usize), Failure> {
-    let db = Db::fresh(&flags.text("endpoint")?).await?;
-    let groups = conversations(&db, flags.number("groups", 200)? as usize).await?;
-    let count = flags.number("messages", 4_000)? as usize;
-    let newest = messages(&db, &groups, count).await?;
-    Ok((db, final_keys(&groups, &newest), count))
+/// A backlog in one database: its final group-row keys and texts.
+struct Seeded {
+    db: Db,
+    keys: Vec<(Item, String)>,
 }
 
-/// The worker binary drains a backlog written while nothing consumed it: how long, its peak
-/// RSS and CPU, and from its /metrics the records read, updates and TransactWriteItems calls.
+/// Seeds `--databases` fresh databases (1 by default), each with its part of `--groups`
+/// conversations and `--messages` later messages: a backlog past DynamoDB Local's ~15 k
+/// stream-record slowdown is split so that the slowdown does not decide the figure. Returns
+/// them and the messages in all.
+async fn seeded(flags: &Flags) -> Result<(Vec<Seeded>, usize), Failure> {
+    let databases = flags.number("databases", 1)?.max(1) as usize;
+    let groups = flags.number("groups", 200)? as usize / databases;
+    let count = flags.number("messages", 4_000)? as usize / databases;
+    let mut seeded = Vec::new();
+    for _ in 0..databases {
+        let db = Db::fresh(&flags.text("endpoint")?).await?;
+        let conversations = conversations(&db, groups).await?;
+        let newest = messages(&db, &conversations, count).await?;
+        seeded.push(Seeded {
+            keys: final_keys(&conversations, &newest),
+            db,
+        });
+    }
+    Ok((seeded, count * databases))
+}
+
+/// Waits for every database's final rows: the time the last one took, `None` past `limit`.
+async fn wait_all(seeded: &[Seeded], started: Instant, limit: Duration) -> Result<Option<f64>, Failure> {
+    let waits = seeded.iter().map(|one| wait_final(&one.db, &one.keys, started, limit));
+    let times = futures::future::try_join_all(waits).await?;
+    Ok(times
+        .into_iter()
+        .try_fold(0.0, |most: f64, time| time.map(|time| most.max(time))))
+}
+
+async fn drop_all(seeded: &[Seeded]) -> Result<(), Failure> {
+    for one in seeded {
+        one.db.drop_tables().await?;
+    }
+    Ok(())
+}
+
+fn conversations_in(seeded: &[Seeded]) -> usize {
+    seeded.iter().map(|one| one.keys.len() / 2).sum()
+}
+
+/// The worker binary drains a backlog written while nothing consumed it (one worker process per
+/// database): how long, its peak RSS and CPU (the largest of the processes), and from their
+/// /metrics the records read, updates and TransactWriteItems calls (summed).
 async fn drain(flags: &Flags) -> Result<serde_json::Value, Failure> {
-    let (db, keys, count) = seeded(flags).await?;
-    let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", db.access_key));
+    let (seeded, count) = seeded(flags).await?;
     // Wall-clock start, so that bench/drain-timeline can line the worker's log up with it.
     let started_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |since| since.as_secs_f64());
-    let http = match std::env::var("BENCH_WORKER_HTTP") {
-        Ok(addr) => addr,
-        Err(_) => format!("127.0.0.1:{}", free_port()?),
-    };
     let started = Instant::now();
-    let mut child = db
-        .worker(&flags.text("worker")?, 250, &scratch.to_string_lossy())
-        .env("WORKER_HTTP_ADDR", &http)
-        .spawn()?;
-    let seconds = wait_final(&db, &keys, started, Duration::from_secs(600)).await?;
-    let (cpu_seconds, peak_rss) = child.id().map_or(Ok((0.0, 0)), footprint)?;
-    let counts = worker_counts(&http).await;
+    let mut workers = Vec::new();
+    for one in &seeded {
+        let scratch = std::env::temp_dir().join(format!("bench-{}.jsonl", one.db.access_key));
+        let http = match std::env::var("BENCH_WORKER_HTTP").ok().filter(|_| seeded.len() == 1) {
+            Some(addr) => addr,
+            None => format!("127.0.0.1:{}", free_port()?),
+        };
+        let child = one
+            .db
+            .worker(&flags.text("worker")?, 250, &scratch.to_string_lossy())
+            .env("WORKER_HTTP_ADDR", &http)
+            .spawn()?;
+        workers.push((child, http));
+    }
+    let seconds = wait_all(&seeded, started, Duration::from_secs(600)).await?;
+    let (mut cpu_seconds, mut peak_rss, mut counts) = (0.0f64, 0u64, WorkerCounts::default());
+    for (child, http) in &mut workers {
+        let (cpu, rss) = child.id().map_or(Ok((0.0, 0)), footprint)?;
+        (cpu_seconds, peak_rss) = (cpu_seconds.max(cpu), peak_rss.max(rss));
+        counts.add(worker_counts(http).await);
+    }
     keep_worker_metrics().await;
-    child.kill().await?;
-    db.drop_tables().await?;
+    for (child, _) in &mut workers {
+        child.kill().await?;
+    }
+    drop_all(&seeded).await?;
     let per_call = counts.updates / counts.calls.max(1.0);
     Ok(
-        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": keys.len() / 2,
-               "seconds": seconds, "started_unix": started_unix, "peak_rss_bytes": peak_rss,
-               "cpu_seconds": cpu_seconds, "records_read": counts.records, "updates": counts.updates,
-               "transact_calls": counts.calls, "conversations_per_call": per_call }),
+        json!({ "scenario": "drain", "contender": "worker", "messages": count, "groups": conversations_in(&seeded),
+               "databases": seeded.len(), "seconds": seconds, "started_unix": started_unix,
+               "peak_rss_bytes": peak_rss, "cpu_seconds": cpu_seconds, "records_read": counts.records,
+               "updates": counts.updates, "transact_calls": counts.calls, "conversations_per_call": per_call }),
     )
 }
 
@@ -521,6 +571,14 @@ struct WorkerCounts {
     records: f64,
     updates: f64,
     calls: f64,
+}
+
+impl WorkerCounts {
+    fn add(&mut self, other: WorkerCounts) {
+        self.records += other.records;
+        self.updates += other.updates;
+        self.calls += other.calls;
+    }
 }
 
 /// Sums of the worker's counters (every label set), read from its /metrics with curl.
@@ -547,27 +605,33 @@ async fn worker_counts(addr: &str) -> WorkerCounts {
     }
 }
 
-/// The seed Lambda's logic as a Python boto3 poller, on the same backlog.
+/// The seed Lambda's logic as a Python boto3 poller (one per database), on the same backlog.
 async fn drain_lambda(flags: &Flags) -> Result<serde_json::Value, Failure> {
-    let (db, keys, count) = seeded(flags).await?;
+    let (seeded, count) = seeded(flags).await?;
     let started = Instant::now();
-    let mut child = tokio::process::Command::new("python3")
-        .arg(flags.text("poller")?)
-        .env("AWS_ENDPOINT_URL", &db.endpoint)
-        .env("AWS_REGION", REGION)
-        .env("AWS_DEFAULT_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", &db.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", "secret")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut pollers = Vec::new();
+    for one in &seeded {
+        let child = tokio::process::Command::new("python3")
+            .arg(flags.text("poller")?)
+            .env("AWS_ENDPOINT_URL", &one.db.endpoint)
+            .env("AWS_REGION", REGION)
+            .env("AWS_DEFAULT_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", &one.db.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        pollers.push(child);
+    }
     let limit = Duration::from_secs(flags.number("limit-seconds", 900)?);
-    let seconds = wait_final(&db, &keys, started, limit).await?;
-    child.kill().await?;
-    db.drop_tables().await?;
+    let seconds = wait_all(&seeded, started, limit).await?;
+    for child in &mut pollers {
+        child.kill().await?;
+    }
+    drop_all(&seeded).await?;
     Ok(
-        json!({ "scenario": "drain", "contender": "lambda_logic", "messages": count, "groups": keys.len() / 2,
-               "seconds": seconds, "limit_seconds": limit.as_secs() }),
+        json!({ "scenario": "drain", "contender": "lambda_logic", "messages": count, "groups": conversations_in(&seeded),
+               "databases": seeded.len(), "seconds": seconds, "limit_seconds": limit.as_secs() }),
     )
 }
 
@@ -575,16 +639,63 @@ async fn drain_lambda(flags: &Flags) -> Result<serde_json::Value, Failure> {
 /// `--pack` conversations each (delete both old rows, put both new ones; 25 conversations make
 /// the API's 100 actions), 32 in flight. No stream read at all.
 async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
-    let (db, keys, count) = seeded(flags).await?;
+    let (seeded, count) = seeded(flags).await?;
+    let conditional = flags.number("conditional", 0)? == 1;
+    // Conversations per TransactWriteItems (4 actions each; the API takes up to 100 actions).
+    let pack = flags.number("pack", 1)?.clamp(1, 25) as usize;
+    let mut plans = Vec::new();
+    for one in &seeded {
+        plans.push(ceiling_plan(one).await?);
+    }
+    let failed = CancellationToken::new();
+    let started = Instant::now();
+    let writes = futures::future::join_all(
+        seeded
+            .iter()
+            .zip(&plans)
+            .map(|(one, plan)| ceiling_writes(&one.db, plan, conditional, pack)),
+    )
+    .map(|results| {
+        if results.iter().any(Result::is_err) {
+            failed.cancel();
+        }
+        (results, started.elapsed().as_secs_f64())
+    });
+    // Timed by the same observer as every other contender (polling the final rows while the
+    // writes run), so that its reads load DynamoDB Local alike and its lag counts alike.
+    let observed = failed.run_until_cancelled(wait_all(&seeded, started, Duration::from_secs(600)));
+    let ((results, writes_seconds), seconds) = tokio::join!(writes, observed);
+    for result in results {
+        result?;
+    }
+    let seconds = seconds.ok_or("the ceiling's writes failed")?;
+    drop_all(&seeded).await?;
+    Ok(
+        json!({ "scenario": "drain", "contender": if conditional { "ceiling_conditional" } else { "ceiling" },
+               "messages": count, "groups": conversations_in(&seeded), "databases": seeded.len(),
+               "seconds": seconds?, "writes_seconds": writes_seconds }),
+    )
+}
+
+/// What the ceiling writes in one database: each conversation's group rows as stored, and each
+/// owner's final key and text.
+struct CeilingPlan {
+    conversations: Vec<Vec<Item>>,
+    target: HashMap<String, (String, String)>,
+}
+
+async fn ceiling_plan(one: &Seeded) -> Result<CeilingPlan, Failure> {
     let rows = aws::scan_all(
-        db.client
+        one.db
+            .client
             .scan()
             .table_name(TABLE)
             .filter_expression("begins_with(pk, :grp)")
             .expression_attribute_values(":grp", AttributeValue::S("GRP#".into())),
     )
     .await?;
-    let target: HashMap<String, (String, String)> = keys
+    let target = one
+        .keys
         .iter()
         .map(|(key, text)| {
             let field = |name: &str| key[name].as_s().cloned().unwrap_or_default();
@@ -600,16 +711,18 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
             .unwrap_or_default();
         by_group.entry(group).or_default().push(row);
     }
-    let conditional = flags.number("conditional", 0)? == 1;
-    let failed = CancellationToken::new();
-    let started = Instant::now();
-    // Conversations per TransactWriteItems (4 actions each; the API takes up to 100 actions).
-    let pack = flags.number("pack", 1)?.clamp(1, 25) as usize;
-    let conversations: Vec<Vec<Item>> = by_group.into_values().collect();
-    let writes = futures::stream::iter(conversations.chunks(pack).map(|chunk| chunk.concat()))
-        .map(|rows| {
-            let (db, target) = (&db, &target);
-            async move {
+    Ok(CeilingPlan {
+        conversations: by_group.into_values().collect(),
+        target,
+    })
+}
+
+/// The ceiling's transactions in one database, `pack` conversations each, 32 in flight.
+async fn ceiling_writes(db: &Db, plan: &CeilingPlan, conditional: bool, pack: usize) -> Result<(), Failure> {
+    let target = &plan.target;
+    let results: Vec<Result<(), Failure>> =
+        futures::stream::iter(plan.conversations.chunks(pack).map(<[Vec<Item>]>::concat))
+            .map(|rows| async move {
                 let mut items = Vec::new();
                 for row in rows {
                     let pk = row["pk"].as_s().map_err(|_| "pk")?.clone();
@@ -644,30 +757,11 @@ async fn drain_ceiling(flags: &Flags) -> Result<serde_json::Value, Failure> {
                     .send()
                     .await?;
                 Ok::<_, Failure>(())
-            }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .map(|results| {
-            if results.iter().any(Result::is_err) {
-                failed.cancel();
-            }
-            (results, started.elapsed().as_secs_f64())
-        });
-    // Timed by the same observer as every other contender (polling the final rows while the
-    // writes run), so that its reads load DynamoDB Local alike and its lag counts alike.
-    let observed = failed.run_until_cancelled(wait_final(&db, &keys, started, Duration::from_secs(600)));
-    let ((results, writes_seconds), seconds) = tokio::join!(writes, observed);
-    for result in results {
-        result?;
-    }
-    let seconds = seconds.ok_or("the ceiling's writes failed")?;
-    db.drop_tables().await?;
-    Ok(
-        json!({ "scenario": "drain", "contender": if conditional { "ceiling_conditional" } else { "ceiling" },
-               "messages": count, "groups": keys.len() / 2, "seconds": seconds?,
-               "writes_seconds": writes_seconds }),
-    )
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+    results.into_iter().collect()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

@@ -420,13 +420,14 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         id => id.to_owned(),
     };
     let retry = retry(layers)?;
+    let source = source(layers)?;
     Ok(Settings {
-        source: source(layers)?,
+        stream: stream(layers, &retry, &source)?,
+        source,
         table_name: table_name(layers, "table_name")?,
         lease_table_name: table_name(layers, "lease_table_name")?,
         worker_id,
         shutdown_grace: Duration::from_secs(layers.integer("shutdown_grace_seconds", 1, 3_600)?),
-        stream: stream(layers, &retry)?,
         dispatch: dispatch(layers)?,
         groups: GroupsSettings {
             max_write_calls: layers.count("max_write_calls", 1, 1_000)?,
@@ -452,8 +453,14 @@ fn source(layers: &Layers) -> Result<Source, ConfigError> {
     }
 }
 
+/// GetRecords calls per shard a second when `max_reads_per_second` is 0: Kinesis allows 5 (shared
+/// by every consumer of the stream); DynamoDB Streams states no per-shard rate (it throttles more
+/// than two readers of a shard), so a backlog is read at up to 10 pages a second.
+const KINESIS_READS_PER_SECOND: u32 = 5;
+const DYNAMODB_STREAMS_READS_PER_SECOND: u32 = 10;
+
 /// `[stream]`; its AWS calls retry with the updates' delays, until shutdown.
-fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, ConfigError> {
+fn stream(layers: &Layers, retry: &RetryPolicy, source: &Source) -> Result<StreamSettings, ConfigError> {
     let starting_position = match layers.string("starting_position")?.to_ascii_uppercase().as_str() {
         "TRIM_HORIZON" => StartingPosition::TrimHorizon,
         "LATEST" => StartingPosition::Latest,
@@ -483,7 +490,11 @@ fn stream(layers: &Layers, retry: &RetryPolicy) -> Result<StreamSettings, Config
         batch_size: i32::try_from(layers.integer("batch_size", 1, 1000)?).unwrap_or(1000),
         idle_interval,
         max_idle_interval,
-        max_reads_per_second: u32::try_from(layers.integer("max_reads_per_second", 1, 1_000)?).unwrap_or(1_000),
+        max_reads_per_second: match layers.integer("max_reads_per_second", 0, 1_000)? {
+            0 if matches!(source, Source::Kinesis { .. }) => KINESIS_READS_PER_SECOND,
+            0 => DYNAMODB_STREAMS_READS_PER_SECOND,
+            reads => u32::try_from(reads).unwrap_or(1_000),
+        },
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
         checkpoint_interval: layers.millis("checkpoint_interval_ms", 0, 600_000)?,
         lease_duration,
@@ -641,6 +652,17 @@ mod tests {
         ] {
             assert!(load(&sources(&[("WORKER_LOG_LEVEL", good)], &[])).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn reads_per_second_default_to_the_sources_pace() {
+        let reads = |env: &[(&str, &str)]| load(&sources(env, &[])).expect("valid").stream.max_reads_per_second;
+        assert_eq!(reads(&[]), 10, "DynamoDB Streams");
+        let kinesis = [("WORKER_SOURCE", "kinesis"), ("WORKER_KINESIS_STREAM_NAME", "s")];
+        assert_eq!(reads(&kinesis), 5, "Kinesis's per-shard limit");
+        let mut set = kinesis.to_vec();
+        set.push(("WORKER_MAX_READS_PER_SECOND", "3"));
+        assert_eq!(reads(&set), 3, "as set");
     }
 
     #[test]
