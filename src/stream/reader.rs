@@ -70,13 +70,9 @@ pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
 }
 
 impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
-    /// One page. A full one means the shard is behind: the lane may then hold its records back
-    /// to fold them with the next pages' ([`ShardLane::submit_ahead`]).
-    async fn read(&self, iterator: &str, pace: &Mutex<Pacer>) -> Result<Batch, StreamError> {
-        self.read_page(iterator, pace).await
-    }
-
-    /// One GetRecords call (each attempt waits for the shard's pace).
+    /// One GetRecords call (each attempt waits for the shard's pace). A full page means the shard
+    /// is behind: the lane may then hold its records back to fold them with the next pages'
+    /// ([`ShardLane::submit_ahead`]).
     async fn read_page(&self, iterator: &str, pace: &Mutex<Pacer>) -> Result<Batch, StreamError> {
         retry(&self.settings.retry, "get_records", || async {
             let at = lock(pace).reserve_read();
@@ -104,7 +100,7 @@ impl<S: StreamSource, T: LeaseTable> ShardContext<S, T> {
         tokio::select! {
             biased;
             _ = cancel.cancelled() => None,
-            read = self.read(iterator, pace) => Some(read),
+            read = self.read_page(iterator, pace) => Some(read),
         }
     }
 }
