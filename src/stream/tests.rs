@@ -503,6 +503,38 @@ async fn children_a_lookup_does_not_find_are_found_by_listing_at_once() {
     worker.stop().await;
 }
 
+/// A worker that led once, was cut off, and leads again lists the stream anew: shards another
+/// leader found meanwhile are assigned at once, not at its next listing a minute on.
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_leads_again_lists_the_stream_anew() {
+    let source = FakeSource::with_shards(&["parent"]);
+    let table = MemoryLeaseTable::default();
+    let (seen_one, seen_two) = (Seen::default(), Seen::default());
+    let mut settings = settings();
+    settings.shard_sync_interval = Duration::from_secs(120);
+    let two_table = table.handle();
+    let two = start("w2", &source, &two_table, &seen_two, settings.clone());
+    source.put("parent", "first");
+    assert!(pass_until(Duration::from_secs(5), || seen_two.count() == 1).await);
+    let one = start("w1", &source, &table, &seen_one, settings);
+    pass(TAKE_INTERVAL * 2).await;
+    // w2 (the leader, which has listed) is cut off; a shard appears (found only by listing:
+    // it has no parent to look up), and w1 takes over, lists and takes it.
+    two_table.cut_off(true);
+    source.add_shard("late", &[]);
+    assert!(pass_until(LEASE_DURATION * 3, || owner(&table, "late").as_deref() == Some("w1")).await);
+    two_table.cut_off(false);
+    pass(TAKE_INTERVAL * 3).await;
+    // w1 dies: w2 leads again and must know the shard without waiting for its next listing.
+    one.kill();
+    source.put_many("late", 2);
+    assert!(
+        pass_until(LEASE_DURATION * 3, || seen_two.of("late").len() >= 2).await,
+        "the shard is read once the new leader lists, well before a minute"
+    );
+    two.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_shard_that_vanishes_finishes_its_lease_and_unblocks_its_children() {
     let source = FakeSource::with_shards(&["old"]);
