@@ -71,7 +71,7 @@ fn hot_paths(c: &mut Criterion) {
     c.bench_function("watermark_1000_records_out_of_order", |b| {
         b.iter(|| {
             let mut watermark = Watermark::default();
-            let tickets: Vec<_> = sequences.iter().map(|s| watermark.push(s.clone())).collect();
+            let tickets: Vec<_> = sequences.iter().map(|s| watermark.push(s.clone(), None)).collect();
             // Odd tickets first, then even: the watermark jumps once the gaps fill.
             for ticket in tickets.iter().skip(1).step_by(2).chain(tickets.iter().step_by(2)) {
                 watermark.complete(*ticket);

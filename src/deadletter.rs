@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aws::AwsError;
 use crate::retry::Retryable;
-use crate::stream::{change, Record, SequenceNumber, ShardId};
+use crate::stream::{change, Record, RecordKeys, SequenceNumber, ShardId};
 
 /// One record the worker gave up on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,10 +76,10 @@ pub enum Covered {
 }
 
 impl Covered {
-    pub fn new(record: &Record) -> Self {
+    pub fn new(record: &RecordKeys) -> Self {
         Covered::Record {
             sequence_number: record.sequence_number.as_str().to_owned(),
-            keys: change::keys_to_json(record),
+            keys: change::item_to_json(record.keys.iter().map(|(name, value)| (name, value))),
         }
     }
 
@@ -576,7 +576,7 @@ mod tests {
                 folded
                     .keys
                     .insert("sk".into(), AttributeValue::S(format!("2024-01-01T00:00:{n:06}")));
-                Covered::new(&folded)
+                Covered::new(&folded.into_keys())
             })
             .collect();
         let all = letter.covers.clone();

@@ -31,6 +31,8 @@ pub mod metric {
     pub const CHECKPOINTS: &str = "stream_worker_checkpoints_total";
     pub const ITERATOR_AGE: &str = "stream_worker_iterator_age_seconds";
     pub const SHARD_ITERATOR_AGE: &str = "stream_worker_shard_iterator_age_seconds";
+    pub const PROCESSING_LAG: &str = "stream_worker_processing_lag_seconds";
+    pub const SHARD_PROCESSING_LAG: &str = "stream_worker_shard_processing_lag_seconds";
     pub const GETRECORDS_DURATION: &str = "stream_worker_getrecords_duration_seconds";
     pub const IN_FLIGHT: &str = "stream_worker_in_flight";
     pub const SHARDS_READING: &str = "stream_worker_shards_reading";
@@ -56,6 +58,8 @@ pub mod metric {
         CHECKPOINTS,
         ITERATOR_AGE,
         SHARD_ITERATOR_AGE,
+        PROCESSING_LAG,
+        SHARD_PROCESSING_LAG,
         GETRECORDS_DURATION,
         IN_FLIGHT,
         SHARDS_READING,
@@ -156,8 +160,20 @@ pub fn describe() {
     describe_gauge!(
         SHARD_ITERATOR_AGE,
         Unit::Seconds,
-        "Per shard this worker reads: how far behind the tip (MillisBehindLatest, or the newest record's age); \
-         the series goes once the shard is released or finished."
+        "Per shard this worker reads: how far behind the tip at its last read (MillisBehindLatest, or the newest \
+         record's age); the series goes once the shard is released or finished."
+    );
+    describe_gauge!(
+        PROCESSING_LAG,
+        Unit::Seconds,
+        "Processing lag, maximum over shards: how long the oldest record read but not yet handled has waited, \
+         or with none waiting the iterator age plus the time since the last read. Refreshed every lease round."
+    );
+    describe_gauge!(
+        SHARD_PROCESSING_LAG,
+        Unit::Seconds,
+        "Per shard this worker reads: the processing lag (see stream_worker_processing_lag_seconds); the series \
+         lives while the shard is read."
     );
     describe_histogram!(
         GETRECORDS_DURATION,
@@ -205,7 +221,7 @@ fn register_unlabelled() {
     ] {
         metrics::counter!(counter).absolute(0);
     }
-    for gauge in [ITERATOR_AGE, IN_FLIGHT, SHARDS_READING, LEASES_HELD] {
+    for gauge in [ITERATOR_AGE, PROCESSING_LAG, IN_FLIGHT, SHARDS_READING, LEASES_HELD] {
         metrics::gauge!(gauge).set(0.0);
     }
     for histogram in [GROUP_UPDATE_DURATION, GETRECORDS_DURATION] {

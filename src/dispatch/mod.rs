@@ -46,7 +46,7 @@ pub use watermark::{Ticket, Watermark};
 use crate::deadletter::{Covered, DeadLetter, DeadLetterDestination};
 use crate::lock::lock;
 use crate::retry::{retry, retry_until, RetryPolicy, Retryable};
-use crate::stream::{Consumer, Record, SequenceNumber, ShardId, ShardLane};
+use crate::stream::{Consumer, Record, RecordKeys, SequenceNumber, ShardId, ShardLane, WaitingSince};
 use crate::telemetry::{metric, Tally};
 
 /// What a record means to the handler.
@@ -311,8 +311,8 @@ struct Unit<E> {
     tickets: Vec<Ticket>,
     /// The surviving record: what a dead letter keeps.
     record: Record,
-    /// The other records it covers, folded into it: keys only (no image), for dead letters.
-    folded: Vec<Record>,
+    /// The other records it covers, folded into it: their keys, for dead letters.
+    folded: Vec<RecordKeys>,
     /// Creation time of its oldest record, where the record-age limit counts from.
     oldest: Option<SystemTime>,
 }
@@ -322,13 +322,14 @@ impl<E> Unit<E> {
     /// surviving record's image, which it is made from).
     fn approx_bytes(&self) -> usize {
         2 * self.record.approx_bytes()
-            + self.folded.iter().map(Record::approx_bytes).sum::<usize>()
+            + self.folded.iter().map(RecordKeys::approx_bytes).sum::<usize>()
             + self.tickets.len() * std::mem::size_of::<Ticket>()
     }
 
     /// Takes in `later`, an update for the same key later in the stream: one update then
-    /// covers both, with the event `supersedes` picks.
-    fn absorb(&mut self, later: Unit<E>, supersedes: impl Fn(&E, &E) -> bool) {
+    /// covers both, with the event `supersedes` picks. Returns the bytes of the record it
+    /// folded (kept by its keys).
+    fn absorb(&mut self, later: Unit<E>, supersedes: impl Fn(&E, &E) -> bool) -> usize {
         self.tickets.extend(later.tickets);
         self.oldest = earliest(self.oldest, later.oldest);
         let folded = if supersedes(&later.event, &self.event) {
@@ -337,8 +338,11 @@ impl<E> Unit<E> {
         } else {
             later.record
         };
-        self.folded.push(folded.keys_only());
+        let folded = folded.into_keys();
+        let bytes = folded.approx_bytes();
+        self.folded.push(folded);
         self.folded.extend(later.folded);
+        bytes
     }
 }
 
@@ -394,7 +398,7 @@ impl<H: Handler> DispatchLane<H> {
         let mut coalesced = 0;
         let mut watermark = lock(&self.progress.watermark);
         for record in records {
-            let ticket = watermark.push(record.sequence_number.clone());
+            let ticket = watermark.push(record.sequence_number.clone(), record.created_at);
             match handler.route(&record) {
                 Route::Ignore(reason) => {
                     ignored.add(reason, 1);
@@ -579,11 +583,12 @@ impl<H: Handler> DispatchLane<H> {
             .filter(|&index| held.units[index].tickets.len() + unit.tickets.len() <= max_folded);
         match index {
             Some(index) => {
-                // One more record kept by its keys, and the folded ones it brings.
-                held.bytes += unit.approx_bytes() - 2 * unit.record.approx_bytes() + unit.record.approx_key_bytes();
+                // Its tickets and the folded records it brings, and one more record kept by
+                // its keys.
+                held.bytes += unit.approx_bytes() - 2 * unit.record.approx_bytes();
                 metrics::counter!(metric::RECORDS_COALESCED).increment(unit.tickets.len() as u64);
                 let handler = &self.shared.handler;
-                held.units[index].absorb(unit, |a, b| handler.supersedes(a, b));
+                held.bytes += held.units[index].absorb(unit, |a, b| handler.supersedes(a, b));
             }
             None => {
                 held.bytes += unit.approx_bytes();
@@ -640,6 +645,11 @@ impl<H: Handler> ShardLane for DispatchLane<H> {
 
     fn handled_through(&self) -> Option<SequenceNumber> {
         lock(&self.progress.watermark).handled_through().cloned()
+    }
+
+    fn waiting_since(&self) -> WaitingSince {
+        let progress = self.progress.clone();
+        Arc::new(move || lock(&progress.watermark).waiting_since())
     }
 
     async fn drain(&mut self) {

@@ -2,6 +2,7 @@
 //! moves over a prefix of records that are all complete.
 
 use std::collections::VecDeque;
+use std::time::SystemTime;
 
 use crate::stream::SequenceNumber;
 
@@ -13,15 +14,17 @@ pub type Ticket = u64;
 pub struct Watermark {
     /// Ticket of `slots[0]`.
     front: Ticket,
-    /// Submitted records not yet passed by the watermark, and whether each is complete.
-    slots: VecDeque<(SequenceNumber, bool)>,
+    /// Submitted records not yet passed by the watermark: each one's sequence number, since
+    /// when it waits (creation, else submission) and whether it is complete.
+    slots: VecDeque<(SequenceNumber, SystemTime, bool)>,
     handled_through: Option<SequenceNumber>,
 }
 
 impl Watermark {
-    /// Registers the next record of the shard.
-    pub fn push(&mut self, sequence: SequenceNumber) -> Ticket {
-        self.slots.push_back((sequence, false));
+    /// Registers the next record of the shard, created at `created` (if the source says).
+    pub fn push(&mut self, sequence: SequenceNumber, created: Option<SystemTime>) -> Ticket {
+        let since = created.unwrap_or_else(SystemTime::now);
+        self.slots.push_back((sequence, since, false));
         self.front + self.slots.len() as Ticket - 1
     }
 
@@ -32,10 +35,10 @@ impl Watermark {
             return;
         };
         if let Some(slot) = usize::try_from(index).ok().and_then(|i| self.slots.get_mut(i)) {
-            slot.1 = true;
+            slot.2 = true;
         }
-        while self.slots.front().is_some_and(|(_, done)| *done) {
-            if let Some((sequence, _)) = self.slots.pop_front() {
+        while self.slots.front().is_some_and(|(_, _, done)| *done) {
+            if let Some((sequence, _, _)) = self.slots.pop_front() {
                 self.handled_through = Some(sequence);
                 self.front += 1;
             }
@@ -51,6 +54,12 @@ impl Watermark {
     pub fn pending(&self) -> usize {
         self.slots.len()
     }
+
+    /// When the oldest record not yet handled was created (or submitted, when its source gave
+    /// no time); `None` when every record is handled.
+    pub fn waiting_since(&self) -> Option<SystemTime> {
+        self.slots.front().map(|(_, since, _)| *since)
+    }
 }
 
 #[cfg(test)]
@@ -64,7 +73,7 @@ mod tests {
     #[test]
     fn out_of_order_completion_holds_the_watermark_at_the_first_gap() {
         let mut watermark = Watermark::default();
-        let tickets: Vec<Ticket> = (1..=5).map(|n| watermark.push(seq(n * 10))).collect();
+        let tickets: Vec<Ticket> = (1..=5).map(|n| watermark.push(seq(n * 10), None)).collect();
         assert_eq!(watermark.handled_through(), None);
 
         watermark.complete(tickets[2]);
@@ -90,10 +99,10 @@ mod tests {
     #[test]
     fn repeated_or_stale_completions_are_harmless() {
         let mut watermark = Watermark::default();
-        let first = watermark.push(seq(1));
+        let first = watermark.push(seq(1), None);
         watermark.complete(first);
         watermark.complete(first);
-        let second = watermark.push(seq(2));
+        let second = watermark.push(seq(2), None);
         watermark.complete(first);
         assert_eq!(watermark.handled_through(), Some(&seq(1)));
         watermark.complete(second + 7);
@@ -104,5 +113,28 @@ mod tests {
         );
         watermark.complete(second);
         assert_eq!(watermark.handled_through(), Some(&seq(2)));
+    }
+
+    /// The oldest record not yet handled says since when the shard waits: a stuck first record
+    /// keeps it however many later records complete.
+    #[test]
+    fn waiting_since_is_the_oldest_unhandled_record() {
+        let mut watermark = Watermark::default();
+        assert_eq!(watermark.waiting_since(), None);
+        let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        let stuck = watermark.push(seq(1), Some(hour_ago));
+        let later: Vec<Ticket> = (2..=4).map(|n| watermark.push(seq(n), None)).collect();
+        for ticket in later {
+            watermark.complete(ticket);
+        }
+        assert_eq!(watermark.waiting_since(), Some(hour_ago));
+        watermark.complete(stuck);
+        assert_eq!(watermark.waiting_since(), None);
+        let unknown = SystemTime::now();
+        watermark.push(seq(5), None);
+        assert!(
+            watermark.waiting_since().is_some_and(|since| since >= unknown),
+            "no creation time: since it was submitted"
+        );
     }
 }

@@ -39,11 +39,6 @@ pub fn to_json(record: &Record) -> Json {
     json!({ "eventName": event_name(record.event), "dynamodb": dynamodb })
 }
 
-/// The record's keys in DynamoDB JSON.
-pub fn keys_to_json(record: &Record) -> Json {
-    item_to_json(&record.keys)
-}
-
 /// The record a change record describes; `created_at` falls back to `arrived` when the change
 /// record has no creation time. Parts that do not decode are left out (an unknown event name
 /// becomes [`EventKind::Other`]), for the handler to judge.
@@ -118,9 +113,11 @@ fn event_name(event: EventKind) -> &'static str {
     }
 }
 
-fn item_to_json(item: &Item) -> Json {
+/// Attributes (an item, or a record's keys) in DynamoDB JSON.
+pub fn item_to_json<'a>(attributes: impl IntoIterator<Item = (&'a String, &'a AttributeValue)>) -> Json {
     Json::Object(
-        item.iter()
+        attributes
+            .into_iter()
             .map(|(name, value)| (name.clone(), value_to_json(value)))
             .collect(),
     )
@@ -147,11 +144,12 @@ fn value_to_json(value: &AttributeValue) -> Json {
 /// A DynamoDB-JSON map (`{"name": {"S": "..."}, ...}`); `None` when it is not a map.
 fn item_from_json(value: &Json) -> Option<Item> {
     let map = value.as_object()?;
-    Some(
+    let mut item = Item::with_capacity(map.len());
+    item.extend(
         map.iter()
-            .filter_map(|(name, value)| Some((name.clone(), value_from_json(value)?)))
-            .collect(),
-    )
+            .filter_map(|(name, value)| Some((name.clone(), value_from_json(value)?))),
+    );
+    Some(item)
 }
 
 /// One DynamoDB-JSON value; `None` for a shape that is not one.

@@ -2,8 +2,15 @@
 //! The stream layer defines these traits and knows nothing of what implements them.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use super::record::{Record, SequenceNumber, ShardId};
+
+/// Since when a lane's oldest submitted record has waited (its creation time, or when it was
+/// submitted if the source gave none); `None` when every submitted record is handled. Callable
+/// from any task, whatever the lane's reader is doing.
+pub type WaitingSince = Arc<dyn Fn() -> Option<SystemTime> + Send + Sync>;
 
 /// What the stream hands its records to.
 pub trait Consumer: Send + Sync + 'static {
@@ -29,4 +36,9 @@ pub trait ShardLane: Send + Sync + 'static {
     fn handled_through(&self) -> Option<SequenceNumber>;
     /// Waits until every submitted record is fully handled.
     fn drain(&mut self) -> impl Future<Output = ()> + Send;
+    /// A probe of the lane's oldest waiting record, for the processing lag. By default the
+    /// lane reports none.
+    fn waiting_since(&self) -> WaitingSince {
+        Arc::new(|| None)
+    }
 }

@@ -237,9 +237,13 @@ fn convert_record(record: aws_sdk_dynamodbstreams::types::Record) -> Option<Reco
 }
 
 fn convert_item(item: std::collections::HashMap<String, StreamValue>) -> Item {
-    item.into_iter()
-        .filter_map(|(name, value)| Some((name, convert_value(value)?)))
-        .collect()
+    // Sized once: collecting a filtered iterator would grow (and rehash) the map step by step.
+    let mut converted = Item::with_capacity(item.len());
+    converted.extend(
+        item.into_iter()
+            .filter_map(|(name, value)| Some((name, convert_value(value)?))),
+    );
+    converted
 }
 
 /// `None` for a value type this SDK version does not know (dropped rather than guessed).

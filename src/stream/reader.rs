@@ -53,6 +53,7 @@ pub(super) async fn read_shard<S: StreamSource, T: LeaseTable, L: ShardLane>(
         last_write: Instant::now(),
         pace: Mutex::new(Pacer::new(&context.settings)),
     };
+    context.ages.watch(&reader.shard, reader.lane.waiting_since());
     let result = reader.run(&stop).await;
     context.ages.remove(&reader.shard);
     match result {

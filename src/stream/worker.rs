@@ -419,6 +419,7 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             state.last_status = Instant::now();
             tracing::info!(
                 iterator_age_seconds = self.context.ages.max(),
+                processing_lag_seconds = self.context.ages.max_lag(),
                 leases_held = state.held.len(),
                 shards_reading = state.readers.len(),
                 leading = state.leadership.is_some(),

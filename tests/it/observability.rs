@@ -118,3 +118,49 @@ async fn healthcheck_exits_0_for_a_live_worker_and_1_otherwise() {
         .expect("runs");
     assert_eq!(gone.status.code(), Some(1));
 }
+
+/// An update that cannot finish (every TransactWriteItems fails, retries never run out) with
+/// records read behind it: the processing lag climbs with the clock while reads go on, and each
+/// shard's series is there while the shard is read (the iterator age only says what was read).
+#[tokio::test]
+async fn a_stuck_update_makes_the_processing_lag_climb_while_reads_continue() {
+    let db = TestDb::new().await;
+    let people = users(&["lag", "lah"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-08-01T00:00:00", "open")
+        .await;
+    db.message(&group, &people[1], "2024-08-01T00:00:01", "stuck").await;
+    let proxy = crate::proxy::FaultProxy::failing("TransactWriteItems").await;
+    let overrides = [("retry_max_attempts", "1000000"), ("retry_max_delay_ms", "100")];
+    let worker = db.start_worker_via(&proxy.url(), &overrides).await;
+    let lag = || async { worker.metric("stream_worker_processing_lag_seconds", "").await };
+    let received = || async { worker.metric("stream_worker_records_received_total", "").await };
+    assert!(
+        wait_until(Duration::from_secs(30), || async { received().await >= 3.0 }).await,
+        "the conversation and its message were read"
+    );
+    // A round publishes the lag: wait for the first one after the read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (lag_before, read_before) = (lag().await, received().await);
+    let started = std::time::Instant::now();
+    for n in 2..6 {
+        db.message(&group, &people[0], &format!("2024-08-01T00:00:0{n}"), "behind")
+            .await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (lag_after, read_after) = (lag().await, received().await);
+    let waited = started.elapsed().as_secs_f64();
+    assert!(
+        read_after >= read_before + 4.0,
+        "reads went on: {read_before} then {read_after}"
+    );
+    assert!(
+        lag_after - lag_before >= waited - 2.0,
+        "the lag climbed with the clock: {lag_before} s then {lag_after} s over {waited:.1} s"
+    );
+    let shard_lag = worker
+        .metric("stream_worker_shard_processing_lag_seconds", "shard=")
+        .await;
+    assert!(shard_lag >= lag_after - 2.0, "the shard's series is there: {shard_lag}");
+}

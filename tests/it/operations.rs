@@ -192,6 +192,7 @@ async fn metrics_parse_and_move_and_readiness_waits_for_the_stream() {
         "stream_worker_group_updates_total",
         "stream_worker_checkpoints_total",
         "stream_worker_iterator_age_seconds",
+        "stream_worker_processing_lag_seconds",
         "stream_worker_getrecords_duration_seconds",
         "stream_worker_group_update_duration_seconds",
         "stream_worker_in_flight",
@@ -306,6 +307,7 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         .map(str::to_owned);
     let status: serde_json::Value = serde_json::from_str(&status.expect("a status line")).expect("JSON");
     assert!(status["iterator_age_seconds"].is_number(), "{status}");
+    assert!(status["processing_lag_seconds"].is_number(), "{status}");
     assert!(status["leases_held"].is_number());
     assert!(!worker.log().contains("\"two\""), "message text never reaches the log");
 }
