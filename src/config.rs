@@ -588,7 +588,20 @@ fn logging(layers: &Layers) -> Result<LoggingSettings, ConfigError> {
     };
     let level = layers.string("log_level")?;
     check_log_level(&level).map_err(|problem| layers.invalid("log_level", problem))?;
-    Ok(LoggingSettings { format, level })
+    let metrics_namespace = layers.string("metrics_namespace")?;
+    if metrics_namespace.is_empty() || metrics_namespace.len() > 255 || metrics_namespace.starts_with("AWS/") {
+        return Err(layers.invalid(
+            "metrics_namespace",
+            format!(
+                "{metrics_namespace:?} is not a CloudWatch namespace of your own (1 to 255 characters, not AWS/...)"
+            ),
+        ));
+    }
+    Ok(LoggingSettings {
+        format,
+        level,
+        metrics_namespace,
+    })
 }
 
 /// `<hostname>-<8 hex>`: unique per process even where every task's pid is 1.

@@ -8,6 +8,8 @@
 //! Logs go to stderr (stdout is for command output): JSON lines when it is not a terminal (ECS, CI), human text otherwise. Nothing
 //! here logs message text; handlers must not either.
 
+pub mod emf;
+
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 
@@ -261,6 +263,8 @@ pub struct LoggingSettings {
     pub format: LogFormat,
     /// A tracing filter directive; `RUST_LOG` wins.
     pub level: String,
+    /// CloudWatch namespace of the status line's metrics (JSON logs only: [`emf`]).
+    pub metrics_namespace: String,
 }
 
 /// How log lines are written.
@@ -272,15 +276,17 @@ pub enum LogFormat {
     Text,
 }
 
-/// Starts logging. `filter` is an `EnvFilter` directive (`info`, `cruddur_stream_worker=debug`);
-/// `RUST_LOG` overrides it. Safe to call twice (the second call does nothing).
-pub fn init_logging(format: LogFormat, filter: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
-    let json = match format {
+/// Starts logging. `settings.level` is an `EnvFilter` directive (`info`,
+/// `cruddur_stream_worker=debug`); `RUST_LOG` overrides it. With JSON logs the status line is
+/// an EMF document ([`emf`]). Safe to call twice (the second call does nothing).
+pub fn init_logging(settings: &LoggingSettings) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let json = match settings.format {
         LogFormat::Json => true,
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    emf::configure(json.then(|| settings.metrics_namespace.clone()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

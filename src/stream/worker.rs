@@ -43,7 +43,7 @@ use super::source::StreamSource;
 use super::sync::ShardSync;
 use crate::lock::lock;
 use crate::retry::retry;
-use crate::telemetry::metric;
+use crate::telemetry::{emf, metric};
 
 /// Reads this worker's share of one stream into one consumer.
 pub struct StreamWorker<S, C, T = DynamoDbLeaseTable> {
@@ -417,14 +417,13 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
         self.context.ages.publish();
         if state.last_status.elapsed() >= self.context.settings.status_interval {
             state.last_status = Instant::now();
-            tracing::info!(
-                iterator_age_seconds = self.context.ages.max(),
-                processing_lag_seconds = self.context.ages.max_lag(),
-                leases_held = state.held.len(),
-                shards_reading = state.readers.len(),
-                leading = state.leadership.is_some(),
-                "status"
-            );
+            emf::write(&emf::Status {
+                processing_lag_seconds: self.context.ages.max_lag(),
+                iterator_age_seconds: self.context.ages.max(),
+                leases_held: state.held.len(),
+                shards_reading: state.readers.len(),
+                leading: state.leadership.is_some(),
+            });
         }
     }
 

@@ -207,3 +207,51 @@ fn every_worker_variable_in_the_deploy_files_is_a_known_key() {
         assert!(found > 0, "{file} sets worker variables");
     }
 }
+
+/// The stack's alarms watch metrics the status line declares, in the namespace the task gives
+/// the worker, and each notifies the alarm topic: lag, dead letters and missing tasks.
+#[test]
+fn the_alarms_watch_the_status_line_metrics_and_notify_the_topic() {
+    use cruddur_stream_worker::telemetry::emf;
+    let template = read("deploy/ecs/cloudformation.yaml");
+    let namespace = template
+        .lines()
+        .find(|line| line.contains("Name: WORKER_METRICS_NAMESPACE"))
+        .and_then(|line| line.split("Value: ").nth(1))
+        .map(|value| value.trim_end_matches([' ', '}']).to_owned())
+        .expect("the task names the metrics namespace");
+    let alarms: Vec<&str> = template.split("Type: AWS::CloudWatch::Alarm").skip(1).collect();
+    let mut watched = Vec::new();
+    for alarm in &alarms {
+        let alarm = alarm.split("\n\n").next().unwrap_or(alarm);
+        let field = |name: &str| {
+            alarm
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("an alarm without {name}: {alarm}"))
+        };
+        let metric = field("MetricName:");
+        assert!(
+            emf::METRICS.iter().any(|(name, _)| *name == metric),
+            "{metric} is not in the status line"
+        );
+        assert_eq!(
+            field("Namespace:"),
+            namespace,
+            "{metric}'s alarm reads the worker's namespace"
+        );
+        assert_eq!(
+            field("AlarmActions:"),
+            "[!Ref AlarmTopic]",
+            "{metric}'s alarm notifies the topic"
+        );
+        watched.push(metric.to_owned());
+    }
+    for wanted in ["ProcessingLagSeconds", "DeadLetters", "WorkersRunning"] {
+        assert!(
+            watched.iter().any(|name| name == wanted),
+            "an alarm on {wanted}: {watched:?}"
+        );
+    }
+}

@@ -305,10 +305,34 @@ async fn sigterm_exits_zero_after_writing_the_final_checkpoint() {
         .lines()
         .find(|line| line.contains("\"message\":\"status\""))
         .map(str::to_owned);
+    // The status line is CloudWatch EMF: every metric it declares is a number at its root.
     let status: serde_json::Value = serde_json::from_str(&status.expect("a status line")).expect("JSON");
-    assert!(status["iterator_age_seconds"].is_number(), "{status}");
-    assert!(status["processing_lag_seconds"].is_number(), "{status}");
-    assert!(status["leases_held"].is_number());
+    let directive = &status["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(directive["Namespace"], "CruddurStreamWorker", "{status}");
+    assert!(status["_aws"]["Timestamp"].is_u64(), "{status}");
+    let declared: Vec<&str> = directive["Metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .filter_map(|metric| metric["Name"].as_str())
+        .collect();
+    for name in [
+        "ProcessingLagSeconds",
+        "IteratorAgeSeconds",
+        "DeadLetters",
+        "GroupUpdates",
+        "LeasesHeld",
+    ] {
+        assert!(declared.contains(&name), "{name} is declared: {status}");
+        assert!(status[name].is_number(), "{name} is a number: {status}");
+    }
+    let held_one = worker
+        .log()
+        .lines()
+        .filter(|line| line.contains("\"message\":\"status\""))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .any(|line| line["LeasesHeld"] == 1 && line["ShardsReading"] == 1);
+    assert!(held_one, "a status line while the shard was read says so");
     assert!(!worker.log().contains("\"two\""), "message text never reaches the log");
 }
 

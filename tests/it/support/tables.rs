@@ -46,10 +46,11 @@ impl TestDb {
     /// A fresh database with no tables.
     pub async fn empty() -> Self {
         // Worker logs show up with a failing test's output (nextest captures them).
-        cruddur_stream_worker::telemetry::init_logging(
-            cruddur_stream_worker::telemetry::LogFormat::Text,
-            "warn,cruddur_stream_worker=info",
-        );
+        cruddur_stream_worker::telemetry::init_logging(&cruddur_stream_worker::telemetry::LoggingSettings {
+            format: cruddur_stream_worker::telemetry::LogFormat::Text,
+            level: "warn,cruddur_stream_worker=info".into(),
+            metrics_namespace: "CruddurStreamWorker".into(),
+        });
         let access_key = format!("test{}", uuid::Uuid::new_v4().simple());
         let sdk = sdk_for(&endpoint(), &access_key).await;
         let client = aws::dynamodb_client(&sdk);
