@@ -50,6 +50,23 @@ fn the_dashboard_parses_and_graphs_only_exported_metrics() {
             "the dashboard graphs {name}, which the worker does not export"
         );
     }
+    let variables: Vec<&str> = dashboard["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .filter_map(|variable| variable["name"].as_str())
+        .collect();
+    assert_eq!(variables, ["job", "task", "shard"]);
+    let shards = panels
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().into_iter().flatten())
+        .filter_map(|target| target["expr"].as_str())
+        .find(|expr| expr.contains(metric::SHARDS))
+        .expect("a shards-by-state panel");
+    assert!(
+        shards.starts_with("max by (state)"),
+        "every worker reports the whole table: {shards} would count each shard once per worker"
+    );
     for wanted in [
         metric::RECORDS_RECEIVED,
         metric::SHARD_PROCESSING_LAG,
@@ -70,6 +87,10 @@ fn alert_rules_use_only_exported_metrics() {
     assert!(
         used.iter().any(|name| name == metric::PROCESSING_LAG),
         "an alert watches the processing lag"
+    );
+    assert!(
+        read("deploy/prometheus/alerts.yml").contains("absent(up{job=\"cruddur-stream-worker\"})"),
+        "an alert fires when no worker target exists at all"
     );
     for name in used {
         assert!(
