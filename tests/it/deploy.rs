@@ -275,4 +275,15 @@ fn the_alarms_watch_the_status_line_metrics_and_notify_the_topic() {
             "an alarm on {wanted}: {watched:?}"
         );
     }
+    // Scaling tracks shards per task: the average of the tasks' LeasesHeld, in the same namespace.
+    let scaling = template
+        .split("CustomizedMetricSpecification:")
+        .nth(1)
+        .expect("a target-tracking policy on a metric of the worker's");
+    assert!(scaling.contains(&format!("Namespace: {namespace}")), "{scaling}");
+    assert!(scaling.contains("MetricName: LeasesHeld") && scaling.contains("Statistic: Average"));
+    assert!(
+        template.contains("CpuArchitecture: !Ref CpuArchitecture"),
+        "the architecture is a parameter"
+    );
 }
