@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::groups::admin::{self, User};
 use crate::groups::reconcile;
 use crate::groups::updater::GroupSummaryUpdater;
-use crate::stream::LeaseStore;
+use crate::stream::{LeaseStore, LeaseTable as _, Position, SequenceNumber, ShardId};
 use crate::{app, dispatch};
 
 /// What every command that talks to AWS starts from.
@@ -26,6 +26,11 @@ pub struct Aws {
 #[derive(Debug, thiserror::Error)]
 #[error("no AWS region: set AWS_REGION (any name works with DynamoDB Local)")]
 pub struct NoRegion;
+
+/// A command refused as asked: bad usage (exit 2), nothing written.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 impl Aws {
     /// Loads the AWS configuration (environment, profile, task role); a region is required.
@@ -104,6 +109,88 @@ pub async fn leases(aws: &Aws) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// What an operator asks of one shard's lease, and how sure they are.
+pub struct ForceRelease {
+    pub shard: String,
+    /// `None`: keep the checkpoint (release only). `LATEST` is resolved now.
+    pub checkpoint: Option<String>,
+    pub dry_run: bool,
+    pub yes: bool,
+}
+
+/// `release-lease` and `set-checkpoint`: one conditional take, checkpoint and release, after
+/// showing the change and getting a confirmation.
+pub async fn force_release(aws: &Aws, ask: ForceRelease) -> anyhow::Result<()> {
+    let checkpoint = match ask.checkpoint.as_deref() {
+        None => None,
+        Some(text) => Some(parse_checkpoint(text)?),
+    };
+    let leases = aws.leases();
+    let shard = ShardId(ask.shard.clone());
+    let seen = leases
+        .table()
+        .get(&shard)
+        .await?
+        .ok_or_else(|| Refused(format!("no lease row for shard {}: see `leases`", ask.shard)))?;
+    if seen.shard_end {
+        return Err(Refused(format!(
+            "shard {} is finished (read to its end): nothing to release or move",
+            ask.shard
+        ))
+        .into());
+    }
+    let to = checkpoint.as_ref().unwrap_or(&seen.checkpoint);
+    let owner = seen.owner.as_deref().unwrap_or("(none)");
+    println!(
+        "shard {}: owner {owner} -> (none, the fleet gives it out again); checkpoint {} -> {}",
+        ask.shard,
+        seen.checkpoint.encode(),
+        to.encode()
+    );
+    if ask.dry_run {
+        println!("dry run: nothing written");
+        return Ok(());
+    }
+    confirm(ask.yes)?;
+    let after = leases.force_release(&seen, checkpoint.as_ref()).await?;
+    println!("done: checkpoint {}, lease free", after.checkpoint.encode());
+    Ok(())
+}
+
+fn parse_checkpoint(text: &str) -> Result<Position, Refused> {
+    match text.to_ascii_uppercase().as_str() {
+        "TRIM_HORIZON" => Ok(Position::TrimHorizon),
+        "LATEST" => Ok(Position::latest_now()),
+        _ => SequenceNumber::parse(text).map(Position::After).ok_or_else(|| {
+            Refused(format!(
+                "{text:?} is not a position: TRIM_HORIZON, LATEST or a sequence number (digits)"
+            ))
+        }),
+    }
+}
+
+/// `--yes`, or a `yes` typed at a terminal; otherwise refused.
+fn confirm(yes: bool) -> Result<(), Refused> {
+    use std::io::{BufRead as _, IsTerminal as _, Write as _};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Refused(
+            "not confirmed: pass --yes (or --dry-run to see the change only)".into(),
+        ));
+    }
+    print!("type yes to go on: ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(Refused("not confirmed: nothing written".into()))
+    }
 }
 
 pub async fn reconcile(aws: &Aws, dry_run: bool) -> anyhow::Result<()> {

@@ -72,6 +72,33 @@ enum Command {
     Scan,
     /// The lease table: each shard's owner, lease counter, checkpoint and lineage.
     Leases,
+    /// Take a shard's lease from whoever holds it and leave it free: that reader stops without
+    /// checkpointing, and the fleet gives the shard out again, reading on from its checkpoint
+    /// (for a reader that is stuck). Shows the change first; asks for a confirmation.
+    ReleaseLease {
+        shard: String,
+        /// Show the change without writing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Set a shard's checkpoint, taking its lease from whoever holds it (that reader stops
+    /// without checkpointing) and leaving it free: the fleet reads on from POSITION.
+    /// TRIM_HORIZON reads all the stream still holds again, LATEST skips to now, a sequence
+    /// number reads on after that record. Shows the change first; asks for a confirmation.
+    SetCheckpoint {
+        shard: String,
+        #[arg(value_name = "POSITION")]
+        position: String,
+        /// Show the change without writing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Confirm without asking (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Rebuild every conversation's group rows from its message rows: move stale rows to the
     /// newest message, create missing rows, delete duplicates, put every row's sk in the
     /// canonical form (UTC, +00:00, microseconds). Safe while workers run. Run it
@@ -140,7 +167,7 @@ pub fn main() -> ExitCode {
             let bad_config = error
                 .downcast_ref::<app::AppError>()
                 .is_some_and(app::AppError::is_config);
-            if error.is::<commands::NoRegion>() || bad_config {
+            if error.is::<commands::NoRegion>() || error.is::<commands::Refused>() || bad_config {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -185,6 +212,29 @@ async fn execute(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Messages { group_uuid } => commands::messages(&aws, &group_uuid).await,
         Command::Scan => commands::scan(&aws).await,
         Command::Leases => commands::leases(&aws).await,
+        Command::ReleaseLease { shard, dry_run, yes } => {
+            let ask = commands::ForceRelease {
+                shard,
+                checkpoint: None,
+                dry_run,
+                yes,
+            };
+            commands::force_release(&aws, ask).await
+        }
+        Command::SetCheckpoint {
+            shard,
+            position,
+            dry_run,
+            yes,
+        } => {
+            let ask = commands::ForceRelease {
+                shard,
+                checkpoint: Some(position),
+                dry_run,
+                yes,
+            };
+            commands::force_release(&aws, ask).await
+        }
         Command::Reconcile { dry_run } => commands::reconcile(&aws, dry_run).await,
         Command::Redrive => commands::redrive(&aws).await,
         Command::Healthcheck { .. } => Ok(()),

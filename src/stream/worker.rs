@@ -273,10 +273,14 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             read != epoch || leaving || at.elapsed() >= self.context.settings.shard_sync_interval
         });
         if stale {
+            let woken = state.epoch_read.is_some_and(|(read, _)| read != epoch);
             state.assignment = self.context.leases.table().assignment(me).await?;
             let assigned: HashSet<&ShardId> = state.assignment.shards.iter().collect();
             state.received.retain(|shard| assigned.contains(shard));
             state.epoch_read = Some((epoch, Instant::now()));
+            if woken {
+                self.notice_taken_leases(state).await?;
+            }
         }
         self.give_away(state).await;
         let now = Instant::now();
@@ -290,6 +294,23 @@ impl<S: StreamSource, C: Consumer, T: LeaseTable> StreamWorker<S, C, T> {
             .collect();
         for shard in &wanted {
             self.acquire(state, shard, fleet).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops the readers of held leases whose rows someone else wrote since (an operator's
+    /// `release-lease` or `set-checkpoint`): an idle reader writes nothing, so it would not
+    /// notice. Checked when the leader wakes this worker, which it does when it sees such a row.
+    /// The shard, still assigned here, is taken again from its row's checkpoint.
+    async fn notice_taken_leases(&self, state: &State) -> Result<(), StreamError> {
+        if state.held.is_empty() {
+            return Ok(());
+        }
+        let rows = self.context.leases.load_all().await?;
+        for (shard, held) in &state.held {
+            if held.written_by_another(rows.get(shard)) {
+                held.mark_lost();
+            }
         }
         Ok(())
     }

@@ -38,6 +38,7 @@ contract!(
     of_two_workers_taking_one_row_one_wins,
     a_beat_needs_the_entry_as_last_written,
     leadership_is_claimed_only_from_the_term_seen,
+    a_notification_may_name_only_the_stream,
     an_assignment_and_a_hand_over_round_trip,
     coordination_rows_are_not_leases,
 );
@@ -330,6 +331,15 @@ async fn leadership_is_claimed_only_from_the_term_seen<T: LeaseTable>(table: T) 
     assert_eq!(fleet.epochs.get("w3"), Some(&1));
     assert_eq!(fleet.changes, 1);
     assert_eq!(fleet.stream_id.as_deref(), Some("arn:stream/1"));
+}
+
+/// A leader that finds a new stream with no worker to wake records the stream alone.
+async fn a_notification_may_name_only_the_stream<T: LeaseTable>(table: T) {
+    table.ensure().await.expect("ensure");
+    table.notify(&[], Some("arn:stream/2")).await.expect("notify");
+    let fleet = table.beat("w1", None, 1, false).await.expect("beat").expect("joined");
+    assert_eq!(fleet.stream_id.as_deref(), Some("arn:stream/2"));
+    assert!(fleet.epochs.is_empty(), "nobody woken: {:?}", fleet.epochs);
 }
 
 async fn an_assignment_and_a_hand_over_round_trip<T: LeaseTable>(table: T) {

@@ -500,3 +500,69 @@ async fn latest_reads_only_what_arrives_after_the_first_start() {
     );
     worker.stop().await;
 }
+
+async fn command(db: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let output = db.command(args).output().await.expect("run command");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `set-checkpoint` while a worker reads the shard: refused without a confirmation, shown but not
+/// written with --dry-run, and with --yes the worker loses the lease, the fleet gives it out
+/// again and the shard is read again from the new checkpoint. Bad shards and positions exit 2.
+#[tokio::test]
+async fn an_operator_resets_a_checkpoint_under_a_running_worker() {
+    let db = TestDb::new().await;
+    let people = users(&["opa", "opb"]);
+    let group = db
+        .conversation(&people[0], &people[1], "2024-09-01T00:00:00", "open")
+        .await;
+    db.message(&group, &people[1], "2024-09-01T00:00:01", "read").await;
+    let worker = db.start_worker(&[]).await;
+    db.wait_caught_up().await;
+    let leases = db.leases().await;
+    let (shard, row) = leases.iter().next().expect("a lease");
+    let checkpoint = s(row, "checkpoint").to_owned();
+    let received = || async { worker.metric("stream_worker_records_received_total", "").await };
+    let before = received().await;
+    assert!(before >= 3.0, "the worker read the conversation: {before}");
+
+    let (code, _, err) = command(&db, &["set-checkpoint", shard, "TRIM_HORIZON"]).await;
+    assert_eq!(code, 2, "refused without --yes: {err}");
+    assert!(err.contains("--yes"), "{err}");
+    let (code, out, err) = command(&db, &["set-checkpoint", shard, "trim_horizon", "--dry-run"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("{checkpoint} -> TRIM_HORIZON")) && out.contains("dry run"),
+        "{out}"
+    );
+    assert_eq!(
+        s(&db.leases().await[shard], "checkpoint"),
+        checkpoint,
+        "nothing written"
+    );
+
+    let (code, out, err) = command(&db, &["set-checkpoint", shard, "TRIM_HORIZON", "--yes"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let read_again = wait_until(Duration::from_secs(30), || async { received().await >= 2.0 * before }).await;
+    assert!(
+        read_again,
+        "the shard was read again from the horizon: {} of {before}",
+        received().await
+    );
+
+    for (args, wanted) in [
+        (vec!["release-lease", "no-such-shard", "--yes"], "no lease row"),
+        (
+            vec!["set-checkpoint", shard.as_str(), "banana", "--yes"],
+            "not a position",
+        ),
+    ] {
+        let (code, _, err) = command(&db, &args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(wanted), "{args:?}: {err}");
+    }
+}

@@ -283,10 +283,13 @@ impl LeaseTable for DynamoDbLeaseTable {
 
     async fn notify(&self, workers: &[String], stream_id: Option<&str>) -> Result<(), StreamError> {
         let mut sets: Vec<String> = Vec::new();
-        let mut request = self
-            .update(&ShardId(FLEET_ROW.to_owned()))
-            .expression_attribute_values(":zero", number_value(0))
-            .expression_attribute_values(":one", number_value(1));
+        let mut request = self.update(&ShardId(FLEET_ROW.to_owned()));
+        if !workers.is_empty() {
+            // Only with a use: DynamoDB refuses values the expression leaves unused.
+            request = request
+                .expression_attribute_values(":zero", number_value(0))
+                .expression_attribute_values(":one", number_value(1));
+        }
         for (index, worker) in workers.iter().enumerate() {
             sets.push(format!(
                 "epochs.#w{index} = if_not_exists(epochs.#w{index}, :zero) + :one"

@@ -134,6 +134,31 @@ impl<T: LeaseTable> LeaseStore<T> {
     async fn write(&self, shard: &ShardId, counter: u64, write: OwnedWrite<'_>) -> Result<u64, StreamError> {
         self.table.write(shard, &self.owner, counter, write).await
     }
+
+    /// An operator's hand on `seen` (the row as just read): takes the lease from whoever holds
+    /// it (that reader stops at its next write, without checkpointing), sets its checkpoint to
+    /// `checkpoint` when given, and releases it for the fleet to give out again, reading from
+    /// the checkpoint. Every step is conditional: `LeaseLost` when the row changed since `seen`
+    /// (read it again and retry). Wakes the holder (its epoch) and the leader. The row as it
+    /// then stands.
+    pub async fn force_release(&self, seen: &Lease, checkpoint: Option<&Position>) -> Result<Lease, StreamError> {
+        let lost = || StreamError::LeaseLost {
+            shard: seen.shard.clone(),
+            owner: "another worker (the row changed while it was read)".into(),
+        };
+        let taken = self.take(seen).await?.ok_or_else(lost)?;
+        let held = HeldLease::new(&taken);
+        if let Some(position) = checkpoint {
+            held.checkpoint(self, position, taken.shard_end).await?;
+        }
+        held.release(self).await?;
+        // Wake the holder (an idle reader writes nothing, so would not notice) and the leader.
+        if let Some(holder) = &seen.owner {
+            self.table.notify(std::slice::from_ref(holder), None).await?;
+        }
+        self.table.mark_changed().await?;
+        self.table.get(&seen.shard).await?.ok_or_else(lost)
+    }
 }
 
 /// A lease this worker holds, shared by the worker and the shard's reader. Writes go
@@ -169,6 +194,16 @@ impl HeldLease {
             // logged once, nothing for an operator to do.
             tracing::info!(shard = %self.shard, "lease taken by another worker; stopping the shard");
             self.lost.cancel();
+        }
+    }
+
+    /// Whether `row` (the lease's row as just read; `None`: gone) was written by someone else
+    /// since this worker's last write: its counter moved. `false` while a write of ours is in
+    /// flight (its own answer tells).
+    pub fn written_by_another(&self, row: Option<&Lease>) -> bool {
+        match self.counter.try_lock() {
+            Ok(counter) => row.is_none_or(|row| row.counter != *counter),
+            Err(_) => false,
         }
     }
 
@@ -210,5 +245,76 @@ impl HeldLease {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::lease::MemoryLeaseTable;
+    use crate::stream::record::SequenceNumber;
+
+    fn lease(owner: Option<&str>, checkpoint: &str) -> Lease {
+        Lease {
+            shard: ShardId("shard-1".into()),
+            checkpoint: Position::decode(checkpoint).expect("position"),
+            owner: owner.map(str::to_owned),
+            parents: Vec::new(),
+            shard_end: false,
+            stream_id: Some("stream".into()),
+            counter: 7,
+        }
+    }
+
+    /// An operator sets a held lease's checkpoint: the row is free with the new checkpoint, and
+    /// the worker that held it can no longer checkpoint (its reader stops).
+    #[tokio::test]
+    async fn an_operator_resets_a_held_checkpoint_and_the_holder_loses_the_lease() {
+        let table = MemoryLeaseTable::default();
+        table.put(lease(Some("worker-a"), "000000000000000000500"));
+        let worker = LeaseStore::new(table.handle(), "worker-a");
+        let held = HeldLease::new(&table.row("shard-1").expect("row"));
+        let operator = LeaseStore::new(table.handle(), "operator");
+
+        let seen = table.row("shard-1").expect("row");
+        let after = operator
+            .force_release(&seen, Some(&Position::TrimHorizon))
+            .await
+            .expect("forced");
+        assert_eq!(after.owner, None, "free for the fleet");
+        assert_eq!(after.checkpoint, Position::TrimHorizon);
+        assert!(after.counter > seen.counter);
+        assert_eq!(table.fleet().epochs.get("worker-a"), Some(&1), "the holder is woken");
+
+        let later = Position::After(SequenceNumber::parse("000000000000000000900").expect("digits"));
+        let write = held.checkpoint(&worker, &later, false).await;
+        assert!(matches!(write, Err(StreamError::LeaseLost { .. })), "{write:?}");
+        assert!(held.lost().is_cancelled(), "the holder's reader stops");
+        let idle = HeldLease::new(&seen);
+        assert!(
+            idle.written_by_another(table.row("shard-1").as_ref()),
+            "an idle holder can tell"
+        );
+        assert!(!HeldLease::new(&after).written_by_another(Some(&after)));
+        assert_eq!(table.row("shard-1").expect("row").checkpoint, Position::TrimHorizon);
+    }
+
+    /// Released without a new checkpoint, the row keeps its own; a row that changed since it
+    /// was read is left alone.
+    #[tokio::test]
+    async fn a_release_keeps_the_checkpoint_and_refuses_a_stale_read() {
+        let table = MemoryLeaseTable::default();
+        table.put(lease(Some("worker-a"), "000000000000000000500"));
+        let operator = LeaseStore::new(table.handle(), "operator");
+        let mut stale = table.row("shard-1").expect("row");
+        stale.counter -= 1;
+        let refused = operator.force_release(&stale, None).await;
+        assert!(matches!(refused, Err(StreamError::LeaseLost { .. })), "{refused:?}");
+        assert_eq!(table.row("shard-1").expect("row").owner.as_deref(), Some("worker-a"));
+
+        let seen = table.row("shard-1").expect("row");
+        let after = operator.force_release(&seen, None).await.expect("released");
+        assert_eq!(after.owner, None);
+        assert_eq!(after.checkpoint, seen.checkpoint);
     }
 }
