@@ -287,3 +287,24 @@ fn the_alarms_watch_the_status_line_metrics_and_notify_the_topic() {
         "the architecture is a parameter"
     );
 }
+
+/// Prometheus on ECS: the stack registers each task in Cloud Map and admits Prometheus on the
+/// metrics port; the ECS scrape config finds them by DNS under the job name the alerts use.
+#[test]
+fn prometheus_on_ecs_finds_every_task_on_the_metrics_port() {
+    let template = read("deploy/ecs/cloudformation.yaml");
+    for wanted in [
+        "Type: AWS::ServiceDiscovery::Service",
+        "RegistryArn: !GetAtt DiscoveryService.Arn",
+        "Type: A",
+        "Type: AWS::EC2::SecurityGroupIngress",
+        "FromPort: 9090",
+        "- ContainerPort: 9090",
+    ] {
+        assert!(template.contains(wanted), "the template lacks {wanted}");
+    }
+    let scrape = read("deploy/prometheus/ecs.yml");
+    assert!(scrape.contains("job_name: cruddur-stream-worker"), "the alerts' job label");
+    assert!(scrape.contains("dns_sd_configs:") && scrape.contains("port: 9090"));
+    assert!(read("deploy/prometheus/alerts.yml").contains("job=\"cruddur-stream-worker\""));
+}
