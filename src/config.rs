@@ -459,18 +459,42 @@ fn source(layers: &Layers) -> Result<Source, ConfigError> {
 const KINESIS_READS_PER_SECOND: u32 = 5;
 const DYNAMODB_STREAMS_READS_PER_SECOND: u32 = 10;
 
-/// `[stream]`; its AWS calls retry with the updates' delays, until shutdown.
-fn stream(layers: &Layers, retry: &RetryPolicy, source: &Source) -> Result<StreamSettings, ConfigError> {
-    let starting_position = match layers.string("starting_position")?.to_ascii_uppercase().as_str() {
+/// `starting_position`, with `starting_timestamp` for `AT_TIMESTAMP` (and only then).
+fn starting_position(layers: &Layers) -> Result<StartingPosition, ConfigError> {
+    let timestamp = layers.string("starting_timestamp")?;
+    let position = match layers.string("starting_position")?.to_ascii_uppercase().as_str() {
         "TRIM_HORIZON" => StartingPosition::TrimHorizon,
         "LATEST" => StartingPosition::Latest,
+        "AT_TIMESTAMP" => {
+            let at = chrono::DateTime::parse_from_rfc3339(timestamp.trim()).map_err(|_| {
+                layers.invalid(
+                    "starting_timestamp",
+                    format!(
+                        "{timestamp:?} is not an RFC 3339 instant, like 2026-12-01T00:00:00Z (AT_TIMESTAMP needs one)"
+                    ),
+                )
+            })?;
+            return Ok(StartingPosition::AtTimestamp(at.with_timezone(&chrono::Utc).into()));
+        }
         other => {
             return Err(layers.invalid(
                 "starting_position",
-                format!("{other:?} is neither TRIM_HORIZON nor LATEST"),
+                format!("{other:?} is none of TRIM_HORIZON, LATEST, AT_TIMESTAMP"),
             ))
         }
     };
+    if !timestamp.trim().is_empty() {
+        return Err(layers.invalid(
+            "starting_timestamp",
+            "is only read with starting_position = AT_TIMESTAMP",
+        ));
+    }
+    Ok(position)
+}
+
+/// `[stream]`; its AWS calls retry with the updates' delays, until shutdown.
+fn stream(layers: &Layers, retry: &RetryPolicy, source: &Source) -> Result<StreamSettings, ConfigError> {
+    let starting_position = starting_position(layers)?;
     let idle_interval = layers.millis("idle_interval_ms", 1, 60_000)?;
     let max_idle_interval = layers.millis("max_idle_interval_ms", 1, 600_000)?;
     if max_idle_interval < idle_interval {
@@ -633,6 +657,33 @@ mod tests {
 
     fn error_text(sources: &Sources) -> String {
         load(sources).expect_err("should fail").to_string()
+    }
+
+    /// AT_TIMESTAMP takes its instant from starting_timestamp; a missing or unreadable one, or
+    /// one given with another position, is an error naming the key.
+    #[test]
+    fn at_timestamp_needs_an_instant_and_only_it_takes_one() {
+        let at = |env: &[(&str, &str)]| load(&sources(env, &[])).map(|settings| settings.stream.starting_position);
+        let given = at(&[
+            ("WORKER_STARTING_POSITION", "at_timestamp"),
+            ("WORKER_STARTING_TIMESTAMP", "2026-12-01T01:00:00+01:00"),
+        ])
+        .expect("valid");
+        let instant = std::time::UNIX_EPOCH + Duration::from_secs(1_796_083_200);
+        assert_eq!(given, StartingPosition::AtTimestamp(instant));
+        for env in [
+            vec![("WORKER_STARTING_POSITION", "AT_TIMESTAMP")],
+            vec![
+                ("WORKER_STARTING_POSITION", "AT_TIMESTAMP"),
+                ("WORKER_STARTING_TIMESTAMP", "yesterday"),
+            ],
+            vec![("WORKER_STARTING_TIMESTAMP", "2026-12-01T00:00:00Z")],
+        ] {
+            let text = error_text(&sources(&env, &[]));
+            assert!(text.contains("starting_timestamp"), "{env:?}: {text}");
+        }
+        let text = error_text(&sources(&[("WORKER_STARTING_POSITION", "NOW")], &[]));
+        assert!(text.contains("AT_TIMESTAMP"), "{text}");
     }
 
     #[test]

@@ -126,9 +126,14 @@ struct RunFlags {
     /// Address for /metrics, /healthz and /readyz (key http_addr).
     #[arg(long, value_name = "ADDR")]
     http_addr: Option<String>,
-    /// TRIM_HORIZON or LATEST, for shards with no checkpoint (key starting_position).
+    /// TRIM_HORIZON, LATEST or AT_TIMESTAMP, for shards with no checkpoint (key
+    /// starting_position).
     #[arg(long, value_name = "POSITION")]
     starting_position: Option<String>,
+    /// With AT_TIMESTAMP: an RFC 3339 instant, like 2026-12-01T00:00:00Z (key
+    /// starting_timestamp).
+    #[arg(long, value_name = "INSTANT")]
+    starting_timestamp: Option<String>,
     /// This worker's name in the lease table (key worker_id).
     #[arg(long, value_name = "ID")]
     worker_id: Option<String>,
@@ -187,6 +192,7 @@ fn load_settings(cli: &Cli) -> Result<Settings, config::ConfigError> {
         let named = [
             ("http_addr", &flags.http_addr, "--http-addr"),
             ("starting_position", &flags.starting_position, "--starting-position"),
+            ("starting_timestamp", &flags.starting_timestamp, "--starting-timestamp"),
             ("worker_id", &flags.worker_id, "--worker-id"),
         ];
         for (key, value, flag) in named {

@@ -4,10 +4,12 @@
 //! tested without a stream:
 //! - a shard is read only once every parent has reached its end (a merge has two parents); a
 //!   parent that is no longer listed (trimmed after 24 h) cannot be read and does not block;
-//! - `LATEST` applies only to a consumer that has never read the stream: its closed shards are
-//!   skipped and its open shards start at the tip. Every shard discovered later is a child of
-//!   something being read and starts at `TRIM_HORIZON`, or records between the parent's end
-//!   and the child's first read would be lost.
+//! - `LATEST` and `AT_TIMESTAMP` apply only to a consumer that has never read the stream: with
+//!   `LATEST` its closed shards are skipped and its open shards start at the tip; with
+//!   `AT_TIMESTAMP` every shard is read from the horizon, records older than the instant skipped
+//!   (a closed shard may hold later ones). Every shard discovered later is a child of something
+//!   being read and starts at `TRIM_HORIZON`, or records between the parent's end and the
+//!   child's first read would be lost.
 
 use std::collections::{HashMap, HashSet};
 
@@ -21,6 +23,7 @@ use super::source::ShardInfo;
 pub(super) fn initial_lease(shard: &ShardInfo, fresh_stream: bool, starting: StartingPosition) -> (Position, bool) {
     match (starting, fresh_stream) {
         (StartingPosition::Latest, true) => (Position::latest_now(), shard.closed),
+        (StartingPosition::AtTimestamp(at), true) => (Position::LatestAt(at), false),
         _ => (Position::TrimHorizon, false),
     }
 }
@@ -240,6 +243,25 @@ mod tests {
         );
         assert_eq!(
             initial_lease(&closed, true, StartingPosition::TrimHorizon),
+            (Position::TrimHorizon, false)
+        );
+    }
+
+    /// `AT_TIMESTAMP` reads every shard of a stream never read, closed ones too (they may hold
+    /// records after the instant), skipping older records; later shards start at the horizon.
+    #[test]
+    fn at_timestamp_reads_every_shard_from_the_instant_on_a_stream_never_read() {
+        let open = shard("open", &["closed"], false);
+        let closed = shard("closed", &[], true);
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        for shard in [&open, &closed] {
+            assert_eq!(
+                initial_lease(shard, true, StartingPosition::AtTimestamp(at)),
+                (Position::LatestAt(at), false)
+            );
+        }
+        assert_eq!(
+            initial_lease(&open, false, StartingPosition::AtTimestamp(at)),
             (Position::TrimHorizon, false)
         );
     }

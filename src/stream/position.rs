@@ -60,6 +60,9 @@ impl Position {
 pub enum StartingPosition {
     TrimHorizon,
     Latest,
+    /// Records created at or after the instant (KCL's `AT_TIMESTAMP`): read from the horizon,
+    /// skipping older ones, as a resolved `LATEST` is.
+    AtTimestamp(SystemTime),
 }
 
 #[cfg(test)]

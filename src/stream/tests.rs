@@ -191,6 +191,33 @@ pub(super) async fn pass_until(limit: Duration, mut done: impl FnMut() -> bool) 
     true
 }
 
+/// `AT_TIMESTAMP` on a stream never read: records created before the instant are read but not
+/// handed over, every later one is, on open and closed shards alike.
+#[tokio::test(start_paused = true)]
+async fn at_timestamp_hands_over_only_records_created_from_the_instant_on() {
+    let source = FakeSource::with_shards(&["old", "new"]);
+    source.put_many("old", 3);
+    source.put_many("new", 2);
+    std::thread::sleep(Duration::from_millis(5));
+    let at = std::time::SystemTime::now();
+    std::thread::sleep(Duration::from_millis(5));
+    let later_old = source.put_many("old", 2);
+    source.split("old", &["child"]);
+    let later_new = source.put_many("new", 4);
+    let later_child = source.put_many("child", 1);
+    let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
+    let mut settings = settings();
+    settings.starting_position = StartingPosition::AtTimestamp(at);
+    let worker = start("w1", &source, &table, &seen, settings);
+    assert!(pass_until(Duration::from_secs(30), || seen.count() == 7).await);
+    pass(Duration::from_secs(2)).await;
+    worker.stop().await;
+    assert_eq!(seen.of("old"), later_old, "the closed shard's later records");
+    assert_eq!(seen.of("new"), later_new);
+    assert_eq!(seen.of("child"), later_child);
+    assert_eq!(seen.count(), 7, "nothing older");
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_record_reaches_the_consumer_in_shard_order_and_the_end_is_checkpointed() {
     let source = FakeSource::with_shards(&["shard-a", "shard-b"]);

@@ -304,7 +304,10 @@ fn prometheus_on_ecs_finds_every_task_on_the_metrics_port() {
         assert!(template.contains(wanted), "the template lacks {wanted}");
     }
     let scrape = read("deploy/prometheus/ecs.yml");
-    assert!(scrape.contains("job_name: cruddur-stream-worker"), "the alerts' job label");
+    assert!(
+        scrape.contains("job_name: cruddur-stream-worker"),
+        "the alerts' job label"
+    );
     assert!(scrape.contains("dns_sd_configs:") && scrape.contains("port: 9090"));
     assert!(read("deploy/prometheus/alerts.yml").contains("job=\"cruddur-stream-worker\""));
 }
