@@ -459,6 +459,12 @@ fn source(layers: &Layers) -> Result<Source, ConfigError> {
 const KINESIS_READS_PER_SECOND: u32 = 5;
 const DYNAMODB_STREAMS_READS_PER_SECOND: u32 = 10;
 
+/// Reads a second that polling every `interval` takes (rounded up).
+fn reads_at(interval: Duration) -> u32 {
+    let millis = interval.as_millis().max(1);
+    u32::try_from(1000u128.div_ceil(millis)).unwrap_or(1_000)
+}
+
 /// `starting_position`, with `starting_timestamp` for `AT_TIMESTAMP` (and only then).
 fn starting_position(layers: &Layers) -> Result<StartingPosition, ConfigError> {
     let timestamp = layers.string("starting_timestamp")?;
@@ -516,7 +522,8 @@ fn stream(layers: &Layers, retry: &RetryPolicy, source: &Source) -> Result<Strea
         max_idle_interval,
         max_reads_per_second: match layers.integer("max_reads_per_second", 0, 1_000)? {
             0 if matches!(source, Source::Kinesis { .. }) => KINESIS_READS_PER_SECOND,
-            0 => DYNAMODB_STREAMS_READS_PER_SECOND,
+            // No stated rate: 10 a second, or as often as the idle interval asks if that is more.
+            0 => DYNAMODB_STREAMS_READS_PER_SECOND.max(reads_at(idle_interval)),
             reads => u32::try_from(reads).unwrap_or(1_000),
         },
         shard_sync_interval: layers.millis("shard_sync_interval_ms", 100, 3_600_000)?,
@@ -722,6 +729,11 @@ mod tests {
     fn reads_per_second_default_to_the_sources_pace() {
         let reads = |env: &[(&str, &str)]| load(&sources(env, &[])).expect("valid").stream.max_reads_per_second;
         assert_eq!(reads(&[]), 10, "DynamoDB Streams");
+        assert_eq!(
+            reads(&[("WORKER_IDLE_INTERVAL_MS", "50")]),
+            20,
+            "never slower than the idle interval asked for"
+        );
         let kinesis = [("WORKER_SOURCE", "kinesis"), ("WORKER_KINESIS_STREAM_NAME", "s")];
         assert_eq!(reads(&kinesis), 5, "Kinesis's per-shard limit");
         let mut set = kinesis.to_vec();
