@@ -330,17 +330,7 @@ async fn run_command(db: &TestDb, args: &[&str]) -> (i32, String, String) {
 }
 
 async fn run_command_with(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let output = db
-        .command(args)
-        .envs(env.iter().copied())
-        .output()
-        .await
-        .expect("run command");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    db.run_command(args, env).await
 }
 
 /// A table damaged on purpose: stale rows, a deleted row, a duplicate row.

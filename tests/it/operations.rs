@@ -502,12 +502,7 @@ async fn latest_reads_only_what_arrives_after_the_first_start() {
 }
 
 async fn command(db: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let output = db.command(args).output().await.expect("run command");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    db.run_command(args, &[]).await
 }
 
 /// `set-checkpoint` while a worker reads the shard: refused without a confirmation, shown but not

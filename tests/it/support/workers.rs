@@ -55,6 +55,21 @@ impl TestDb {
     }
 
     /// The binary, with this database's endpoint and credentials in its environment.
+    /// Runs the binary with `args` (and `env` on top) to its end: exit code, stdout, stderr.
+    pub async fn run_command(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+        let output = self
+            .command(args)
+            .envs(env.iter().copied())
+            .output()
+            .await
+            .expect("run command");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_cruddur-stream-worker"));
         command
