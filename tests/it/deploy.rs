@@ -311,3 +311,37 @@ fn prometheus_on_ecs_finds_every_task_on_the_metrics_port() {
     assert!(scrape.contains("dns_sd_configs:") && scrape.contains("port: 9090"));
     assert!(read("deploy/prometheus/alerts.yml").contains("job=\"cruddur-stream-worker\""));
 }
+
+/// Every base and service image is pinned by digest, and the build image's toolchain is the
+/// crate's rust-version.
+#[test]
+fn every_image_is_pinned_by_digest() {
+    let dockerfile = read("deploy/Dockerfile");
+    let compose = read("deploy/docker-compose.yml");
+    let images: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|line| line.strip_prefix("FROM "))
+        .chain(compose.lines().filter_map(|line| line.trim().strip_prefix("image: ")))
+        .filter(|image| !image.starts_with("cruddur-stream-worker:"))
+        .collect();
+    assert!(images.len() >= 5, "{images:?}");
+    for image in &images {
+        let digest = image
+            .split_once("@sha256:")
+            .map(|(_, rest)| &rest[..64.min(rest.len())]);
+        assert!(
+            digest.is_some_and(|hex| hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())),
+            "{image} is not pinned by digest"
+        );
+    }
+    let manifest = read("Cargo.toml");
+    let version = manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("rust-version = "))
+        .map(|v| v.trim_matches('"'))
+        .expect("rust-version");
+    assert!(
+        dockerfile.contains(&format!("FROM rust:{version}-")),
+        "the build image is Rust {version}"
+    );
+}
