@@ -169,7 +169,7 @@ pub async fn fleet(flags: &Flags) -> Result<Value, Failure> {
     let shards = usize::try_from(flags.number("shards", 32)?)?;
     let seconds = flags.number("seconds", 60)?;
     let db = Db::fresh(&endpoint).await?;
-    let stream = create_stream(&db, &kinesis, shards).await?;
+    let (_, stream) = create_stream(&db, &kinesis, shards).await?;
     let (dynamodb_proxy, kinesis_proxy) = (
         CountingProxy::start(&endpoint).await?,
         CountingProxy::start(&kinesis).await?,
@@ -231,8 +231,13 @@ pub async fn fleet(flags: &Flags) -> Result<Value, Failure> {
     }))
 }
 
-/// A Kinesis stream of `shards` shards on kinesalite, named for the database.
-async fn create_stream(db: &Db, kinesis: &str, shards: usize) -> Result<String, Failure> {
+/// A Kinesis stream of `shards` shards on kinesalite, named for the database, and a client of
+/// kinesalite for it.
+pub(super) async fn create_stream(
+    db: &Db,
+    kinesis: &str,
+    shards: usize,
+) -> Result<(aws_sdk_kinesis::Client, String), Failure> {
     let sdk = aws::load_sdk_config(AwsOverrides {
         endpoint_url: Some(kinesis.to_owned()),
         region: Some(REGION.to_owned()),
@@ -253,7 +258,7 @@ async fn create_stream(db: &Db, kinesis: &str, shards: usize) -> Result<String, 
             .stream_description_summary()
             .is_some_and(|s| s.stream_status() == &aws_sdk_kinesis::types::StreamStatus::Active)
         {
-            return Ok(name);
+            return Ok((client, name));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -10,6 +10,8 @@
 //!   cargo bench --bench suite -- drain-ceiling | drain-lambda (see bench/run)
 //!   cargo bench --bench suite -- fleet     --endpoint URL --kinesis URL --worker BIN
 //!                                          --workers W --shards S --seconds T (see bench/fleet)
+//!   cargo bench --bench suite -- busy-shards --endpoint URL --kinesis URL --worker BIN
+//!                                          --shards S --messages-per-shard M (see bench/shards.rs)
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -32,6 +34,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 mod fleet;
+mod shards;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
@@ -1063,6 +1066,7 @@ async fn main() {
         "drain-ceiling" => drain_ceiling(&flags).await,
         "latency" => latency(&flags).await,
         "fleet" => fleet::fleet(&flags).await,
+        "busy-shards" => shards::busy_shards(&flags).await,
         other => Err(format!("unknown scenario {other:?}").into()),
     };
     match result {

@@ -78,8 +78,8 @@ pub enum Covered {
 impl Covered {
     pub fn new(record: &RecordKeys) -> Self {
         Covered::Record {
-            sequence_number: record.sequence_number.as_str().to_owned(),
-            keys: change::item_to_json(record.keys.iter().map(|(name, value)| (name, value))),
+            sequence_number: record.sequence_number.to_string(),
+            keys: record.keys_json(),
         }
     }
 
@@ -104,7 +104,7 @@ impl DeadLetter {
     pub fn new(shard: &ShardId, record: &Record, reason: &str, error: String, attempts: u32, worker_id: &str) -> Self {
         Self {
             shard: shard.0.clone(),
-            sequence_number: record.sequence_number.as_str().to_owned(),
+            sequence_number: record.sequence_number.to_string(),
             reason: reason.to_owned(),
             error,
             attempts,
@@ -556,7 +556,7 @@ mod tests {
         let back: DeadLetter = serde_json::from_str(&line).expect("parses");
         assert_eq!(back, letter);
         let record = back.record().expect("record");
-        assert_eq!(record.sequence_number.as_str(), "0007");
+        assert_eq!(record.sequence_number.text(), "0007");
         assert_eq!(record.keys.get("pk"), Some(&AttributeValue::S("MSG#g".into())));
     }
 
@@ -576,7 +576,7 @@ mod tests {
                 folded
                     .keys
                     .insert("sk".into(), AttributeValue::S(format!("2024-01-01T00:00:{n:06}")));
-                Covered::new(&folded.into_keys())
+                Covered::new(&RecordKeys::of(folded))
             })
             .collect();
         let all = letter.covers.clone();

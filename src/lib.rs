@@ -41,6 +41,8 @@ pub mod config;
 pub mod deadletter;
 pub mod dispatch;
 pub mod groups;
+#[cfg(test)]
+mod heap_probe;
 pub mod http;
 pub mod lock;
 pub mod retry;

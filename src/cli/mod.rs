@@ -6,6 +6,7 @@
 //! 2 bad usage or bad configuration (the message names the key). Command output goes to
 //! stdout, logs to stderr.
 
+mod allocator;
 mod commands;
 mod render;
 
@@ -148,6 +149,7 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 
 /// The binary's entry point.
 pub fn main() -> ExitCode {
+    allocator::tune();
     let cli = Cli::parse();
     let settings = match load_settings(&cli) {
         Ok(settings) => settings,

@@ -338,7 +338,7 @@ impl<E> Unit<E> {
         } else {
             later.record
         };
-        let folded = folded.into_keys();
+        let folded = RecordKeys::of(folded);
         let bytes = folded.approx_bytes();
         self.folded.push(folded);
         self.folded.extend(later.folded);
@@ -861,7 +861,7 @@ mod tests {
 
     fn through(lane: &DispatchLane<Recorder>) -> Option<String> {
         lane.handled_through()
-            .map(|s| s.as_str().trim_start_matches('0').to_owned())
+            .map(|s| s.text().trim_start_matches('0').to_owned())
     }
 
     #[tokio::test]
@@ -1005,7 +1005,7 @@ mod tests {
         applied.sort();
         assert_eq!(applied, vec![("a".to_owned(), 3), ("b".to_owned(), 5)]);
         assert_eq!(
-            lane.handled_through().map(|s| s.as_str().to_owned()),
+            lane.handled_through().map(|s| s.to_string()),
             Some(format!("{:021}", 6))
         );
     }
@@ -1076,7 +1076,7 @@ mod tests {
         .await
         .expect("one update finishes");
         let finished = handler.applied()[0].0.clone();
-        let through = lane.handled_through().map(|s| s.as_str().to_owned());
+        let through = lane.handled_through().map(|s| s.to_string());
         if finished == "slow" {
             assert_eq!(through, Some(format!("{:021}", 1)));
         } else {
@@ -1085,7 +1085,7 @@ mod tests {
         handler.gate.add_permits(1);
         lane.drain().await;
         assert_eq!(
-            lane.handled_through().map(|s| s.as_str().to_owned()),
+            lane.handled_through().map(|s| s.to_string()),
             Some(format!("{:021}", 3))
         );
     }

@@ -2,7 +2,7 @@
 //! moves over a prefix of records that are all complete.
 
 use std::collections::VecDeque;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::stream::SequenceNumber;
 
@@ -15,8 +15,9 @@ pub struct Watermark {
     /// Ticket of `slots[0]`.
     front: Ticket,
     /// Submitted records not yet passed by the watermark: each one's sequence number, since
-    /// when it waits (creation, else submission) and whether it is complete.
-    slots: VecDeque<(SequenceNumber, SystemTime, bool)>,
+    /// when it waits (creation, else submission; milliseconds since the epoch) and whether it
+    /// is complete. A backlog keeps one per record read: 40 bytes each, nothing on the heap.
+    slots: VecDeque<(SequenceNumber, u64, bool)>,
     handled_through: Option<SequenceNumber>,
 }
 
@@ -24,7 +25,10 @@ impl Watermark {
     /// Registers the next record of the shard, created at `created` (if the source says).
     pub fn push(&mut self, sequence: SequenceNumber, created: Option<SystemTime>) -> Ticket {
         let since = created.unwrap_or_else(SystemTime::now);
-        self.slots.push_back((sequence, since, false));
+        let millis = since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+        self.slots.push_back((sequence, millis, false));
         self.front + self.slots.len() as Ticket - 1
     }
 
@@ -56,9 +60,11 @@ impl Watermark {
     }
 
     /// When the oldest record not yet handled was created (or submitted, when its source gave
-    /// no time); `None` when every record is handled.
+    /// no time), to the millisecond; `None` when every record is handled.
     pub fn waiting_since(&self) -> Option<SystemTime> {
-        self.slots.front().map(|(_, since, _)| *since)
+        self.slots
+            .front()
+            .map(|(_, millis, _)| SystemTime::UNIX_EPOCH + Duration::from_millis(*millis))
     }
 }
 
@@ -68,6 +74,21 @@ mod tests {
 
     fn seq(n: u32) -> SequenceNumber {
         SequenceNumber::parse(&format!("{n:021}")).expect("digits")
+    }
+
+    #[test]
+    fn a_pending_record_holds_forty_bytes() {
+        // A power of two, so that the queue's capacity is exactly the count.
+        let count = 16_384;
+        let sequences: Vec<SequenceNumber> = (0..count).map(|n| seq(4_000_000 + n)).collect();
+        let before = crate::heap_probe::live_bytes();
+        let mut watermark = Watermark::default();
+        for sequence in sequences {
+            watermark.push(sequence, Some(SystemTime::now()));
+        }
+        let per_record = (crate::heap_probe::live_bytes() - before) / count as isize;
+        assert!(per_record <= 40, "{per_record} bytes per pending record");
+        assert_eq!(watermark.pending(), count as usize);
     }
 
     #[test]
@@ -121,7 +142,12 @@ mod tests {
     fn waiting_since_is_the_oldest_unhandled_record() {
         let mut watermark = Watermark::default();
         assert_eq!(watermark.waiting_since(), None);
-        let hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        // Kept to the millisecond.
+        let to_millis = |at: SystemTime| {
+            let since = at.duration_since(SystemTime::UNIX_EPOCH).expect("after the epoch");
+            SystemTime::UNIX_EPOCH + Duration::from_millis(since.as_millis() as u64)
+        };
+        let hour_ago = to_millis(SystemTime::now() - Duration::from_secs(3600));
         let stuck = watermark.push(seq(1), Some(hour_ago));
         let later: Vec<Ticket> = (2..=4).map(|n| watermark.push(seq(n), None)).collect();
         for ticket in later {
@@ -130,7 +156,7 @@ mod tests {
         assert_eq!(watermark.waiting_since(), Some(hour_ago));
         watermark.complete(stuck);
         assert_eq!(watermark.waiting_since(), None);
-        let unknown = SystemTime::now();
+        let unknown = to_millis(SystemTime::now());
         watermark.push(seq(5), None);
         assert!(
             watermark.waiting_since().is_some_and(|since| since >= unknown),

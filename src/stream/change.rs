@@ -56,6 +56,89 @@ pub fn from_json(sequence_number: SequenceNumber, change: &Json, arrived: Option
     }
 }
 
+/// A record kept by its sequence number and keys alone: what an update keeps of each record it
+/// folds in, for dead letters. The keys are kept as their DynamoDB JSON text, one allocation
+/// where a map of attributes takes one per name and value (about half the memory in a backlog
+/// of folded records).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordKeys {
+    pub sequence_number: SequenceNumber,
+    keys: Box<str>,
+}
+
+impl RecordKeys {
+    /// Its sequence number and keys; the rest of the record is dropped.
+    pub fn of(record: Record) -> Self {
+        RecordKeys {
+            keys: keys_text(&record.keys).into_boxed_str(),
+            sequence_number: record.sequence_number,
+        }
+    }
+
+    /// The keys as DynamoDB JSON, as [`item_to_json`] gives them.
+    pub fn keys_json(&self) -> Json {
+        // The text was written by `keys_text`: it always parses.
+        serde_json::from_str(&self.keys).unwrap_or_default()
+    }
+
+    /// About how many bytes of memory it holds.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.sequence_number.heap_bytes() + self.keys.len()
+    }
+}
+
+/// `keys` as DynamoDB JSON text, written directly: key attributes are strings, numbers or
+/// binary, the first two without an intermediate JSON value.
+fn keys_text(keys: &Item) -> String {
+    let exact: usize = keys
+        .iter()
+        .map(|(name, value)| name.len() + value_text_len(value) + 4)
+        .sum();
+    let mut text = String::with_capacity(exact + 1);
+    text.push('{');
+    for (index, (name, value)) in keys.iter().enumerate() {
+        if index > 0 {
+            text.push(',');
+        }
+        push_json_string(&mut text, name);
+        text.push(':');
+        match value {
+            AttributeValue::S(inner) => push_typed(&mut text, "S", inner),
+            AttributeValue::N(inner) => push_typed(&mut text, "N", inner),
+            other => text.push_str(&value_to_json(other).to_string()),
+        }
+    }
+    text.push('}');
+    text
+}
+
+/// The text length of a string or number value when nothing needs escaping.
+fn value_text_len(value: &AttributeValue) -> usize {
+    match value {
+        AttributeValue::S(inner) | AttributeValue::N(inner) => inner.len() + 10,
+        _ => 0,
+    }
+}
+
+fn push_typed(text: &mut String, kind: &str, inner: &str) {
+    text.push_str("{\"");
+    text.push_str(kind);
+    text.push_str("\":");
+    push_json_string(text, inner);
+    text.push('}');
+}
+
+/// `value` as a JSON string literal.
+fn push_json_string(text: &mut String, value: &str) {
+    if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        text.push('"');
+        text.push_str(value);
+        text.push('"');
+    } else {
+        text.push_str(&Json::String(value.to_owned()).to_string());
+    }
+}
+
 /// Epoch units an `ApproximateCreationDateTime` comes in.
 #[derive(Clone, Copy)]
 enum Unit {
@@ -265,5 +348,64 @@ mod tests {
         assert!(record.new_image.is_none());
         assert_eq!(record.created_at, Some(arrived), "falls back to the arrival time");
         assert_eq!(from_json(seq(), &json!({}), None).event, EventKind::Other);
+    }
+
+    fn message(n: usize) -> Record {
+        let text = |value: String| AttributeValue::S(value);
+        let keys = Item::from([
+            ("pk".to_owned(), text("MSG#5ae290ed-55d1-47a0-bc6d-fe2bc2700399".into())),
+            (
+                "sk".to_owned(),
+                text(format!("2026-12-07T16:{:02}:{:02}.123456+00:00", n / 60 % 60, n % 60)),
+            ),
+        ]);
+        let mut image = keys.clone();
+        image.insert("message".into(), text("x".repeat(200)));
+        image.insert("user_handle".into(), text("andrewbrown".into()));
+        Record {
+            sequence_number: SequenceNumber::parse(&format!("{:021}", 4_000_000 + n)).expect("digits"),
+            event: EventKind::Insert,
+            keys,
+            new_image: Some(image),
+            created_at: None,
+        }
+    }
+
+    #[test]
+    fn kept_keys_read_back_as_the_records_keys() {
+        let mut record = message(1);
+        record
+            .keys
+            .insert("quoted".into(), AttributeValue::S("a \"b\"\\ c\nd é".into()));
+        record.keys.insert("n".into(), AttributeValue::N("-1.5e3".into()));
+        record.keys.insert("raw".into(), AttributeValue::B(Blob::new("hi")));
+        let expected = item_to_json(&record.keys);
+        let kept = RecordKeys::of(record.clone());
+        assert_eq!(kept.keys_json(), expected);
+        assert_eq!(kept.sequence_number, record.sequence_number);
+        let back = from_json(
+            kept.sequence_number.clone(),
+            &json!({"dynamodb": {"Keys": kept.keys_json()}}),
+            None,
+        );
+        assert_eq!(back.keys, record.keys);
+    }
+
+    #[test]
+    fn a_folded_record_keeps_a_few_hundred_bytes_at_most() {
+        let count = 1_000;
+        let before = crate::heap_probe::live_bytes();
+        let records: Vec<Record> = (0..count).map(message).collect();
+        let with_images = crate::heap_probe::live_bytes() - before;
+        let mut kept = Vec::with_capacity(count);
+        for record in records {
+            kept.push(RecordKeys::of(record));
+        }
+        let per_record = (crate::heap_probe::live_bytes() - before) / count as isize;
+        assert!(with_images / count as isize > 1_000, "{with_images}");
+        // The slot, the sequence number and the keys' text: 154 bytes measured; as the keys' own
+        // names and values (a boxed slice of pairs), 297.
+        assert!(per_record <= 200, "{per_record} bytes per folded record");
+        assert_eq!(kept.len(), count);
     }
 }

@@ -171,7 +171,7 @@ impl StreamSource for DynamoDbStreamsSource {
             Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
             Position::After(sequence) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .sequence_number(sequence.as_str()),
+                .sequence_number(sequence.text().as_ref()),
         };
         let output = request.send().await.map_err(|error| match error.as_service_error() {
             Some(GetShardIteratorError::TrimmedDataAccessException(_)) => {
@@ -286,7 +286,7 @@ mod tests {
             .build();
         let converted = convert_record(record).expect("converts");
         assert_eq!(converted.event, EventKind::Insert);
-        assert_eq!(converted.sequence_number.as_str(), "000000000000000000042");
+        assert_eq!(converted.sequence_number.text(), "000000000000000000042");
         assert_eq!(converted.keys.get("pk"), Some(&TableValue::S("MSG#g".into())));
         let image = converted.new_image.expect("image");
         assert_eq!(

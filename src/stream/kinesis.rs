@@ -93,7 +93,7 @@ impl StreamSource for KinesisSource {
             Position::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
             Position::After(sequence) => request
                 .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(sequence.as_str()),
+                .starting_sequence_number(sequence.text().as_ref()),
         };
         let output = request.send().await.map_err(|error| match error.as_service_error() {
             // The stream exists (the shard sync found it): the shard is what is missing.

@@ -52,6 +52,7 @@ mod simulation;
 #[cfg(test)]
 mod tests;
 
+pub use change::RecordKeys;
 pub use consumer::{Consumer, ShardLane, WaitingSince};
 pub use dynamodb::DynamoDbStreamsSource;
 pub use error::StreamError;
@@ -59,7 +60,7 @@ pub use health::StreamHealth;
 pub use kinesis::KinesisSource;
 pub use lease::{DynamoDbLeaseTable, Lease, LeaseStore, LeaseTable, MemoryLeaseTable, LEASE_TABLE_KEY};
 pub use position::{Position, StartingPosition};
-pub use record::{EventKind, Item, Record, RecordKeys, SequenceNumber, ShardId};
+pub use record::{EventKind, Item, Record, SequenceNumber, ShardId};
 pub use settings::{ShardReport, StreamReport, StreamSettings};
 pub use source::{Batch, ShardInfo, StreamShards, StreamSource};
 pub use worker::StreamWorker;

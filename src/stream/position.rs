@@ -28,7 +28,7 @@ impl Position {
                 format!("LATEST@{}", at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).into()
             }
             Position::Latest => "LATEST".into(),
-            Position::After(sequence) => sequence.as_str().into(),
+            Position::After(sequence) => sequence.to_string().into(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! out decimal strings of varying length (up to 40 digits on DynamoDB Streams, 56 on Kinesis),
 //! so ordering compares length first and never by plain string order.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::fmt;
@@ -29,37 +30,93 @@ impl fmt::Display for ShardId {
 /// A record's position in its shard: a decimal string compared as a number. The text is kept
 /// exactly as the source gave it, because the source expects it back verbatim (DynamoDB Local
 /// pads with leading zeros).
-#[derive(Debug, Clone)]
-pub struct SequenceNumber(String);
+///
+/// Kept compactly, since one is held for every record read and not yet checkpointed: up to 38
+/// significant digits (every DynamoDB Streams sequence number) as a number and the text's width,
+/// without an allocation; longer ones (Kinesis) as text.
+#[derive(Clone)]
+pub struct SequenceNumber(Digits);
+
+/// Significant digits that always fit a `u128`.
+const PACKED_DIGITS: usize = 38;
+
+#[derive(Clone)]
+enum Digits {
+    /// At most [`PACKED_DIGITS`] significant digits: the value (high and low halves, so that the
+    /// whole stays 24 bytes) and the text's length with its leading zeros.
+    Packed { high: u64, low: u64, width: u16 },
+    /// More significant digits: the text as given.
+    Text(Box<str>),
+}
 
 impl SequenceNumber {
-    /// Accepts a non-empty string of ASCII digits; anything else is not a sequence number.
+    /// Accepts a non-empty string of ASCII digits (at most 65,535 of them; the APIs' are at most
+    /// 129); anything else is not a sequence number.
     pub fn parse(text: &str) -> Option<Self> {
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        Some(Self(text.to_owned()))
+        let width = u16::try_from(text.len()).ok()?;
+        if significant(text).len() > PACKED_DIGITS {
+            return Some(Self(Digits::Text(text.into())));
+        }
+        let value: u128 = significant(text).parse().ok()?;
+        Some(Self(Digits::Packed {
+            high: (value >> 64) as u64,
+            low: value as u64,
+            width,
+        }))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
+    /// The text as the source gave it.
+    pub fn text(&self) -> Cow<'_, str> {
+        match &self.0 {
+            Digits::Packed { width, .. } => {
+                Cow::Owned(format!("{:0width$}", self.value(), width = usize::from(*width)))
+            }
+            Digits::Text(text) => Cow::Borrowed(text),
+        }
     }
 
-    /// The digits without leading zeros, the form ordering and equality use.
-    fn significant(&self) -> &str {
-        let trimmed = self.0.trim_start_matches('0');
-        if trimmed.is_empty() {
-            "0"
-        } else {
-            trimmed
+    /// Bytes of memory it holds besides itself.
+    pub fn heap_bytes(&self) -> usize {
+        match &self.0 {
+            Digits::Packed { .. } => 0,
+            Digits::Text(text) => text.len(),
+        }
+    }
+
+    /// The packed value (0 for text, which is never packed).
+    fn value(&self) -> u128 {
+        match self.0 {
+            Digits::Packed { high, low, .. } => (u128::from(high) << 64) | u128::from(low),
+            Digits::Text(_) => 0,
         }
     }
 }
 
+/// The digits without leading zeros, the form ordering and equality use.
+fn significant(text: &str) -> &str {
+    let trimmed = text.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0"
+    } else {
+        trimmed
+    }
+}
+
 impl Ord for SequenceNumber {
+    /// Packed numbers have fewer significant digits than any kept as text.
     fn cmp(&self, other: &Self) -> Ordering {
-        let (a, b) = (self.significant(), other.significant());
-        a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+        match (&self.0, &other.0) {
+            (Digits::Packed { .. }, Digits::Packed { .. }) => self.value().cmp(&other.value()),
+            (Digits::Packed { .. }, Digits::Text(_)) => Ordering::Less,
+            (Digits::Text(_), Digits::Packed { .. }) => Ordering::Greater,
+            (Digits::Text(a), Digits::Text(b)) => {
+                let (a, b) = (significant(a), significant(b));
+                a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+            }
+        }
     }
 }
 
@@ -79,13 +136,22 @@ impl Eq for SequenceNumber {}
 
 impl std::hash::Hash for SequenceNumber {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.significant().hash(state);
+        match &self.0 {
+            Digits::Packed { .. } => self.value().hash(state),
+            Digits::Text(text) => significant(text).hash(state),
+        }
     }
 }
 
 impl fmt::Display for SequenceNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text())
+    }
+}
+
+impl fmt::Debug for SequenceNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SequenceNumber").field(&self.text()).finish()
     }
 }
 
@@ -143,45 +209,14 @@ impl Record {
     /// About how many bytes of memory the record holds: what read-ahead budgets count.
     pub fn approx_bytes(&self) -> usize {
         RECORD_OVERHEAD
-            + self.sequence_number.0.len()
+            + self.sequence_number.heap_bytes()
             + item_bytes(&self.keys)
             + self.new_image.as_ref().map_or(0, item_bytes)
     }
 }
 
-/// A record kept by its sequence number and keys alone, compactly (one slice where a record
-/// has a map): what an update keeps of each record it folds in, for dead letters.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RecordKeys {
-    pub sequence_number: SequenceNumber,
-    pub keys: Box<[(String, AttributeValue)]>,
-}
-
-impl Record {
-    /// Its sequence number and keys (moved, not copied); the rest is dropped.
-    pub fn into_keys(self) -> RecordKeys {
-        RecordKeys {
-            sequence_number: self.sequence_number,
-            keys: self.keys.into_iter().collect(),
-        }
-    }
-}
-
-impl RecordKeys {
-    /// About how many bytes of memory it holds.
-    pub fn approx_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.sequence_number.0.len()
-            + attributes_bytes(self.keys.iter().map(|(name, value)| (name, value)))
-    }
-}
-
 fn item_bytes(item: &Item) -> usize {
-    attributes_bytes(item.iter())
-}
-
-fn attributes_bytes<'a>(attributes: impl Iterator<Item = (&'a String, &'a AttributeValue)>) -> usize {
-    attributes
+    item.iter()
         .map(|(name, value)| ENTRY_OVERHEAD + name.len() + value_bytes(value))
         .sum()
 }
@@ -230,11 +265,29 @@ mod tests {
         assert!(seq("49590338271490256608559692538361571095921575989136588898") > seq("99"));
         assert_eq!(seq("007"), seq("7"));
         assert_eq!(seq("0"), seq("000"));
+        // Either side of the 38 significant digits kept as a number.
+        let most_packed = seq("99999999999999999999999999999999999999");
+        let least_text = seq("100000000000000000000000000000000000000");
+        assert!(most_packed < least_text);
+        assert_eq!(least_text.cmp(&most_packed), Ordering::Greater);
+        assert!(seq("0000000100000000000000000000000000000000000000") == least_text);
+        assert!(seq("100000000000000000000000000000000000001") > least_text);
     }
 
     #[test]
     fn sequence_number_keeps_the_text_the_source_gave() {
-        assert_eq!(seq("000000000000000000024").as_str(), "000000000000000000024");
+        for text in [
+            "000000000000000000024",
+            "0",
+            "000",
+            "99999999999999999999999999999999999999",
+            "0000099999999999999999999999999999999999999",
+            "100000000000000000000000000000000000000",
+            "49590338271490256608559692538361571095921575989136588898",
+        ] {
+            assert_eq!(seq(text).text(), text);
+            assert_eq!(seq(text).to_string(), text);
+        }
     }
 
     #[test]

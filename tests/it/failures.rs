@@ -113,7 +113,7 @@ async fn poison_records_are_dead_lettered_once_and_the_shard_moves_on() {
     for letter in &letters {
         assert!(!letter.shard.is_empty() && !letter.error.is_empty() && letter.attempts == 0);
         let record = letter.record().expect("the letter keeps its record");
-        assert_eq!(record.sequence_number.as_str(), letter.sequence_number);
+        assert_eq!(record.sequence_number.text(), letter.sequence_number);
     }
     for (reason, _) in reasons {
         let labels = format!(r#"reason="{reason}""#);
