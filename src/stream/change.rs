@@ -115,7 +115,8 @@ fn keys_text(keys: &Item) -> String {
 /// The text length of a string or number value when nothing needs escaping.
 fn value_text_len(value: &AttributeValue) -> usize {
     match value {
-        AttributeValue::S(inner) | AttributeValue::N(inner) => inner.len() + 10,
+        // `{"S":"` and `"}`
+        AttributeValue::S(inner) | AttributeValue::N(inner) => inner.len() + 8,
         _ => 0,
     }
 }
@@ -382,6 +383,12 @@ mod tests {
         let expected = item_to_json(&record.keys);
         let kept = RecordKeys::of(record.clone());
         assert_eq!(kept.keys_json(), expected);
+        let plain = message(2);
+        assert_eq!(
+            keys_text(&plain.keys).capacity(),
+            keys_text(&plain.keys).len(),
+            "sized exactly, so that boxing it does not reallocate"
+        );
         assert_eq!(kept.sequence_number, record.sequence_number);
         let back = from_json(
             kept.sequence_number.clone(),

@@ -236,7 +236,9 @@ impl<S: StreamSource, T: LeaseTable, L: ShardLane> ShardReader<'_, S, T, L> {
                     self.lane.submit(batch.records).await;
                 }
             };
-            let ((), next_read) = tokio::join!(submit, context.read_unless(iterator, &self.pace, cancel));
+            // The read first: its request goes out before the lane's work (routing, folding)
+            // takes the thread, so that the two overlap.
+            let (next_read, ()) = tokio::join!(biased; context.read_unless(iterator, &self.pace, cancel), submit);
             read_ahead = next_read;
         } else {
             // At the tip: whatever the lane held back for folding goes now.

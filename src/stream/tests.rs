@@ -950,3 +950,88 @@ async fn a_busy_shard_is_read_at_most_max_reads_per_second() {
     );
     worker.stop().await;
 }
+
+/// A consumer that notes, as each batch reaches it, how many reads the source had answered.
+#[derive(Clone)]
+struct ReadsAtSubmit {
+    source: FakeSource,
+    noted: Arc<Mutex<Vec<(usize, u64)>>>,
+}
+
+impl Consumer for ReadsAtSubmit {
+    type Lane = ReadsAtSubmitLane;
+
+    fn open_lane(&self, _shard: &ShardId) -> ReadsAtSubmitLane {
+        ReadsAtSubmitLane {
+            consumer: self.clone(),
+            last: None,
+        }
+    }
+}
+
+struct ReadsAtSubmitLane {
+    consumer: ReadsAtSubmit,
+    last: Option<SequenceNumber>,
+}
+
+impl ShardLane for ReadsAtSubmitLane {
+    async fn submit(&mut self, records: Vec<Record>) {
+        let reads = self.consumer.source.reads();
+        if let Some(last) = records.last() {
+            self.last = Some(last.sequence_number.clone());
+        }
+        lock(&self.consumer.noted).push((records.len(), reads));
+    }
+
+    fn handled_through(&self) -> Option<SequenceNumber> {
+        self.last.clone()
+    }
+
+    async fn drain(&mut self) {}
+}
+
+/// Unpaced, the next page is asked for before the lane takes the last one, so that the lane's
+/// work (routing, folding) overlaps the read instead of delaying it.
+#[tokio::test(start_paused = true)]
+async fn the_next_page_is_asked_for_before_the_lane_takes_the_last() {
+    let source = FakeSource::with_shards(&["shard-a"]);
+    source.put_many("shard-a", 300);
+    let consumer = ReadsAtSubmit {
+        source: source.clone(),
+        noted: Arc::default(),
+    };
+    let worker = StreamWorker::new(
+        source.clone(),
+        Arc::new(consumer.clone()),
+        LeaseStore::new(MemoryLeaseTable::default(), "w1"),
+        StreamSettings {
+            // No spacing between reads.
+            max_reads_per_second: u32::MAX,
+            ..settings()
+        },
+        Arc::new(StreamHealth::default()),
+    );
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(worker.run(cancel.clone()));
+    let noted = consumer.noted.clone();
+    let handed = || lock(&noted).iter().map(|(records, _)| records).sum::<usize>();
+    assert!(pass_until(Duration::from_secs(30), || handed() == 300).await);
+    cancel.cancel();
+    task.await.expect("worker task").expect("worker runs");
+    let pages: Vec<(usize, u64)> = lock(&noted)
+        .iter()
+        .copied()
+        .filter(|(records, _)| *records > 0)
+        .collect();
+    let reads_before: Vec<u64> = pages.iter().map(|(_, reads)| *reads).collect();
+    // Page k (from 1) reaches the lane once read k + 1 was made (the last page's: the empty
+    // read at the tip).
+    assert_eq!(reads_before.len(), 3, "{pages:?}");
+    for (index, reads) in reads_before.iter().enumerate() {
+        assert!(
+            *reads >= index as u64 + 2,
+            "page {}: {reads} reads made: {pages:?}",
+            index + 1
+        );
+    }
+}
