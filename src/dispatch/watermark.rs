@@ -83,8 +83,9 @@ mod tests {
         let sequences: Vec<SequenceNumber> = (0..count).map(|n| seq(4_000_000 + n)).collect();
         let before = crate::heap_probe::live_bytes();
         let mut watermark = Watermark::default();
-        for sequence in sequences {
-            watermark.push(sequence, Some(SystemTime::now()));
+        // Cloned, not moved: freeing the vector inside the window would hide what the queue takes.
+        for sequence in &sequences {
+            watermark.push(sequence.clone(), Some(SystemTime::now()));
         }
         let per_record = (crate::heap_probe::live_bytes() - before) / count as isize;
         assert!(per_record <= 40, "{per_record} bytes per pending record");
