@@ -86,7 +86,7 @@ async fn publish(
     let shards = hash_keys.len();
     let base = chrono::Utc::now().timestamp_millis();
     let mut newest = HashMap::new();
-    let mut entries = Vec::with_capacity(shards * per_shard);
+    let mut batches: Vec<Vec<PutRecordsRequestEntry>> = Vec::new();
     for n in 0..shards * per_shard {
         let shard = n % shards;
         let round = n / shards;
@@ -95,7 +95,11 @@ async fn publish(
         let sender = if round.is_multiple_of(2) { a } else { b };
         let (at, text) = (stamp(base, n as i64), format!("message {n}"));
         let data = change_record(group, &at, sender, &text, base);
-        entries.push(
+        if batches.last().is_none_or(|batch| batch.len() == PUT_BATCH) {
+            batches.push(Vec::with_capacity(PUT_BATCH));
+        }
+        let batch = batches.last_mut().ok_or("no batch")?;
+        batch.push(
             PutRecordsRequestEntry::builder()
                 .data(Blob::new(data))
                 .partition_key(format!("MSG#{group}"))
@@ -104,7 +108,6 @@ async fn publish(
         );
         newest.insert(group.clone(), (at, text));
     }
-    let batches: Vec<Vec<PutRecordsRequestEntry>> = entries.chunks(PUT_BATCH).map(<[_]>::to_vec).collect();
     let sent = futures::stream::iter(batches)
         .map(|batch| async move {
             let output = kinesis

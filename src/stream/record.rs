@@ -71,9 +71,7 @@ impl SequenceNumber {
     /// The text as the source gave it.
     pub fn text(&self) -> Cow<'_, str> {
         match &self.0 {
-            Digits::Packed { width, .. } => {
-                Cow::Owned(format!("{:0width$}", self.value(), width = usize::from(*width)))
-            }
+            Digits::Packed { .. } => Cow::Owned(self.to_string()),
             Digits::Text(text) => Cow::Borrowed(text),
         }
     }
@@ -145,7 +143,10 @@ impl std::hash::Hash for SequenceNumber {
 
 impl fmt::Display for SequenceNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text())
+        match &self.0 {
+            Digits::Packed { width, .. } => write!(f, "{:0width$}", self.value(), width = usize::from(*width)),
+            Digits::Text(text) => f.write_str(text),
+        }
     }
 }
 
