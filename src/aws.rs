@@ -2,7 +2,8 @@
 //!
 //! Owns how SDK clients are built (endpoints, region and credentials from aws-config's default
 //! chain, or explicit overrides for tests), the one place that decides whether an SDK error
-//! is worth retrying, and group commit of independent transactions ([`transact`]). The SDK's
+//! is worth retrying, and group commit of independent transactions ([`transact`]) and reads by
+//! key ([`reads`]) over one shared core ([`combine`]). The SDK's
 //! own retries are turned off: every retry goes through [`crate::retry`], so each is classified
 //! the same way, counted and logged.
 //!
@@ -19,6 +20,8 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 
 use crate::retry::Retryable;
 
+mod combine;
+pub mod reads;
 pub mod transact;
 
 /// Error codes that mean "try again later" across DynamoDB, DynamoDB Streams, Kinesis and SQS.

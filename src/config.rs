@@ -431,6 +431,7 @@ fn validate(layers: &Layers) -> Result<Settings, ConfigError> {
         dispatch: dispatch(layers)?,
         groups: GroupsSettings {
             max_write_calls: layers.count("max_write_calls", 1, 1_000)?,
+            max_read_calls: layers.count("max_read_calls", 1, 1_000)?,
         },
         retry,
         dead_letters: dead_letters(layers)?,
@@ -756,6 +757,7 @@ mod tests {
         assert_eq!(settings.retry.max_attempts, Some(20));
         assert_eq!(settings.dispatch.max_in_flight, 64);
         assert_eq!(settings.groups.max_write_calls, 4);
+        assert_eq!(settings.groups.max_read_calls, 4);
         assert_eq!(settings.shutdown_grace, Duration::from_secs(25));
         assert!(!settings.worker_id.is_empty());
     }

@@ -2,13 +2,12 @@
 //! allowed calls are busy share one `TransactWriteItems` call.
 //!
 //! Owns: packing waiting action sets into calls (at most [`MAX_ACTIONS`] actions and about
-//! [`MAX_BYTES`] of values a call, never two actions on one item), at most `max_calls` calls in
-//! flight, and telling each set what became of it.
+//! [`MAX_BYTES`] of values a call, never two actions on one item) and telling each set what
+//! became of it. The queue, the bound of `max_calls` calls in flight and the rule that nothing
+//! waits for a timer are [`super::combine`]'s.
 //!
 //! Invariants:
-//! - Each set commits all or nothing, as if it were sent alone. A set never waits for a timer:
-//!   with a call free it goes at once (with whatever else is waiting), so packing costs no
-//!   latency when the service keeps up, and saves calls (and CPU per update) when it does not.
+//! - Each set commits all or nothing, as if it were sent alone.
 //! - A set's outcome is its own. When a packed call is cancelled, the cancellation reasons
 //!   (one per action, in order) name the sets whose conditions failed or that were refused;
 //!   those sets get that answer, and the others, which the service did not object to, are sent
@@ -18,15 +17,14 @@
 //! Must not: know what the actions mean (tables, rows, conversations), or retry with backoff
 //! (errors go back to the caller, whose retry policy decides).
 
-use crate::lock::lock;
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem};
-use tokio::sync::{oneshot, Semaphore};
 
+use super::combine::{self, Combiner, Packing};
 use super::AwsError;
 use crate::telemetry::metric;
 
@@ -115,112 +113,78 @@ impl crate::retry::Retryable for CommitError {
 
 type Answer = Result<Commit, CommitError>;
 
-struct Waiting {
-    set: ActionSet,
-    reply: oneshot::Sender<Answer>,
-}
+type Waiting = combine::Waiting<Transactions>;
 
 /// Packs action sets into shared `TransactWriteItems` calls. Cheap to share (`Arc` inside).
 #[derive(Debug, Clone)]
 pub struct TransactionCombiner {
-    inner: Arc<Inner>,
+    inner: Arc<Combiner<Transactions>>,
 }
 
-struct Inner {
+/// How transactions are packed and sent.
+struct Transactions {
     client: aws_sdk_dynamodb::Client,
-    waiting: std::sync::Mutex<VecDeque<Waiting>>,
-    calls: Semaphore,
     /// Calls made so far.
     made: AtomicU64,
-}
-
-impl std::fmt::Debug for Inner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TransactionCombiner")
-            .field("calls_free", &self.calls.available_permits())
-            .finish_non_exhaustive()
-    }
 }
 
 impl TransactionCombiner {
     /// At most `max_calls` (at least 1) calls in flight at once.
     pub fn new(client: aws_sdk_dynamodb::Client, max_calls: usize) -> Self {
+        let packing = Transactions {
+            client,
+            made: AtomicU64::new(0),
+        };
         Self {
-            inner: Arc::new(Inner {
-                client,
-                waiting: Default::default(),
-                calls: Semaphore::new(max_calls.max(1)),
-                made: AtomicU64::new(0),
-            }),
+            inner: Arc::new(Combiner::new(packing, max_calls)),
         }
     }
 
     /// `TransactWriteItems` calls made so far (also counted in
     /// `stream_worker_write_transactions_total`).
     pub fn calls_made(&self) -> u64 {
-        self.inner.made.load(Ordering::Relaxed)
+        self.inner.packing().made.load(Ordering::Relaxed)
     }
 
     /// Commits `set` in a call of its own or shared with other waiting sets.
-    ///
-    /// The caller that gets a free call sends everything waiting that fits, its own set or
-    /// not, and answers every set it sent; a caller whose set went in another's call waits
-    /// for that answer.
     pub async fn commit(&self, set: ActionSet) -> Answer {
-        let inner = &self.inner;
-        let (reply, mut answer) = oneshot::channel();
-        lock(&inner.waiting).push_back(Waiting { set, reply });
-        loop {
-            let permit = tokio::select! {
-                biased;
-                answered = &mut answer => return answered.unwrap_or_else(|_| Err(abandoned())),
-                permit = inner.calls.acquire() => permit,
-            };
-            let Ok(_permit) = permit else {
-                return Err(abandoned());
-            };
-            inner.let_the_burst_in().await;
-            let pack = take_pack(&mut lock(&inner.waiting));
-            if pack.is_empty() {
-                // Ours is in a call another caller is making.
-                drop(_permit);
-                return answer.await.unwrap_or_else(|_| Err(abandoned()));
-            }
-            inner.send(pack).await;
-        }
+        self.inner.submit(set).await
     }
 }
 
-/// Yields to other tasks at most this often before packing, while more sets keep arriving.
-const MAX_YIELDS: usize = 8;
+impl Packing for Transactions {
+    type Request = ActionSet;
+    type Answer = Answer;
+    const CALL_CAPACITY: usize = MAX_ACTIONS;
 
-impl Inner {
-    /// Sets that became ready together (the updates of one poll, spawned one after another)
-    /// get into the queue before a call is packed: yield to the other tasks while the queue
-    /// still grows and is short of a full call. Yielding costs microseconds, not a timer's wait.
-    async fn let_the_burst_in(&self) {
-        let mut seen = 0;
-        for _ in 0..MAX_YIELDS {
-            tokio::task::yield_now().await;
-            let waiting = lock(&self.waiting);
-            let actions: usize = waiting.iter().map(|w| w.set.len()).sum();
-            if waiting.len() == seen || actions >= MAX_ACTIONS {
-                return;
-            }
-            seen = waiting.len();
-        }
+    fn size(set: &ActionSet) -> usize {
+        set.len()
     }
 
+    fn take_pack(waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
+        take_pack(waiting)
+    }
+
+    async fn send(&self, pack: Vec<Waiting>) {
+        self.send_pack(pack).await;
+    }
+
+    fn abandoned() -> Answer {
+        Err(abandoned())
+    }
+}
+
+impl Transactions {
     /// Sends `pack`, answering each of its sets; resends the sets the service did not object
     /// to when others made it cancel the call.
-    async fn send(&self, mut pack: Vec<Waiting>) {
+    async fn send_pack(&self, mut pack: Vec<Waiting>) {
         while !pack.is_empty() {
             // Alone, a set is never sent again (see `answer_cancelled`): its actions move.
             let actions: Vec<TransactWriteItem> = if pack.len() == 1 {
-                std::mem::take(&mut pack[0].set.actions)
+                std::mem::take(&mut pack[0].request.actions)
             } else {
                 pack.iter()
-                    .flat_map(|waiting| waiting.set.actions.iter().cloned())
+                    .flat_map(|waiting| waiting.request.actions.iter().cloned())
                     .collect()
             };
             let total = actions.len();
@@ -270,7 +234,7 @@ impl Inner {
                 _ if pack.len() > 1 && !classified.retryable => {
                     // Something in the request was refused as a whole: find whose, alone.
                     for waiting in pack {
-                        Box::pin(self.send(vec![waiting])).await;
+                        Box::pin(self.send_pack(vec![waiting])).await;
                     }
                     return;
                 }
@@ -297,8 +261,8 @@ fn answer_cancelled(pack: Vec<Waiting>, reasons: &[Reason], error: &AwsError) ->
     let mut offset = 0;
     let mut verdicts = Vec::with_capacity(pack.len());
     for waiting in &pack {
-        let own = &reasons[offset..offset + waiting.set.len()];
-        offset += waiting.set.len();
+        let own = &reasons[offset..offset + waiting.request.len()];
+        offset += waiting.request.len();
         verdicts.push(judge(own, error));
     }
     if verdicts.iter().all(Option::is_none) {
@@ -356,7 +320,7 @@ fn take_pack(waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
     let mut touched: HashSet<String> = HashSet::new();
     let mut left = VecDeque::with_capacity(waiting.len());
     while let Some(next) = waiting.pop_front() {
-        let set = &next.set;
+        let set = &next.request;
         let fits = pack.is_empty()
             || (actions + set.len() <= MAX_ACTIONS
                 && bytes + set.bytes <= MAX_BYTES
@@ -418,6 +382,7 @@ fn value_bytes(value: &AttributeValue) -> usize {
 mod tests {
     use super::*;
     use aws_sdk_dynamodb::types::Put;
+    use tokio::sync::oneshot;
 
     fn set(items: &[&str], actions: usize, text_bytes: usize) -> ActionSet {
         let put = |n: usize| {
@@ -443,14 +408,14 @@ mod tests {
         let mut answers = Vec::new();
         for set in sets {
             let (reply, answer) = oneshot::channel();
-            queue.push_back(Waiting { set, reply });
+            queue.push_back(Waiting { request: set, reply });
             answers.push(answer);
         }
         (queue, answers)
     }
 
     fn items_of(pack: &[Waiting]) -> Vec<String> {
-        pack.iter().map(|waiting| waiting.set.items.join("+")).collect()
+        pack.iter().map(|waiting| waiting.request.items.join("+")).collect()
     }
 
     #[test]
@@ -461,7 +426,7 @@ mod tests {
         assert_eq!(pack.len(), 25, "25 sets of 4 actions make 100");
         assert_eq!(items_of(&pack)[0], "i0");
         assert_eq!(waiting.len(), 5);
-        assert_eq!(waiting[0].set.items, ["i25"]);
+        assert_eq!(waiting[0].request.items, ["i25"]);
     }
 
     #[test]
@@ -539,7 +504,7 @@ mod tests {
     #[test]
     fn a_set_sent_alone_is_judged_by_its_own_reasons_after_its_actions_moved() {
         let (mut waiting, mut answers) = queue(vec![set(&["a"], 4, 1)]);
-        let moved = std::mem::take(&mut waiting[0].set.actions);
+        let moved = std::mem::take(&mut waiting[0].request.actions);
         assert_eq!(moved.len(), 4);
         let reasons = codes(&["ConditionalCheckFailed", "ConditionalCheckFailed", "None", "None"]);
         let again = answer_cancelled(waiting.into(), &reasons, &error());

@@ -13,7 +13,8 @@
 //! always built from rows read just before it, because its conditions can only check the
 //! attributes it knows: an attribute the app added to a row since it was remembered (seen by
 //! another worker's shard) would otherwise be dropped by the move. Remembered rows that need a
-//! move are read again by key (one strongly consistent BatchGetItem); the window between that
+//! move are read again by key (strongly consistently, in a BatchGetItem shared with the other
+//! conversations read at that moment: [`crate::aws::reads`]); the window between that
 //! read and the conditional write is the only one left. Rows are read from the GSI (one cheap
 //! query) for a conversation not remembered; the index is eventually consistent, so
 //! when it does not show every participant that its rows name, for a remembered conversation,
@@ -23,13 +24,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use aws_sdk_dynamodb::types::{
-    AttributeValue, Delete, KeysAndAttributes, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
-};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem};
 
 use super::memory::RowMemory;
 use super::model::{self, GroupRow, MessageInserted, GROUP_INDEX, GROUP_PREFIX};
 use super::plan::{self, Decision, Replace, Writes};
+use crate::aws::reads::ReadCombiner;
 use crate::aws::transact::{ActionSet, Commit, CommitError, TransactionCombiner};
 use crate::aws::{self, AwsError};
 use crate::dispatch::{Handler, Route};
@@ -73,12 +73,17 @@ enum WriteFailure {
 
 /// `TransactWriteItems` calls in flight at once unless set otherwise (`max_write_calls`).
 pub const DEFAULT_WRITE_CALLS: usize = 4;
+/// `BatchGetItem` calls in flight at once unless set otherwise (`max_read_calls`).
+pub const DEFAULT_READ_CALLS: usize = 4;
 
 /// The updater's own settings (the `[groups]` settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupsSettings {
     /// `TransactWriteItems` calls in flight at once; updates waiting for one share it.
     pub max_write_calls: usize,
+    /// `BatchGetItem` calls in flight at once; updates whose rows are read while they are all
+    /// busy share the next one.
+    pub max_read_calls: usize,
 }
 
 /// Keeps group rows of one messages table current.
@@ -90,20 +95,25 @@ pub struct GroupSummaryUpdater {
     memory: Arc<RowMemory>,
     /// Updates waiting for a call share the next one.
     transactions: TransactionCombiner,
+    /// Updates reading their rows by key while the calls are busy share the next read.
+    reads: ReadCombiner,
 }
 
 impl GroupSummaryUpdater {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        let table = table.into();
         Self {
             transactions: TransactionCombiner::new(client.clone(), DEFAULT_WRITE_CALLS),
+            reads: ReadCombiner::new(client.clone(), table.clone(), DEFAULT_READ_CALLS),
             client,
-            table: table.into(),
+            table,
             memory: Default::default(),
         }
     }
 
     /// The updater as its settings say.
-    pub fn with_settings(self, settings: &GroupsSettings) -> Self {
+    pub fn with_settings(mut self, settings: &GroupsSettings) -> Self {
+        self.reads = ReadCombiner::new(self.client.clone(), self.table.clone(), settings.max_read_calls);
         self.with_write_calls(settings.max_write_calls)
     }
 
@@ -215,28 +225,10 @@ impl GroupSummaryUpdater {
                     .collect()
             })
             .collect();
-        let wanted = KeysAndAttributes::builder()
-            .set_keys(Some(keys))
-            .consistent_read(true)
-            .build()
-            .map_err(|error| AwsError::invalid_request("BatchGetItem", error))?;
         count_lookup("key");
-        let output = self
-            .client
-            .batch_get_item()
-            .request_items(&self.table, wanted)
-            .send()
-            .await
-            .map_err(|error| AwsError::from_sdk("BatchGetItem", &error))?;
-        let unprocessed = output.unprocessed_keys.as_ref().is_some_and(|left| !left.is_empty());
-        let found: Vec<GroupRow> = output
-            .responses
-            .and_then(|mut tables| tables.remove(&self.table))
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(GroupRow::from_item)
-            .collect();
-        Ok((!unprocessed && found.len() == rows.len()).then_some(found))
+        let fetched = self.reads.get(keys).await?;
+        let found: Vec<GroupRow> = fetched.items.into_iter().filter_map(GroupRow::from_item).collect();
+        Ok((fetched.complete && found.len() == rows.len()).then_some(found))
     }
 
     async fn rows_from_index(&self, group_uuid: &str) -> Result<Vec<GroupRow>, UpdateError> {

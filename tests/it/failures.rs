@@ -604,6 +604,56 @@ async fn a_second_update_of_a_conversation_reads_its_rows_by_key_without_a_query
     );
 }
 
+/// Updates of many conversations that need their rows at the same moment (a poll's worth) read
+/// them in shared BatchGetItem calls, each still getting its own rows: every conversation ends
+/// at its own message, in far fewer reads than conversations.
+#[tokio::test]
+async fn updates_that_read_their_rows_at_once_share_the_reads() {
+    use cruddur_stream_worker::groups::updater::GroupSummaryUpdater;
+    let db = TestDb::new().await;
+    let names: Vec<String> = (0..24).map(|n| format!("r{n}")).collect();
+    let people = users(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut groups = Vec::new();
+    for pair in people.chunks(2) {
+        groups.push(db.conversation(&pair[0], &pair[1], "2024-10-01T00:00:00", "open").await);
+    }
+    let proxy = FaultProxy::start(&endpoint(), Faults::none()).await;
+    let client = cruddur_stream_worker::aws::dynamodb_client(&db.sdk_via(&proxy.url()).await);
+    let updater = GroupSummaryUpdater::new(client, &db.table);
+    // One update each, one after another: the updater now remembers every conversation's rows.
+    for (group, pair) in groups.iter().zip(people.chunks(2)) {
+        let first = TestDb::message_event(group, &pair[0], "2024-10-01T00:00:01", "one");
+        assert_eq!(updater.apply(&first).await.expect("applies"), "applied");
+    }
+    let reads_before = proxy.requests_of("BatchGetItem");
+    let tasks: Vec<_> = groups
+        .iter()
+        .zip(people.chunks(2))
+        .enumerate()
+        .map(|(n, (group, pair))| {
+            let message = TestDb::message_event(group, &pair[1], "2024-10-01T00:00:02", &format!("two {n}"));
+            let updater = updater.clone();
+            tokio::spawn(async move { updater.apply(&message).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("task").expect("applies"), "applied");
+    }
+    let reads = proxy.requests_of("BatchGetItem") - reads_before;
+    assert!(
+        reads <= 3,
+        "{} conversations read their rows in {reads} calls",
+        groups.len()
+    );
+    for (n, (group, pair)) in groups.iter().zip(people.chunks(2)).enumerate() {
+        assert!(
+            db.group_is_at(group, &[&pair[0], &pair[1]], "2024-10-01T00:00:02", &format!("two {n}"))
+                .await,
+            "conversation {n}"
+        );
+    }
+}
+
 /// The stream shows the group rows written when the conversations were opened: the worker
 /// learns them there, so even its first update of each conversation needs no query (it reads
 /// the rows by key). Every Query fails behind the proxy; with 2 attempts a query would

@@ -68,6 +68,8 @@ impl Faults {
 struct Counts {
     requests: AtomicU64,
     injected: AtomicU64,
+    /// Requests seen per `X-Amz-Target`.
+    targets: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 pub struct FaultProxy {
@@ -134,6 +136,16 @@ impl FaultProxy {
         *self.faults.lock().expect("faults") = faults;
     }
 
+    /// Requests seen whose `X-Amz-Target` contains `target` (e.g. "BatchGetItem").
+    pub fn requests_of(&self, target: &str) -> u64 {
+        let targets = self.counts.targets.lock().expect("targets");
+        targets
+            .iter()
+            .filter(|(seen, _)| seen.contains(target))
+            .map(|(_, count)| count)
+            .sum()
+    }
+
     /// (requests seen, faults injected).
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -173,6 +185,12 @@ async fn handle(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default()
         .to_owned();
+    *counts
+        .targets
+        .lock()
+        .expect("targets")
+        .entry(target.clone())
+        .or_default() += 1;
     let fault = {
         let faults = faults.lock().expect("faults");
         let matches = faults.target.as_deref().is_none_or(|wanted| target.contains(wanted));

@@ -96,3 +96,67 @@ async fn sets_waiting_together_share_a_call_and_keep_their_own_outcomes() {
     // it did not blame, one for the second set on T#twice.
     assert_eq!(combiner.calls_made(), 3);
 }
+
+/// Reads by key waiting together share one `BatchGetItem` call: each caller gets the items of
+/// its own keys (none for a key with no item), a key two callers want goes in two calls
+/// (DynamoDB refuses a repeated key), and a caller with over 100 keys is read in pieces.
+#[tokio::test]
+async fn reads_waiting_together_share_a_call_and_each_gets_its_own_items() {
+    use cruddur_stream_worker::aws::reads::ReadCombiner;
+    use cruddur_stream_worker::aws::Item;
+    let db = TestDb::new().await;
+    let seeding = TransactionCombiner::new(db.client.clone(), 4);
+    for n in 0..130 {
+        let set = put_if_absent(&db.table, &format!("R#{n}"), &format!("text {n}"));
+        assert_eq!(seeding.commit(set).await.expect("seeded"), Commit::Committed);
+    }
+    let key = |pk: &str| -> Item {
+        [
+            ("pk".to_owned(), AttributeValue::S(pk.into())),
+            ("sk".to_owned(), AttributeValue::S("x".into())),
+        ]
+        .into()
+    };
+    let reads = ReadCombiner::new(db.client.clone(), &db.table, 1);
+    // Ten callers of two keys each; the last also wants R#0, which the first wants.
+    let mut wanted: Vec<Vec<String>> = (0..10)
+        .map(|n| vec![format!("R#{}", 2 * n), format!("R#{}", 2 * n + 1)])
+        .collect();
+    wanted[9].push("R#0".into());
+    wanted.push(vec!["R#missing".into(), "R#7".into()]);
+    let tasks: Vec<_> = wanted
+        .iter()
+        .map(|pks| {
+            let (reads, keys) = (reads.clone(), pks.iter().map(|pk| key(pk)).collect());
+            tokio::spawn(async move { reads.get(keys).await })
+        })
+        .collect();
+    let texts = |items: &[Item]| -> Vec<String> {
+        let mut texts: Vec<String> = items
+            .iter()
+            .filter_map(|item| item.get("message").and_then(|v| v.as_s().ok()).cloned())
+            .collect();
+        texts.sort();
+        texts
+    };
+    for (pks, task) in wanted.iter().zip(tasks) {
+        let fetched = task.await.expect("task").expect("read");
+        assert!(fetched.complete, "{pks:?}");
+        let mut expected: Vec<String> = pks
+            .iter()
+            .filter(|pk| *pk != "R#missing")
+            .map(|pk| format!("text {}", &pk[2..]))
+            .collect();
+        expected.sort();
+        assert_eq!(texts(&fetched.items), expected, "{pks:?}");
+    }
+    // One call for the callers that could share it, one for the caller that repeats R#0.
+    assert_eq!(reads.calls_made(), 2);
+    let many = reads
+        .get((0..130).map(|n| key(&format!("R#{n}"))).collect())
+        .await
+        .expect("read");
+    assert!(many.complete);
+    assert_eq!(many.items.len(), 130);
+    assert_eq!(reads.calls_made(), 4, "130 keys in two calls");
+}
