@@ -254,10 +254,14 @@ def markdown(results, info, mode, sizes, png_name):
     bare, worker = max(read["bare_records_per_second"]), max(read["worker_records_per_second"])
     cpu_bare = statistics.median(read.get("bare_cpu_us_per_record") or [float("nan")])
     cpu_worker = statistics.median(read.get("worker_cpu_us_per_record") or [float("nan")])
+    # Time from start to the first record (runs from 2026-12-07 on): what start-up costs each.
+    first_bare = statistics.median(read.get("bare_first_record_seconds") or [float("nan")]) * 1000
+    first_worker = statistics.median(read.get("worker_first_record_seconds") or [float("nan")]) * 1000
     lines.append(
         f"| read path, {read['records']} records, best of {read['rounds']} | worker (no-op handler) "
-        f"{worker:,.0f} records/s, {cpu_worker:.1f} µs CPU per record | bare GetRecords loop {bare:,.0f} "
-        f"records/s, {cpu_bare:.1f} µs CPU per record | {worker / bare:.3f} | ≥ "
+        f"{worker:,.0f} records/s, {cpu_worker:.1f} µs CPU per record, first record at {first_worker:.0f} ms "
+        f"| bare GetRecords loop {bare:,.0f} "
+        f"records/s, {cpu_bare:.1f} µs CPU per record, first record at {first_bare:.0f} ms | {worker / bare:.3f} | ≥ "
         f"{GOALS['read_ratio']} | {verdict(worker / bare, GOALS['read_ratio'])} |")
     for entry in results["drains"]:
         lines += drain_rows(entry["size"], entry["runs"])
