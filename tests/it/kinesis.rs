@@ -141,12 +141,20 @@ async fn two_then_three_workers_share_four_shards_within_one_and_survive_a_crash
     workers.push(spawn("gamma").await);
     shares_settle(&db, &[1, 1, 2]).await;
     converge(&db, &wave(&db, &stream, &groups, 2).await).await;
-    // Still one reader per shard after the move: held leases add up to the shard count.
-    let mut held = 0.0;
-    for worker in &workers {
-        held += worker.metric("stream_worker_leases_held", "").await;
-    }
-    assert_eq!(held, 4.0);
+    // Still one reader per shard after the move: held leases add up to the shard count. Each
+    // worker sets its gauge once per lease round, so a busy machine may show a round's lag.
+    let last = std::sync::Mutex::new(Vec::new());
+    let one_each = wait_until(Duration::from_secs(15), || async {
+        let mut held = Vec::new();
+        for worker in &workers {
+            held.push(worker.metric("stream_worker_leases_held", "").await);
+        }
+        let total: f64 = held.iter().sum();
+        *last.lock().expect("last") = held;
+        total == 4.0
+    })
+    .await;
+    assert!(one_each, "leases held per worker: {:?}", last.lock().expect("last"));
 
     // A crash: the survivors take the dead worker's shards once its leases expire, resume from
     // its checkpoints, and lose nothing written meanwhile.
