@@ -373,16 +373,25 @@ struct ReadTimes {
     first_record: f64,
 }
 
-/// A bare GetRecords loop over the table's one shard, from the horizon.
-async fn bare_read(db: &Db, records: u64) -> Result<ReadTimes, Failure> {
+/// A bare GetRecords loop over the table's one shard, from the horizon. With `hold`, each page
+/// is kept until the next one is decoded (as a reader that reads ahead keeps it): a diagnostic
+/// of what keeping a page alive costs the decoding of the next.
+async fn bare_read(db: &Db, records: u64, hold: bool) -> Result<ReadTimes, Failure> {
     let streams = aws::streams_client(&db.sdk);
     let started = Instant::now();
     let mut iterator = shard_iterator(db, &streams, ShardIteratorType::TrimHorizon).await?;
     let mut seen = 0u64;
     let mut first = None;
+    let mut held = None;
     while let Some(current) = iterator.take() {
-        let output = streams.get_records().shard_iterator(current).limit(1000).send().await?;
-        seen += output.records.map_or(0, |r| r.len() as u64);
+        let mut output = streams.get_records().shard_iterator(current).limit(1000).send().await?;
+        let page = output.records.take().unwrap_or_default();
+        seen += page.len() as u64;
+        if hold {
+            held = Some(page);
+        } else {
+            drop(page);
+        }
         if seen > 0 {
             first.get_or_insert_with(|| started.elapsed().as_secs_f64());
         }
@@ -391,8 +400,10 @@ async fn bare_read(db: &Db, records: u64) -> Result<ReadTimes, Failure> {
         }
         iterator = output.next_shard_iterator;
     }
+    let rate = seen as f64 / started.elapsed().as_secs_f64();
+    drop(held);
     Ok(ReadTimes {
-        rate: seen as f64 / started.elapsed().as_secs_f64(),
+        rate,
         first_record: first.unwrap_or(f64::NAN),
     })
 }
@@ -467,6 +478,7 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
     messages(&db, &groups, records.saturating_sub(150) as usize).await?;
     let (mut bare, mut worker) = (Vec::new(), Vec::new());
     let (mut bare_first, mut worker_first) = (Vec::new(), Vec::new());
+    let (mut held, mut held_cpu) = (Vec::new(), Vec::new());
     // CPU of this process per record read: the machine-independent cost of each contender
     // (DynamoDB Local runs on the same cores, so any extra CPU also slows the reads).
     let (mut bare_cpu, mut worker_cpu) = (Vec::new(), Vec::new());
@@ -475,7 +487,7 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
     for run in 0..rounds {
         // Alternate, so that drift on the machine hits both alike.
         let before = cpu()?;
-        let times = bare_read(&db, records).await?;
+        let times = bare_read(&db, records, false).await?;
         bare.push(times.rate);
         bare_first.push(times.first_record);
         let between = cpu()?;
@@ -485,6 +497,8 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
         let after = cpu()?;
         bare_cpu.push(per_record(before, between));
         worker_cpu.push(per_record(between, after));
+        held.push(bare_read(&db, records, true).await?.rate);
+        held_cpu.push(per_record(after, cpu()?));
     }
     let best = |rates: &[f64]| rates.iter().copied().fold(0.0, f64::max);
     db.drop_tables().await?;
@@ -493,6 +507,7 @@ async fn read_path(flags: &Flags) -> Result<serde_json::Value, Failure> {
         "bare_records_per_second": bare, "worker_records_per_second": worker,
         "bare_cpu_us_per_record": bare_cpu, "worker_cpu_us_per_record": worker_cpu,
         "bare_first_record_seconds": bare_first, "worker_first_record_seconds": worker_first,
+        "bare_holding_records_per_second": held, "bare_holding_cpu_us_per_record": held_cpu,
         "ratio_of_best": best(&worker) / best(&bare),
     }))
 }
