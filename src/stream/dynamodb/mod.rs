@@ -3,8 +3,13 @@
 //! Paces its DescribeStream calls under the API's limit (10 calls a second per stream), and
 //! looks up a finished shard's children with the `CHILD_SHARDS` filter, one call, without listing.
 //!
-//! Converts the streams client's attribute values into the DynamoDB client's (the two SDK
-//! crates each define their own type) by moving, not copying, the record's contents.
+//! Decodes GetRecords pages straight into records (`page`, hooked into the SDK's call by
+//! `hook`), skipping what a record does not keep; a page that decoder declines is decoded by the
+//! SDK and its attribute values converted into the DynamoDB client's (the two SDK crates each
+//! define their own type) by moving, not copying, the record's contents.
+
+mod hook;
+mod page;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -33,6 +38,8 @@ pub struct DynamoDbStreamsSource {
     table: String,
     /// When this process may call DescribeStream next (shared by clones).
     next_describe: Arc<Mutex<tokio::time::Instant>>,
+    /// The SDK's own GetRecords decoder, behind the fast one.
+    decoder: hook::SdkDecoder,
 }
 
 impl DynamoDbStreamsSource {
@@ -46,6 +53,7 @@ impl DynamoDbStreamsSource {
             streams,
             table: table.into(),
             next_describe: Arc::new(Mutex::new(tokio::time::Instant::now())),
+            decoder: hook::SdkDecoder::new(),
         }
     }
 
@@ -187,21 +195,26 @@ impl StreamSource for DynamoDbStreamsSource {
     }
 
     async fn read(&self, iterator: &str, limit: i32) -> Result<Batch, StreamError> {
-        let output = self
-            .streams
-            .get_records()
-            .shard_iterator(iterator)
-            .limit(limit)
-            .send()
-            .await
-            .map_err(|error| match error.as_service_error() {
-                Some(GetRecordsError::ExpiredIteratorException(_)) => StreamError::ExpiredIterator,
-                Some(GetRecordsError::TrimmedDataAccessException(_)) => StreamError::Trimmed("while reading".into()),
-                Some(GetRecordsError::ResourceNotFoundException(_)) => {
-                    StreamError::ShardGone(ShardId("(being read)".into()))
-                }
-                _ => AwsError::from_sdk("GetRecords", &error).into(),
-            })?;
+        let request = self.streams.get_records().shard_iterator(iterator).limit(limit);
+        let (output, fast) = match self.decoder.interceptor() {
+            Some((interceptor, slot)) => (request.customize().interceptor(interceptor).send().await, Some(slot)),
+            None => (request.send().await, None),
+        };
+        let output = output.map_err(|error| match error.as_service_error() {
+            Some(GetRecordsError::ExpiredIteratorException(_)) => StreamError::ExpiredIterator,
+            Some(GetRecordsError::TrimmedDataAccessException(_)) => StreamError::Trimmed("while reading".into()),
+            Some(GetRecordsError::ResourceNotFoundException(_)) => {
+                StreamError::ShardGone(ShardId("(being read)".into()))
+            }
+            _ => AwsError::from_sdk("GetRecords", &error).into(),
+        })?;
+        if let Some(page) = fast.and_then(|slot| lock(&slot).take()) {
+            return Ok(Batch {
+                records: page.records,
+                next_iterator: page.next_iterator,
+                behind: None,
+            });
+        }
         let records = output
             .records
             .unwrap_or_default()
