@@ -168,12 +168,17 @@ impl<'de> Visitor<'de> for ImageVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Image, A::Error> {
-        let mut item = Item::with_capacity(map.size_hint().unwrap_or(8));
+        // Gathered first, so that the map is sized once and exactly (JSON gives no count): an
+        // image waits in the read-ahead, and a map sized for eight keeps twelve empty slots
+        // beside a record's two keys.
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(16));
         while let Some(name) = map.next_key::<String>()? {
             if let Some(value) = map.next_value::<Value>()?.0 {
-                item.insert(name, value);
+                entries.push((name, value));
             }
         }
+        let mut item = Item::with_capacity(entries.len());
+        item.extend(entries);
         Ok(Image(item))
     }
 }
@@ -404,6 +409,20 @@ mod tests {
         let image = fast.records[0].new_image.as_ref().expect("image");
         assert_eq!(image.len(), 11, "the unknown type is dropped, the rest kept");
         assert_eq!(image.get("raw"), Some(&AttributeValue::B(Blob::new(b"hello".to_vec()))));
+    }
+
+    #[test]
+    fn images_are_sized_to_their_attributes_as_the_conversion_sizes_them() {
+        let page =
+            json!({"Records": [record("1", "INSERT", json!({"pk": {"S": "a"}, "n": {"N": "1"}, "x": {"FUTURE": 1}}))]});
+        let fast = decode(page.to_string().as_bytes()).expect("decodes");
+        let exact = Item::with_capacity(2).capacity();
+        assert_eq!(
+            fast.records[0].keys.capacity(),
+            exact,
+            "the keys' map holds empty slots"
+        );
+        assert_eq!(fast.records[0].new_image.as_ref().map(Item::capacity), Some(exact));
     }
 
     #[test]
