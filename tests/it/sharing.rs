@@ -89,10 +89,20 @@ async fn one_worker_reads_the_other_stands_by_and_takes_over_at_once_on_sigterm(
         successor,
         "the released lease is taken, not left to expire"
     );
+    // The successor counts the takeover once its lease write has returned, a moment after the
+    // row shows it as owner: wait (at most 10 s) for the count rather than read it once.
+    let counted = wait_until(Duration::from_secs(10), || async {
+        workers[standing_by]
+            .metric("stream_worker_lease_takeovers_total", r#"reason="released""#)
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(counted, "the takeover of a released lease is counted");
     let released = workers[standing_by]
         .metric("stream_worker_lease_takeovers_total", r#"reason="released""#)
         .await;
-    assert_eq!(released, 1.0);
+    assert_eq!(released, 1.0, "counted once");
 
     db.message(&group, &people[0], "2024-02-01T00:00:02", "two").await;
     db.wait_for_group(&group, "2024-02-01T00:00:02", "two").await;
