@@ -301,6 +301,12 @@ async fn write_assignments<S: StreamSource, T: LeaseTable>(
     let table = context.leases.table();
     let mut changed = Vec::new();
     for (worker, mut assignment) in assignments {
+        // A leader new to this member starts from what the last leader wrote for it, so that
+        // the moves that one assigned keep saying where they come from.
+        if !lead.written.contains_key(&worker) {
+            let stored = table.assignment(&worker).await?;
+            lead.written.insert(worker.clone(), stored);
+        }
         // A move stays on the receiver's assignment while the shard is assigned there: the
         // receiver may read it only after the hand-over is done, and says where it came from.
         if let Some(before) = lead.written.get(&worker) {

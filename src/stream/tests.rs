@@ -381,14 +381,13 @@ async fn a_new_worker_gets_its_share_after_a_lease_duration_and_no_lease_moves_t
     two.stop().await;
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_leader_learns_of_finished_hand_overs_within_a_round_not_at_its_next_scan() {
-    use super::LeaseTable as _;
-    let shards = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+const EIGHT_SHARDS: [&str; 8] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"];
+
+/// Eight shards read by "w1", then shared with "w2" (four handed over), a few rounds settled.
+async fn eight_shards_shared_by_two(settings: StreamSettings) -> (MemoryLeaseTable, Running, Running) {
+    let shards = EIGHT_SHARDS;
     let source = FakeSource::with_shards(&shards);
     let (table, seen) = (MemoryLeaseTable::default(), Seen::default());
-    let mut settings = settings();
-    settings.shard_sync_interval = Duration::from_secs(60);
     let one = start("w1", &source, &table, &seen, settings.clone());
     assert!(
         pass_until(Duration::from_secs(5), || held_by(&table, &shards).get("w1")
@@ -398,6 +397,15 @@ async fn the_leader_learns_of_finished_hand_overs_within_a_round_not_at_its_next
     let two = start("w2", &source, &table, &seen, settings);
     assert!(pass_until(LEASE_DURATION * 2, || held_by(&table, &shards).get("w2") == Some(&4)).await);
     pass(TAKE_INTERVAL * 3).await;
+    (table, one, two)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_leader_learns_of_finished_hand_overs_within_a_round_not_at_its_next_scan() {
+    use super::LeaseTable as _;
+    let mut settings = settings();
+    settings.shard_sync_interval = Duration::from_secs(60);
+    let (table, one, two) = eight_shards_shared_by_two(settings).await;
     let giver = table.assignment("w1").await.expect("assignment");
     assert!(
         giver.give.is_empty(),
@@ -410,6 +418,42 @@ async fn the_leader_learns_of_finished_hand_overs_within_a_round_not_at_its_next
         "the receiver's says where each lease came from: {receiver:?}"
     );
     one.stop().await;
+    two.stop().await;
+}
+
+/// A new leader starts from the assignments its predecessor wrote: a move it assigned stays on
+/// the receiver's assignment, saying where the lease came from, until the shard moves on. (A
+/// leader that stepped down used to leave the receiver an assignment rewritten without it, and
+/// a hand-over finishing just then went uncounted.)
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_keeps_where_its_predecessors_moves_came_from() {
+    use super::LeaseTable as _;
+    let shards = EIGHT_SHARDS;
+    let (table, one, two) = eight_shards_shared_by_two(settings()).await;
+    let received: Vec<ShardId> = table
+        .assignment("w2")
+        .await
+        .expect("assignment")
+        .receive
+        .into_keys()
+        .collect();
+    assert_eq!(received.len(), 4);
+    one.stop().await;
+    assert!(
+        pass_until(LEASE_DURATION * 3, || table.fleet().leader.as_deref() == Some("w2")
+            && held_by(&table, &shards).get("w2") == Some(&8))
+        .await
+    );
+    pass(TAKE_INTERVAL * 3).await;
+    let after = table.assignment("w2").await.expect("assignment");
+    assert_eq!(after.shards.len(), 8, "{after:?}");
+    for shard in &received {
+        assert_eq!(
+            after.receive.get(shard).map(String::as_str),
+            Some("w1"),
+            "the new leader dropped where {shard} came from: {after:?}"
+        );
+    }
     two.stop().await;
 }
 

@@ -89,8 +89,9 @@ async fn one_worker_reads_the_other_stands_by_and_takes_over_at_once_on_sigterm(
         successor,
         "the released lease is taken, not left to expire"
     );
-    // The successor counts the takeover once its lease write has returned, a moment after the
-    // row shows it as owner: wait (at most 10 s) for the count rather than read it once.
+    // The successor counts the takeover when it takes the lease up, a round after the row shows
+    // it as owner: wait (at most 10 s) for the count rather than read it once. If it never
+    // comes, say what was counted and what each worker logged of its leases.
     let counted = wait_until(Duration::from_secs(10), || async {
         workers[standing_by]
             .metric("stream_worker_lease_takeovers_total", r#"reason="released""#)
@@ -98,7 +99,29 @@ async fn one_worker_reads_the_other_stands_by_and_takes_over_at_once_on_sigterm(
             >= 1.0
     })
     .await;
-    assert!(counted, "the takeover of a released lease is counted");
+    if !counted {
+        let mut seen = Vec::new();
+        for reason in ["released", "expired", "stolen", "new"] {
+            let label = format!(r#"reason="{reason}""#);
+            seen.push((
+                reason,
+                workers[standing_by]
+                    .metric("stream_worker_lease_takeovers_total", &label)
+                    .await,
+            ));
+        }
+        let logs: Vec<String> = workers
+            .iter()
+            .map(|w| {
+                w.log()
+                    .lines()
+                    .filter(|l| l.contains("lease") || l.contains("leader") || l.contains("assign"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .collect();
+        panic!("the takeover of a released lease is not counted as released; takeovers by reason: {seen:?}\nreader {reader}\n{}", logs.join("\n---\n"));
+    }
     let released = workers[standing_by]
         .metric("stream_worker_lease_takeovers_total", r#"reason="released""#)
         .await;
