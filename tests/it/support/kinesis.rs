@@ -159,14 +159,19 @@ impl TestKinesis {
         if let Some(precision) = precision {
             change["dynamodb"]["ApproximateCreationDateTimePrecision"] = serde_json::json!(precision);
         }
-        self.client
-            .put_record()
-            .stream_name(&self.name)
-            .partition_key(pk)
-            .data(aws_sdk_kinesis::primitives::Blob::new(change.to_string()))
-            .send()
-            .await
-            .expect("put record");
+        let data = aws_sdk_kinesis::primitives::Blob::new(change.to_string());
+        kinesalite_retries("put record", || async {
+            self.client
+                .put_record()
+                .stream_name(&self.name)
+                .partition_key(pk)
+                .data(data.clone())
+                .send()
+                .await
+                .map(drop)
+                .map_err(|error| format!("{error:?}"))
+        })
+        .await;
     }
 
     /// Publishes change records (DynamoDB JSON, as Kinesis Data Streams for DynamoDB writes
@@ -183,28 +188,21 @@ impl TestKinesis {
                         .expect("entry")
                 })
                 .collect();
-            // kinesalite drops a connection now and then under a parallel suite: try again
-            // (bounded; a chunk partly stored and sent again only repeats records).
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                let sent = self
+            kinesalite_retries("put records", || async {
+                let output = self
                     .client
                     .put_records()
                     .stream_name(&self.name)
                     .set_records(Some(entries.clone()))
                     .send()
-                    .await;
-                match sent {
-                    Ok(output) if output.failed_record_count.unwrap_or(0) == 0 => break,
-                    other if attempt < 10 => {
-                        let _ = other;
-                        tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                    }
-                    Ok(output) => panic!("{:?} records not published", output.failed_record_count),
-                    Err(error) => panic!("put records: {error:?}"),
+                    .await
+                    .map_err(|error| format!("{error:?}"))?;
+                match output.failed_record_count.unwrap_or(0) {
+                    0 => Ok(()),
+                    failed => Err(format!("{failed} records not published")),
                 }
-            }
+            })
+            .await;
         }
     }
 
@@ -254,4 +252,21 @@ fn dynamodb_json(item: &Item) -> serde_json::Value {
         }
     }
     serde_json::Value::Object(item.iter().map(|(k, v)| (k.clone(), value(v))).collect())
+}
+
+/// Sends a write to kinesalite, again if it fails: kinesalite drops a connection now and then
+/// under a parallel suite (bounded to 10 attempts; a write stored and sent again only repeats
+/// records, which an at-least-once reader must take anyway).
+async fn kinesalite_retries<F, Fut>(what: &str, mut send: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    for attempt in 1..=10u64 {
+        match send().await {
+            Ok(()) => return,
+            Err(error) if attempt == 10 => panic!("{what}: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100 * attempt)).await,
+        }
+    }
 }
