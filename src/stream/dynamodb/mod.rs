@@ -208,22 +208,22 @@ impl StreamSource for DynamoDbStreamsSource {
             }
             _ => AwsError::from_sdk("GetRecords", &error).into(),
         })?;
-        if let Some(page) = fast.and_then(|slot| lock(&slot).take()) {
-            return Ok(Batch {
-                records: page.records,
-                next_iterator: page.next_iterator,
-                behind: None,
-            });
-        }
-        let records = output
-            .records
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(convert_record)
-            .collect();
+        // The page is in the slot if the fast decoder took it; in the SDK's output otherwise.
+        let (records, next_iterator) = match fast.and_then(|slot| lock(&slot).take()) {
+            Some(page) => (page.records, page.next_iterator),
+            None => (
+                output
+                    .records
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(convert_record)
+                    .collect(),
+                output.next_shard_iterator,
+            ),
+        };
         Ok(Batch {
             records,
-            next_iterator: output.next_shard_iterator,
+            next_iterator,
             behind: None,
         })
     }
